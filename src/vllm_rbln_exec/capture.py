@@ -1,0 +1,285 @@
+"""The capture record and its on-disk format.
+
+A capture is what one side (reference or target) produced for a list of
+prompts: generated token ids and text, and per generated position either the
+full-vocabulary logprob row or the top-N (ids, logprobs). It is a folder:
+
+    capture.json          metadata, settings, per-prompt records (schema versioned)
+    p0000.logprobs.npy    float32 [positions, vocab] (full) or [positions, N] (top-N)
+    p0000.ids.npy         int32 [positions, N], top-N mode only
+
+Arrays are plain ``.npy`` files, loaded with ``allow_pickle=False`` and memory
+mapped, so a large capture is never read whole. This module owns the format; it
+must not import torch or vLLM (the main process reads captures too).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tarfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+CAPTURE_JSON = "capture.json"
+FULL = "full"
+TOPN = "topn"
+
+
+class CaptureError(Exception):
+    """A capture folder or file is missing, truncated or of another schema."""
+
+
+@dataclass
+class SideInfo:
+    """Who produced a capture and on what."""
+
+    side: str
+    device: str
+    engine: str
+    engine_version: str = ""
+    torch_version: str = ""
+    platform: str = ""
+    dtype: str = ""
+    model: str = ""
+    model_fingerprint: str = ""
+    tokenizer_fingerprint: str = ""
+    hostname: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+    env: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PromptRecord:
+    index: int
+    prompt: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    logprobs_file: str
+    ids_file: str | None = None
+
+
+@dataclass
+class Capture:
+    info: SideInfo
+    settings: dict[str, Any]
+    mode: str
+    vocab_size: int
+    prompts: list[PromptRecord]
+    schema_version: int = SCHEMA_VERSION
+    root: Path | None = None
+
+    # -- arrays ------------------------------------------------------------
+    def logprobs(self, i: int) -> np.ndarray:
+        """Per-position logprobs of prompt ``i`` ([T, V] full, [T, N] top-N)."""
+        return _load_array(self._path(self.prompts[i].logprobs_file))
+
+    def top_ids(self, i: int) -> np.ndarray | None:
+        name = self.prompts[i].ids_file
+        return None if name is None else _load_array(self._path(name))
+
+    def _path(self, name: str) -> Path:
+        if self.root is None:
+            raise CaptureError("capture has no folder; it was never saved or loaded")
+        return self.root / name
+
+    # -- (de)serialisation --------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("root")
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], root: Path | None = None) -> "Capture":
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise CaptureError(
+                f"capture schema version {version!r} is not the supported {SCHEMA_VERSION}"
+            )
+        try:
+            return cls(
+                info=SideInfo(**data["info"]),
+                settings=dict(data["settings"]),
+                mode=data["mode"],
+                vocab_size=int(data["vocab_size"]),
+                prompts=[PromptRecord(**p) for p in data["prompts"]],
+                schema_version=version,
+                root=root,
+            )
+        except (KeyError, TypeError) as exc:
+            raise CaptureError(f"capture metadata is malformed: {exc}") from exc
+
+
+class CaptureWriter:
+    """Writes one capture folder, prompt by prompt, metadata last.
+
+    Arrays are either handed over (``add`` with arrays) or preallocated as
+    memory-mapped ``.npy`` files (``allocate``) that an engine fills in place.
+    ``capture.json`` is written atomically by :meth:`finish` only, so a folder
+    without it is an unfinished capture and is never read as a complete one.
+    """
+
+    def __init__(self, root: Path, info: SideInfo, settings: dict[str, Any], mode: str):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.info = info
+        self.settings = settings
+        self.mode = mode
+        self.vocab_size = 0
+        self.records: dict[int, PromptRecord] = {}
+
+    @staticmethod
+    def names(index: int) -> tuple[str, str]:
+        return f"p{index:04d}.logprobs.npy", f"p{index:04d}.ids.npy"
+
+    def allocate(self, index: int, positions: int, width: int, with_ids: bool) -> tuple[Path, Path | None]:
+        lp_name, ids_name = self.names(index)
+        np.lib.format.open_memmap(self.root / lp_name, mode="w+", dtype=np.float32, shape=(positions, width)).flush()
+        ids_path = None
+        if with_ids:
+            ids_path = self.root / ids_name
+            np.lib.format.open_memmap(ids_path, mode="w+", dtype=np.int32, shape=(positions, width)).flush()
+        return self.root / lp_name, ids_path
+
+    def add_time(self, key: str, seconds: float) -> None:
+        self.info.timings[key] = self.info.timings.get(key, 0.0) + float(seconds)
+
+    def add(
+        self,
+        index: int,
+        prompt: str,
+        prompt_token_ids: list[int],
+        token_ids: list[int],
+        text: str,
+        logprobs: np.ndarray | None = None,
+        ids: np.ndarray | None = None,
+    ) -> PromptRecord:
+        """Record prompt ``index``; without arrays, its allocated files are kept
+        (cut to the number of generated tokens)."""
+        lp_name, ids_name = self.names(index)
+        n = len(token_ids)
+        has_ids = ids is not None or (logprobs is None and (self.root / ids_name).exists())
+        if logprobs is None:
+            logprobs = np.load(self.root / lp_name, mmap_mode="r")
+            ids = np.load(self.root / ids_name, mmap_mode="r") if has_ids else None
+            if logprobs.shape[0] != n:  # fewer tokens than allocated (max-model-len reached)
+                logprobs, ids = np.array(logprobs[:n]), None if ids is None else np.array(ids[:n])
+                np.save(self.root / lp_name, logprobs)
+                if ids is not None:
+                    np.save(self.root / ids_name, ids)
+        else:
+            np.save(self.root / lp_name, np.ascontiguousarray(logprobs, dtype=np.float32))
+            if ids is not None:
+                np.save(self.root / ids_name, np.ascontiguousarray(ids, dtype=np.int32))
+        if self.mode == FULL and logprobs.ndim == 2:
+            self.vocab_size = max(self.vocab_size, int(logprobs.shape[1]))
+        record = PromptRecord(
+            index=index,
+            prompt=prompt,
+            prompt_token_ids=[int(t) for t in prompt_token_ids],
+            token_ids=[int(t) for t in token_ids],
+            text=text,
+            logprobs_file=lp_name,
+            ids_file=ids_name if has_ids else None,
+        )
+        self.records[index] = record
+        return record
+
+    def finish(self, vocab_size: int | None = None) -> Capture:
+        missing = sorted(set(range(len(self.records))) - set(self.records))
+        if missing:
+            raise CaptureError(f"prompts {missing} were never recorded")
+        capture = Capture(
+            info=self.info,
+            settings=self.settings,
+            mode=self.mode,
+            vocab_size=int(vocab_size if vocab_size is not None else self.vocab_size),
+            prompts=[self.records[i] for i in sorted(self.records)],
+            root=self.root,
+        )
+        write_json_atomic(self.root / CAPTURE_JSON, capture.to_json())
+        return capture
+
+
+def load_capture(root: Path, verify_arrays: bool = False) -> Capture:
+    """Load a capture folder; with ``verify_arrays`` every array is opened and checked."""
+    root = Path(root)
+    meta = root / CAPTURE_JSON
+    if not meta.is_file():
+        raise CaptureError(f"{root} holds no {CAPTURE_JSON}: not a finished capture")
+    try:
+        data = json.loads(meta.read_text())
+    except (OSError, ValueError) as exc:
+        raise CaptureError(f"{meta} is unreadable: {exc}") from exc
+    capture = Capture.from_json(data, root=root)
+    if verify_arrays:
+        for i, record in enumerate(capture.prompts):
+            lp = capture.logprobs(i)
+            if lp.ndim != 2 or lp.shape[0] != len(record.token_ids):
+                raise CaptureError(
+                    f"{record.logprobs_file}: shape {lp.shape} does not match "
+                    f"{len(record.token_ids)} generated tokens"
+                )
+            if capture.mode == FULL and lp.shape[1] != capture.vocab_size:
+                raise CaptureError(f"{record.logprobs_file}: vocab {lp.shape[1]} != {capture.vocab_size}")
+            ids = capture.top_ids(i)
+            if capture.mode == TOPN and (ids is None or ids.shape != lp.shape):
+                raise CaptureError(f"prompt {i}: top-N ids missing or shaped unlike the logprobs")
+    return capture
+
+
+def _load_array(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise CaptureError(f"cannot read {path}: {exc}") from exc
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str))
+    os.replace(tmp, path)
+
+
+# -- single-file form: a plain (uncompressed) tar of the folder ---------------
+def pack_capture(root: Path, dest: Path | io.BufferedIOBase) -> None:
+    """Write the capture folder ``root`` as one tar file (no pickle, no compression)."""
+    root = Path(root)
+    names = sorted(p.name for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+    if CAPTURE_JSON not in names:
+        raise CaptureError(f"{root} is not a finished capture")
+    mode = "w"
+    if isinstance(dest, (str, Path)):
+        with tarfile.open(dest, mode) as tar:
+            for name in names:
+                tar.add(root / name, arcname=name)
+    else:
+        with tarfile.open(fileobj=dest, mode=mode) as tar:
+            for name in names:
+                tar.add(root / name, arcname=name)
+
+
+def unpack_capture(src: Path | io.BufferedIOBase, root: Path) -> Capture:
+    """Unpack a single-file capture into ``root`` and load it (arrays verified)."""
+    root = Path(root)
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    try:
+        tar = tarfile.open(src) if isinstance(src, (str, Path)) else tarfile.open(fileobj=src)
+        with tar:
+            for member in tar.getmembers():
+                if not member.isfile() or "/" in member.name or member.name.startswith("."):
+                    raise CaptureError(f"unexpected entry {member.name!r} in capture file")
+                tar.extract(member, root, filter="data")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise CaptureError(f"capture file is unreadable: {exc}") from exc
+    return load_capture(root, verify_arrays=True)

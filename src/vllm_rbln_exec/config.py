@@ -1,0 +1,169 @@
+"""Run settings: one object that the CLI fills and the library reads.
+
+``RunConfig`` holds every option of a parity run, validated here (not in the
+CLI) so the library can be driven from Python and from the pytest plugin with
+the same checks. It also holds the built-in prompts. No engine code here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+
+BUILTIN_PROMPTS = [
+    "The capital of France is",
+    "Explain in one paragraph why the sky is blue.",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "Translate to German: The weather is nice today and we are going for a walk.",
+    "List three prime numbers greater than one hundred:",
+    "Once upon a time, in a village at the edge of a great forest,",
+    "Q: What is 17 multiplied by 23?\nA:",
+    "The three laws of thermodynamics can be summarised as follows:",
+    "Write a haiku about a graphics card running out of memory.",
+    "In machine learning, the softmax function",
+    "import numpy as np\n\n# compute the mean of each column of a matrix\n",
+    "Summarise the plot of Romeo and Juliet in two sentences.",
+    "The difference between a list and a tuple in Python is",
+    "Rebellions, Ascend, Gaudi and CUDA are all names of",
+    "A recipe for pancakes needs the following ingredients:",
+    "SELECT name, COUNT(*) FROM orders GROUP BY",
+]
+
+ENGINES = ("vllm", "transformers")
+ALIGN_MODES = ("free",)
+CAPTURE_MODES = ("api",)
+
+
+@dataclass
+class SideConfig:
+    """What one side runs: device profile, engine and per-side overrides."""
+
+    side: str
+    device: str
+    engine: str = "vllm"
+    dtype: str | None = None  # None: the profile's default
+    torch_device: str | None = None  # transformers engine only
+    block_size: int | None = None
+    model: str | None = None  # a different checkpoint for this side (target only)
+
+
+@dataclass
+class RunConfig:
+    model: str = "smollm2-135m"
+    target: str = "auto"
+    max_model_len: int = 2048
+    num_hidden_layers: int | None = None
+    trust_remote_code: bool = False
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    ep: bool = False
+    batch: int = 4
+    max_tokens: int = 32
+    max_batched: int | None = None
+    prompts: list[str] = field(default_factory=list)
+    num_prompts: int = 4
+    logprobs: int = -1
+    max_logprobs_cap: int | None = None
+    inspect_logits: bool = True
+    topk: int = 5
+    block_size_cpu: int = 128
+    block_size_rbln: int = 8192
+    block: int | None = None
+    no_color: bool = False
+    no_snippet: bool = False
+    snippet_elems: int = 5
+    use_cache: bool = False
+    profile: bool = False
+    eps: float = 0.5
+    # beyond the original tool
+    reference_engine: str = "vllm"
+    target_engine: str = "vllm"
+    reference_dtype: str | None = None
+    target_dtype: str | None = None
+    devices_file: str | None = None
+    cache_dir: str = "cache"
+    runs_dir: str = "runs"
+    run_dir: str | None = None
+    timeout: float = 1800.0
+    kv_cache_gib: float | None = None
+    verbose: bool = False
+
+    def validate(self) -> "RunConfig":
+        def positive(name: str, value: int | float | None, allow_none: bool = False) -> None:
+            if value is None and allow_none:
+                return
+            if value is None or value < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be a positive number, got {value}",
+                                 option=f"--{name.replace('_', '-')}")
+
+        for name in ("max_model_len", "tp", "pp", "dp", "batch", "max_tokens", "num_prompts", "topk",
+                     "block_size_cpu", "block_size_rbln", "snippet_elems"):
+            positive(name, getattr(self, name))
+        for name in ("num_hidden_layers", "max_batched", "block", "max_logprobs_cap"):
+            positive(name, getattr(self, name), allow_none=True)
+        if self.logprobs == 0 or self.logprobs < -1:
+            raise UsageError(f"--logprobs must be -1 (full vocabulary) or a positive N, got {self.logprobs}",
+                             option="--logprobs")
+        if self.max_logprobs_cap is not None and self.logprobs > self.max_logprobs_cap:
+            raise UsageError(
+                f"--logprobs {self.logprobs} exceeds --max-logprobs-cap {self.max_logprobs_cap}",
+                option="--logprobs",
+            )
+        if not self.eps > 0:
+            raise UsageError(f"--eps must be greater than 0, got {self.eps}", option="--eps")
+        if self.timeout <= 0:
+            raise UsageError("--timeout must be greater than 0", option="--timeout")
+        for option, engine in (("--reference-engine", self.reference_engine),
+                               ("--target-engine", self.target_engine)):
+            if engine not in ENGINES:
+                from .registry import suggest
+
+                raise UsageError(suggest("engine", engine, ENGINES), option=option)
+        if self.max_tokens >= self.max_model_len:
+            raise UsageError(
+                f"--max-tokens {self.max_tokens} leaves no room for the prompt in --max-model-len "
+                f"{self.max_model_len}",
+                option="--max-tokens",
+            )
+        return self
+
+    def resolved_prompts(self) -> list[str]:
+        """The prompts to run: given ones, else ``num_prompts`` built-ins (cycled)."""
+        if self.prompts:
+            return list(self.prompts)
+        n = self.num_prompts
+        return [BUILTIN_PROMPTS[i % len(BUILTIN_PROMPTS)] + ("" if i < len(BUILTIN_PROMPTS) else f" (#{i // len(BUILTIN_PROMPTS) + 1})")
+                for i in range(n)]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_prompts_file(path: str) -> list[str]:
+    """Prompts from a file: ``.jsonl`` (strings or {"prompt": ...}), ``.json`` list, or one per line."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UsageError(f"prompts file {p} does not exist", option="--prompts")
+    text = p.read_text()
+    try:
+        if p.suffix == ".json":
+            data = json.loads(text)
+            prompts = [d["prompt"] if isinstance(d, dict) else d for d in data]
+        elif p.suffix == ".jsonl":
+            prompts = []
+            for line in text.splitlines():
+                if line.strip():
+                    d = json.loads(line)
+                    prompts.append(d["prompt"] if isinstance(d, dict) else d)
+        else:
+            prompts = [line for line in text.splitlines() if line.strip()]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"cannot read prompts from {p}: {exc}", option="--prompts") from exc
+    if not prompts or not all(isinstance(x, str) and x for x in prompts):
+        raise UsageError(f"{p} holds no prompts (or a non-string one)", option="--prompts")
+    return prompts

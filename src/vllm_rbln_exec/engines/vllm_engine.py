@@ -1,0 +1,173 @@
+"""vLLM's offline engine (``vllm.LLM``) as a capture engine; imported in workers only.
+
+Two capture paths:
+
+* ``fast`` (default): a V1 logits processor (``vllm_logits``) writes each raw
+  logprob row straight into a memory-mapped ``.npy`` while vLLM generates
+  with no logprobs requested, so the cost is close to plain generation.
+* ``api``: vLLM's own ``logprobs`` output (``flat_logprobs``, no detokenising),
+  turned into dense rows with numpy. Slow at full vocabulary; kept for
+  comparison and for platforms whose model runner skips custom processors.
+
+Both force the reference tokens, when asked, through the same logits processor.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from ..capture import FULL, CaptureWriter
+from .base import Engine
+
+PROCESSOR = "vllm_rbln_exec.engines.vllm_logits:CaptureLogitsProcessor"
+
+
+class VllmEngine(Engine):
+    name = "vllm"
+
+    def start(self) -> None:
+        from vllm import LLM
+
+        r = self.request
+        full = r["logprobs"] == -1
+        max_logprobs = r.get("max_logprobs_cap") or (-1 if full else r["logprobs"])
+        kwargs: dict[str, Any] = dict(
+            model=r["model"],
+            tokenizer=r.get("tokenizer") or r["model"],
+            dtype=r.get("dtype") or "auto",
+            max_model_len=r["max_model_len"],
+            trust_remote_code=bool(r.get("trust_remote_code")),
+            tensor_parallel_size=r.get("tp", 1),
+            pipeline_parallel_size=r.get("pp", 1),
+            max_num_seqs=r.get("batch", 4),
+            max_logprobs=max_logprobs,
+            logits_processors=[PROCESSOR],
+            seed=r.get("seed", 0),
+            enforce_eager=bool(r.get("enforce_eager", False)),
+        )
+        if r.get("dp", 1) > 1:
+            kwargs["data_parallel_size"] = r["dp"]
+        if r.get("ep"):
+            kwargs["enable_expert_parallel"] = True
+        if r.get("max_batched"):
+            kwargs["max_num_batched_tokens"] = r["max_batched"]
+        if r.get("block_size"):
+            kwargs["block_size"] = r["block_size"]
+        if r.get("gpu_memory_utilization"):
+            kwargs["gpu_memory_utilization"] = r["gpu_memory_utilization"]
+        kwargs.update(r.get("engine_kwargs") or {})
+        self.llm = LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
+
+    def platform(self) -> str:
+        from vllm.platforms import current_platform
+
+        return str(current_platform.device_type)
+
+    def versions(self) -> dict[str, str]:
+        import torch
+        import vllm
+
+        return {"engine_version": vllm.__version__, "torch_version": torch.__version__}
+
+    def tokenizer_vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    def start_profile(self) -> None:
+        self.llm.start_profile()
+
+    def stop_profile(self) -> None:
+        self.llm.stop_profile()
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            shutdown = getattr(llm.llm_engine, "shutdown", None)
+            if callable(shutdown):
+                shutdown()
+            self.llm = None
+
+    # -- capture --------------------------------------------------------------
+    def _sampling_params(self, extra: dict[str, Any] | None, api_logprobs: int | None):
+        from vllm import SamplingParams
+
+        kwargs: dict[str, Any] = dict(
+            temperature=0.0,
+            max_tokens=self.request["max_tokens"],
+            ignore_eos=True,
+            detokenize=False,
+            extra_args={"vre": extra} if extra else None,
+        )
+        if api_logprobs is not None:
+            kwargs.update(logprobs=api_logprobs, flat_logprobs=True)
+        return SamplingParams(**kwargs)
+
+    def generate_greedy_logprobs(
+        self,
+        prompts: list[str],
+        writer: CaptureWriter,
+        force: list[list[int]] | None = None,
+    ) -> None:
+        r = self.request
+        topn = None if r["logprobs"] == -1 else int(r["logprobs"])
+        fast = r.get("capture", "fast") == "fast"
+        batch = max(1, int(r.get("batch", 4)))
+        max_tokens = int(r["max_tokens"])
+        done = 0
+        for start in range(0, len(prompts), batch):
+            group = list(range(start, min(start + batch, len(prompts))))
+            params = []
+            for i in group:
+                extra: dict[str, Any] = {}
+                if fast:
+                    width = topn or self.vocab_size
+                    lp_path, ids_path = writer.allocate(i, max_tokens, width, with_ids=topn is not None)
+                    extra.update(file=str(lp_path), ids_file=str(ids_path) if ids_path else None, topn=topn)
+                if force is not None:
+                    extra["force"] = [int(t) for t in force[i]]
+                params.append(self._sampling_params(extra or None, None if fast else r["logprobs"]))
+            t0 = time.perf_counter()
+            outputs = self.llm.generate([prompts[i] for i in group], params, use_tqdm=False)
+            writer.add_time("generate_s", time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            for i, out in zip(group, outputs):
+                completion = out.outputs[0]
+                tokens = list(completion.token_ids)
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                if fast:
+                    writer.add(i, prompts[i], list(out.prompt_token_ids), tokens, text)
+                else:
+                    rows, ids = flat_to_arrays(completion.logprobs, self.vocab_size, topn)
+                    writer.add(i, prompts[i], list(out.prompt_token_ids), tokens, text, rows, ids)
+            writer.add_time("collect_s", time.perf_counter() - t0)
+            done += len(group)
+            self.emit("generate", f"{done}/{len(prompts)} prompts", done=done, total=len(prompts))
+
+
+def flat_to_arrays(flat, vocab_size: int, topn: int | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """vLLM ``FlatLogprobs`` to dense rows [T, V] (full) or (values, ids) [T, N] (top-N).
+
+    Each position holds the sampled token first, then the requested entries in
+    rank order; the sampled token's own entry is skipped.
+    """
+    starts = np.asarray(flat.start_indices, dtype=np.int64)
+    ends = np.asarray(flat.end_indices, dtype=np.int64)
+    token_ids = np.asarray(flat.token_ids, dtype=np.int64)
+    values = np.asarray(flat.logprobs, dtype=np.float32)
+    n_pos = len(starts)
+    width = vocab_size if topn is None else topn
+    counts = ends - starts - 1
+    if n_pos and (counts != width).any():
+        raise RuntimeError(f"vLLM returned {counts.min()}..{counts.max()} logprobs per position, expected {width}")
+    take = (starts[:, None] + 1 + np.arange(width)[None, :]).reshape(-1)
+    ids = token_ids[take].reshape(n_pos, width)
+    vals = values[take].reshape(n_pos, width)
+    if topn is not None:
+        return vals, ids.astype(np.int32)
+    rows = np.full((n_pos, vocab_size), -np.inf, dtype=np.float32)
+    np.put_along_axis(rows, ids, vals, axis=1)
+    return rows, None

@@ -1,0 +1,41 @@
+"""Exceptions that carry the process exit code; nothing else lives here.
+
+0 parity holds, 1 parity fails, 2 bad usage, 3 the harness could not run.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_PARITY_FAILED = 1
+EXIT_USAGE = 2
+EXIT_HARNESS = 3
+
+
+class HarnessError(Exception):
+    """The run could not be carried out (worker crash, timeout, missing model)."""
+
+    exit_code = EXIT_HARNESS
+
+    def __init__(self, message: str, detail: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+
+
+class UsageError(HarnessError):
+    """Bad input from the user: an option value, a file, an unknown name."""
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, message: str, option: str | None = None, detail: str | None = None):
+        super().__init__(message, detail)
+        self.option = option
+
+
+class WorkerError(HarnessError):
+    """A worker crashed, hung, or reported a failure; names the side."""
+
+    def __init__(self, side: str, message: str, log_tail: str = "", log_path: str | None = None):
+        super().__init__(f"{side} worker: {message}", detail=log_tail)
+        self.side = side
+        self.log_path = log_path

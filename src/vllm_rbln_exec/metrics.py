@@ -1,0 +1,297 @@
+"""Comparison metrics between a reference and a target capture (pure numpy/scipy).
+
+Everything here works on arrays already in memory (or memory mapped) and is
+vectorised over the vocabulary; it knows nothing of engines, processes or
+files. One prompt is compared at a time so memory stays bounded by the largest
+prompt, never the whole run.
+
+Position alignment: at generated position ``t`` both sides saw the same context
+only while every earlier generated token agrees. In free-running mode the
+compared positions are therefore ``0..d`` where ``d`` is the first position whose
+tokens differ (that position itself still shares its context); in forced mode
+the target was fed the reference tokens, so every position is comparable.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+PEARSON_PASS = 0.99
+
+
+@dataclass
+class PositionTopK:
+    """Top-K of both sides at one position (for the report)."""
+
+    position: int
+    target_ids: list[int]
+    target_vals: list[float]
+    reference_ids: list[int]
+    reference_vals: list[float]
+
+
+@dataclass
+class PromptComparison:
+    index: int
+    prompt: str
+    reference_text: str
+    target_text: str
+    reference_tokens: int
+    target_tokens: int
+    texts_equal: bool
+    tokens_equal: bool
+    first_divergence: int | None  # first position whose generated tokens differ
+    positions_compared: int
+    vocab_size: int
+    finite_overlap: float  # fraction of compared entries finite on both sides
+    finite_entries: int
+    max_abs_diff: float
+    mean_abs_diff: float
+    pearson: float
+    outliers: int  # entries with |Δ| >= eps
+    eps: float
+    topk: int
+    topk_overlap: float  # mean |topK_ref ∩ topK_tgt| / K over positions
+    topk_order_match: float  # fraction of positions whose top-K lists are identical in order
+    top1_match: float  # fraction of positions whose argmax agrees
+    worst_position: int | None  # position holding max|Δ|
+    first_position_topk: PositionTopK | None = None
+    snippet: dict[str, list[float]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def pearson_ok(self) -> bool:
+        return not math.isnan(self.pearson) and self.pearson >= PEARSON_PASS
+
+    def to_json(self) -> dict[str, Any]:
+        return _jsonable(asdict(self))
+
+
+def first_divergence(a: list[int] | np.ndarray, b: list[int] | np.ndarray) -> int | None:
+    """Index of the first differing token, ``min(len)`` if one is a prefix, None if equal."""
+    a = np.asarray(a)
+    b = np.asarray(b)
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(a[:n] != b[:n])
+    if diff.size:
+        return int(diff[0])
+    return None if len(a) == len(b) else n
+
+
+def to_dense(vals: np.ndarray, ids: np.ndarray | None, vocab_size: int) -> np.ndarray:
+    """Top-N (ids, vals) rows as dense [T, V] rows with -inf where a token is absent."""
+    if ids is None:
+        return np.asarray(vals, dtype=np.float32)
+    dense = np.full((vals.shape[0], vocab_size), -np.inf, dtype=np.float32)
+    rows = np.repeat(np.arange(vals.shape[0]), vals.shape[1])
+    dense[rows, np.asarray(ids).reshape(-1)] = np.asarray(vals, dtype=np.float32).reshape(-1)
+    return dense
+
+
+def topk_ids(rows: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest entries per row, sorted by value descending (ties by id)."""
+    k = max(1, min(k, rows.shape[1]))
+    part = np.argpartition(-rows, k - 1, axis=1)[:, :k]
+    part_vals = np.take_along_axis(rows, part, axis=1)
+    order = np.lexsort((part, -part_vals), axis=1)
+    return np.take_along_axis(part, order, axis=1)
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson r in float64; NaN when fewer than 2 points or a side is constant."""
+    if x.size < 2:
+        return float("nan")
+    x = x.astype(np.float64, copy=False)
+    y = y.astype(np.float64, copy=False)
+    xc = x - x.mean()
+    yc = y - y.mean()
+    denom = math.sqrt(float(np.dot(xc, xc)) * float(np.dot(yc, yc)))
+    if denom == 0.0:
+        return float("nan")
+    return float(np.clip(np.dot(xc, yc) / denom, -1.0, 1.0))
+
+
+def compare_prompt(
+    index: int,
+    prompt: str,
+    reference: dict[str, Any],
+    target: dict[str, Any],
+    *,
+    vocab_size: int,
+    eps: float = 0.5,
+    topk: int = 5,
+    aligned: bool = False,
+    snippet_elems: int = 5,
+) -> PromptComparison:
+    """Compare one prompt. ``reference``/``target`` hold ``token_ids``, ``text``,
+    ``logprobs`` ([T, V] or [T, N]) and optional ``ids`` ([T, N], top-N mode)."""
+    ref_tokens = list(reference["token_ids"])
+    tgt_tokens = list(target["token_ids"])
+    div = first_divergence(ref_tokens, tgt_tokens)
+    available = min(len(ref_tokens), len(tgt_tokens), len(reference["logprobs"]), len(target["logprobs"]))
+    if aligned or div is None:
+        n_pos = available
+    else:
+        n_pos = min(div + 1, available)
+    notes: list[str] = []
+
+    ref_rows = to_dense(np.asarray(reference["logprobs"][:n_pos]), _ids(reference, n_pos), vocab_size)
+    tgt_rows = to_dense(np.asarray(target["logprobs"][:n_pos]), _ids(target, n_pos), vocab_size)
+    if ref_rows.shape[1] != tgt_rows.shape[1]:
+        raise ValueError(
+            f"prompt {index}: vocabulary sizes differ (reference {ref_rows.shape[1]}, "
+            f"target {tgt_rows.shape[1]})"
+        )
+
+    both = np.isfinite(ref_rows) & np.isfinite(tgt_rows)
+    finite_entries = int(both.sum())
+    total = ref_rows.size
+    if finite_entries:
+        diff = np.where(both, np.abs(tgt_rows - ref_rows), 0.0)
+        max_abs = float(diff.max())
+        mean_abs = float(diff.sum(dtype=np.float64) / finite_entries)
+        outliers = int((diff >= eps).sum())
+        worst = int(np.unravel_index(int(diff.argmax()), diff.shape)[0])
+        r = pearson(ref_rows[both], tgt_rows[both])
+    else:
+        max_abs = mean_abs = r = float("nan")
+        outliers = 0
+        worst = None
+        if n_pos:
+            notes.append("no entry is finite on both sides (disjoint top-N lists?)")
+    if n_pos == 0:
+        notes.append("no comparable position (a side generated nothing)")
+
+    overlap = order = top1 = float("nan")
+    first_topk = None
+    if n_pos:
+        k_ref = topk_ids(ref_rows, topk)
+        k_tgt = topk_ids(tgt_rows, topk)
+        k = k_ref.shape[1]
+        # |A ∩ B| per row without a Python loop over positions: sort and compare.
+        inter = (k_ref[:, :, None] == k_tgt[:, None, :]).any(axis=2).sum(axis=1)
+        overlap = float((inter / k).mean())
+        order = float((k_ref == k_tgt).all(axis=1).mean())
+        top1 = float((k_ref[:, 0] == k_tgt[:, 0]).mean())
+        first_topk = PositionTopK(
+            position=0,
+            target_ids=k_tgt[0].tolist(),
+            target_vals=tgt_rows[0, k_tgt[0]].tolist(),
+            reference_ids=k_ref[0].tolist(),
+            reference_vals=ref_rows[0, k_ref[0]].tolist(),
+        )
+
+    snippet = {}
+    if n_pos and snippet_elems > 0:
+        snippet = {
+            "reference": _head_tail(ref_rows[0], snippet_elems),
+            "target": _head_tail(tgt_rows[0], snippet_elems),
+        }
+
+    return PromptComparison(
+        index=index,
+        prompt=prompt,
+        reference_text=reference.get("text", ""),
+        target_text=target.get("text", ""),
+        reference_tokens=len(ref_tokens),
+        target_tokens=len(tgt_tokens),
+        texts_equal=reference.get("text", "") == target.get("text", ""),
+        tokens_equal=ref_tokens == tgt_tokens,
+        first_divergence=div,
+        positions_compared=int(n_pos),
+        vocab_size=int(ref_rows.shape[1]),
+        finite_overlap=float(finite_entries / total) if total else float("nan"),
+        finite_entries=finite_entries,
+        max_abs_diff=max_abs,
+        mean_abs_diff=mean_abs,
+        pearson=r,
+        outliers=outliers,
+        eps=float(eps),
+        topk=int(topk),
+        topk_overlap=overlap,
+        topk_order_match=order,
+        top1_match=top1,
+        worst_position=worst,
+        first_position_topk=first_topk,
+        snippet=snippet,
+        notes=notes,
+    )
+
+
+@dataclass
+class RunSummary:
+    prompts: int
+    positions_compared: int
+    max_abs_diff: float
+    mean_abs_diff: float  # entry-weighted over all prompts
+    min_pearson: float
+    outliers: int
+    texts_equal: int
+    tokens_equal: int
+    top1_match: float  # position-weighted
+    topk_overlap: float
+    earliest_divergence: int | None
+
+    def to_json(self) -> dict[str, Any]:
+        return _jsonable(asdict(self))
+
+
+def summarize(comparisons: list[PromptComparison]) -> RunSummary:
+    def finite(values):
+        return [v for v in values if v is not None and not math.isnan(v)]
+
+    weights = [c.finite_entries for c in comparisons]
+    positions = [c.positions_compared for c in comparisons]
+    mean_abs = (
+        sum(c.mean_abs_diff * w for c, w in zip(comparisons, weights) if w) / sum(weights)
+        if sum(weights)
+        else float("nan")
+    )
+
+    def pos_weighted(attr):
+        pairs = [(getattr(c, attr), p) for c, p in zip(comparisons, positions) if p and not math.isnan(getattr(c, attr))]
+        total = sum(p for _, p in pairs)
+        return sum(v * p for v, p in pairs) / total if total else float("nan")
+
+    maxes = finite(c.max_abs_diff for c in comparisons)
+    pearsons = finite(c.pearson for c in comparisons)
+    divs = [c.first_divergence for c in comparisons if c.first_divergence is not None]
+    return RunSummary(
+        prompts=len(comparisons),
+        positions_compared=sum(positions),
+        max_abs_diff=max(maxes) if maxes else float("nan"),
+        mean_abs_diff=mean_abs,
+        min_pearson=min(pearsons) if pearsons else float("nan"),
+        outliers=sum(c.outliers for c in comparisons),
+        texts_equal=sum(c.texts_equal for c in comparisons),
+        tokens_equal=sum(c.tokens_equal for c in comparisons),
+        top1_match=pos_weighted("top1_match"),
+        topk_overlap=pos_weighted("topk_overlap"),
+        earliest_divergence=min(divs) if divs else None,
+    )
+
+
+def _ids(side: dict[str, Any], n_pos: int) -> np.ndarray | None:
+    ids = side.get("ids")
+    return None if ids is None else np.asarray(ids[:n_pos])
+
+
+def _head_tail(row: np.ndarray, n: int) -> list[float]:
+    if row.size <= 2 * n:
+        return row.tolist()
+    return np.concatenate([row[:n], row[-n:]]).tolist()
+
+
+def _jsonable(value: Any) -> Any:
+    """NaN/inf become None so the JSON is strict."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value

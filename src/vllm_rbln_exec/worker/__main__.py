@@ -1,0 +1,6 @@
+import sys
+
+from .main import main
+
+if __name__ == "__main__":  # vLLM's spawned processes re-import this module
+    sys.exit(main(sys.argv[1:]))
