@@ -40,7 +40,7 @@ class ReferenceCache:
     def close(self) -> None:
         self.cache.close()
 
-    def __enter__(self) -> "ReferenceCache":
+    def __enter__(self) -> ReferenceCache:
         return self
 
     def __exit__(self, *exc) -> None:

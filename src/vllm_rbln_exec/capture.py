@@ -97,7 +97,7 @@ class Capture:
         return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], root: Path | None = None) -> "Capture":
+    def from_json(cls, data: dict[str, Any], root: Path | None = None) -> Capture:
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
             raise CaptureError(

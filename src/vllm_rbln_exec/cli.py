@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-from .errors import EXIT_HARNESS, EXIT_USAGE, HarnessError, UsageError, WorkerError
+from .errors import HarnessError, UsageError, WorkerError
 
 EXIT_CODES_HELP = """Exit codes: 0 the run finished (parity holds), 1 parity fails, 2 bad usage,
 3 the harness could not run (worker crash or timeout, missing model)."""
@@ -41,6 +40,14 @@ def _prompts(values: list[str]) -> list[str]:
     return out
 
 
+def _explicit(ctx: typer.Context) -> list[str]:
+    """Names of the options the user gave on the command line (not defaults)."""
+    from click.core import ParameterSource
+
+    return [name for name in ctx.params if ctx.get_parameter_source(name) not in
+            (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None)]
+
+
 def report_error(exc: HarnessError, no_color: bool = False) -> int:
     from .report import make_console
 
@@ -64,7 +71,7 @@ def run(
     model: str = typer.Option("smollm2-135m", "--model", help="Alias (see `models`), hub id with local weights, or a model folder."),
     target: str = typer.Option("auto", "--target", help="auto|cpu|rbln|cuda|NAME (see `devices`)."),
     max_model_len: int = typer.Option(2048, "--max-model-len"),
-    num_hidden_layers: Optional[int] = typer.Option(None, "--num-hidden-layers", help="Keep only the first N decoder layers, on both sides."),
+    num_hidden_layers: int | None = typer.Option(None, "--num-hidden-layers", help="Keep only the first N decoder layers, on both sides."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
     tp: int = typer.Option(1, "--tp", help="Tensor parallel size (target)."),
     pp: int = typer.Option(1, "--pp", help="Pipeline parallel size (target)."),
@@ -72,27 +79,39 @@ def run(
     ep: bool = typer.Option(False, "--ep", help="Expert parallelism (target)."),
     batch: int = typer.Option(4, "--batch", help="Prompts run through an engine at once."),
     max_tokens: int = typer.Option(32, "--max-tokens", help="Greedy tokens generated per prompt (EOS ignored)."),
-    max_batched: Optional[int] = typer.Option(None, "--max-batched", help="max_num_batched_tokens of the engines."),
+    max_batched: int | None = typer.Option(None, "--max-batched", help="max_num_batched_tokens of the engines."),
     prompts: list[str] = typer.Option([], "--prompts", help="A prompt; repeatable. @FILE (or a .txt/.json/.jsonl path) reads prompts from a file."),
     num_prompts: int = typer.Option(4, "--num-prompts", help="How many built-in prompts to use when none are given."),
     logprobs: int = typer.Option(-1, "--logprobs", help="-1: the full vocabulary; N: the top N."),
-    max_logprobs_cap: Optional[int] = typer.Option(None, "--max-logprobs-cap", help="max_logprobs passed to vLLM (default: what --logprobs needs)."),
+    max_logprobs_cap: int | None = typer.Option(None, "--max-logprobs-cap", help="max_logprobs passed to vLLM (default: what --logprobs needs)."),
     inspect_logits: bool = typer.Option(True, "--inspect-logits/--no-inspect-logits", help="Per-prompt details (snippets, top-K table)."),
     topk: int = typer.Option(5, "--topk", help="K of the top-K agreement and table."),
     block_size_cpu: int = typer.Option(128, "--block-size-cpu"),
     block_size_rbln: int = typer.Option(8192, "--block-size-rbln"),
-    block: Optional[int] = typer.Option(None, "--block", help="Block size of the target (overrides its device default)."),
+    block: int | None = typer.Option(None, "--block", help="Block size of the target (overrides its device default)."),
     no_color: bool = typer.Option(False, "--no-color"),
     no_snippet: bool = typer.Option(False, "--no-snippet", help="Hide the head…tail snippet of the logprob vectors."),
     snippet_elems: int = typer.Option(5, "--snippet-elems", help="Elements shown at each end of a snippet."),
     use_cache: bool = typer.Option(False, "--use-cache", help="Read/write the reference capture in cache/."),
     profile: bool = typer.Option(False, "--profile", help="Profile the measured generation with the torch profiler."),
     eps: float = typer.Option(0.5, "--eps", help="|Δ| at or above which an entry is an outlier (nats)."),
-    devices_file: Optional[str] = typer.Option(None, "--devices", help="TOML file adding or overriding device profiles."),
+    devices_file: str | None = typer.Option(None, "--devices", help="TOML file adding or overriding device profiles."),
     cache_dir: str = typer.Option("cache", "--cache-dir", help="Folder for converted models and the reference cache."),
-    run_dir: Optional[str] = typer.Option(None, "--run-dir", help="Folder for this run's captures and logs (default: runs/<time>-<model>)."),
+    run_dir: str | None = typer.Option(None, "--run-dir", help="Folder for this run's captures and logs (default: runs/<time>-<model>)."),
     timeout: float = typer.Option(1800.0, "--timeout", help="Seconds a worker may take before it is stopped."),
-    kv_cache_gib: Optional[float] = typer.Option(None, "--kv-cache-gib", help="KV cache of CPU workers in GiB (VLLM_CPU_KVCACHE_SPACE)."),
+    kv_cache_gib: float | None = typer.Option(None, "--kv-cache-gib", help="KV cache of CPU workers in GiB (VLLM_CPU_KVCACHE_SPACE)."),
+    align: str = typer.Option("forced", "--align", help="forced: the target is fed the reference's tokens, so every position compares; free: each side follows its own argmax."),
+    tie_margin: float = typer.Option(0.5, "--tie-margin", help="A divergence where the reference's top-2 margin is below this (nats) is a near-tie."),
+    capture: str = typer.Option("fast", "--capture", help="fast: logits processor writes rows in place; api: vLLM's logprobs output."),
+    reference_engine: str = typer.Option("vllm", "--reference-engine", help="vllm|transformers"),
+    target_engine: str = typer.Option("vllm", "--target-engine", help="vllm|transformers"),
+    reference_dtype: str | None = typer.Option(None, "--reference-dtype", help="auto|float32|bfloat16|float16 (default: the profile's)."),
+    target_dtype: str | None = typer.Option(None, "--target-dtype", help="auto|float32|bfloat16|float16 (default: the profile's)."),
+    reference_device: str | None = typer.Option(None, "--reference-device", help="torch device of a transformers reference (default cpu)."),
+    target_device: str | None = typer.Option(None, "--target-device", help="torch device of a transformers target (default: the profile's)."),
+    target_model: str | None = typer.Option(None, "--target-model", help="Run the target on another checkpoint of the same model (quantized, converted)."),
+    reference_file: str | None = typer.Option(None, "--reference", help="Compare against a saved reference file instead of running a reference worker."),
+    save_reference: str | None = typer.Option(None, "--save-reference", help="Write the reference capture to FILE (portable)."),
 ) -> None:
     """Run the parity check (the default command)."""
     if ctx.invoked_subcommand is not None:
@@ -109,7 +128,11 @@ def run(
             block_size_rbln=block_size_rbln, block=block, no_color=no_color, no_snippet=no_snippet,
             snippet_elems=snippet_elems, use_cache=use_cache, profile=profile, eps=eps,
             devices_file=devices_file, cache_dir=cache_dir, run_dir=run_dir, timeout=timeout,
-            kv_cache_gib=kv_cache_gib,
+            kv_cache_gib=kv_cache_gib, align=align, tie_margin=tie_margin, capture=capture,
+            reference_engine=reference_engine, target_engine=target_engine, reference_dtype=reference_dtype,
+            target_dtype=target_dtype, reference_device=reference_device, target_device=target_device,
+            target_model=target_model, reference_file=reference_file, save_reference=save_reference,
+            explicit=_explicit(ctx),
         ).validate()
     except HarnessError as exc:
         raise typer.Exit(report_error(exc, no_color))
@@ -136,7 +159,7 @@ def execute(cfg) -> int:
 
 
 @app.command("devices")
-def devices_cmd(devices_file: Optional[str] = typer.Option(None, "--devices")) -> None:
+def devices_cmd(devices_file: str | None = typer.Option(None, "--devices")) -> None:
     """List the device profiles (shipped and from --devices FILE)."""
     from .devices import load_profiles
     from .report import make_console

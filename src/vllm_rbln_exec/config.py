@@ -34,21 +34,9 @@ BUILTIN_PROMPTS = [
 ]
 
 ENGINES = ("vllm", "transformers")
-ALIGN_MODES = ("free",)
-CAPTURE_MODES = ("api",)
-
-
-@dataclass
-class SideConfig:
-    """What one side runs: device profile, engine and per-side overrides."""
-
-    side: str
-    device: str
-    engine: str = "vllm"
-    dtype: str | None = None  # None: the profile's default
-    torch_device: str | None = None  # transformers engine only
-    block_size: int | None = None
-    model: str | None = None  # a different checkpoint for this side (target only)
+ALIGN_MODES = ("forced", "free")
+CAPTURE_MODES = ("fast", "api")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -85,6 +73,14 @@ class RunConfig:
     target_engine: str = "vllm"
     reference_dtype: str | None = None
     target_dtype: str | None = None
+    reference_device: str | None = None  # torch device of a transformers reference (default: cpu)
+    target_device: str | None = None  # torch device of a transformers target (default: the profile's)
+    target_model: str | None = None
+    align: str = "forced"
+    tie_margin: float = 0.5
+    capture: str = "fast"
+    reference_file: str | None = None
+    save_reference: str | None = None
     devices_file: str | None = None
     cache_dir: str = "cache"
     runs_dir: str = "runs"
@@ -92,8 +88,9 @@ class RunConfig:
     timeout: float = 1800.0
     kv_cache_gib: float | None = None
     verbose: bool = False
+    explicit: list[str] = field(default_factory=list)  # options the user set (not defaults)
 
-    def validate(self) -> "RunConfig":
+    def validate(self) -> RunConfig:
         def positive(name: str, value: int | float | None, allow_none: bool = False) -> None:
             if value is None and allow_none:
                 return
@@ -124,6 +121,17 @@ class RunConfig:
                 from .registry import suggest
 
                 raise UsageError(suggest("engine", engine, ENGINES), option=option)
+        choices = (("--align", self.align, ALIGN_MODES), ("--capture", self.capture, CAPTURE_MODES),
+                   ("--reference-dtype", self.reference_dtype, DTYPES), ("--target-dtype", self.target_dtype, DTYPES))
+        for option, value, allowed in choices:
+            if value is not None and value not in allowed:
+                raise UsageError(f"{option} must be one of {', '.join(allowed)}, got {value!r}", option=option)
+        if self.tie_margin < 0:
+            raise UsageError("--tie-margin must be 0 or more", option="--tie-margin")
+        if self.reference_file and not Path(self.reference_file).is_file():
+            raise UsageError(f"reference file {self.reference_file} does not exist", option="--reference")
+        if self.reference_file and self.save_reference:
+            raise UsageError("--reference and --save-reference cannot be combined", option="--save-reference")
         if self.max_tokens >= self.max_model_len:
             raise UsageError(
                 f"--max-tokens {self.max_tokens} leaves no room for the prompt in --max-model-len "

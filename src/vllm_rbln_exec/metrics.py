@@ -62,13 +62,23 @@ class PromptComparison:
     first_position_topk: PositionTopK | None = None
     snippet: dict[str, list[float]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    aligned: bool = False
+    # distribution metrics over the compared positions (see ``distribution``)
+    distribution: dict[str, Any] = field(default_factory=dict)
+    argmax_divergence: dict[str, Any] | None = None  # first target argmax != reference token, classified
+    worst_positions: list[dict[str, Any]] = field(default_factory=list)
+    position_stats: Any = field(default=None, repr=False, compare=False)
 
     @property
     def pearson_ok(self) -> bool:
         return not math.isnan(self.pearson) and self.pearson >= PEARSON_PASS
 
     def to_json(self) -> dict[str, Any]:
-        return _jsonable(asdict(self))
+        stats, self.position_stats = self.position_stats, None
+        try:
+            return _jsonable(asdict(self))
+        finally:
+            self.position_stats = stats
 
 
 def first_divergence(a: list[int] | np.ndarray, b: list[int] | np.ndarray) -> int | None:
@@ -126,6 +136,8 @@ def compare_prompt(
     topk: int = 5,
     aligned: bool = False,
     snippet_elems: int = 5,
+    tie_margin: float = 0.5,
+    n_worst: int = 3,
 ) -> PromptComparison:
     """Compare one prompt. ``reference``/``target`` hold ``token_ids``, ``text``,
     ``logprobs`` ([T, V] or [T, N]) and optional ``ids`` ([T, N], top-N mode)."""
@@ -185,6 +197,24 @@ def compare_prompt(
             reference_vals=ref_rows[0, k_ref[0]].tolist(),
         )
 
+    from .distribution import divergence_point, position_stats, summarize_positions, worst_positions
+
+    stats = position_stats(ref_rows, tgt_rows, np.asarray(ref_tokens[:n_pos], dtype=np.int64), topk, tie_margin)
+    worst_list = []
+    if n_pos:
+        k_ref_w = topk_ids(ref_rows, min(topk, 5))
+        k_tgt_w = topk_ids(tgt_rows, min(topk, 5))
+        for pos in worst_positions(stats, n_worst):
+            worst_list.append({
+                "position": int(pos),
+                "kl": float(stats.kl[pos]),
+                "reference_token": int(stats.ref_tokens[pos]),
+                "target_argmax": int(stats.tgt_argmax[pos]),
+                "reference_top1_prob": float(stats.ref_top1_prob[pos]),
+                "reference_topk": [[int(i), float(ref_rows[pos, i])] for i in k_ref_w[pos]],
+                "target_topk": [[int(i), float(tgt_rows[pos, i])] for i in k_tgt_w[pos]],
+            })
+
     snippet = {}
     if n_pos and snippet_elems > 0:
         snippet = {
@@ -219,6 +249,11 @@ def compare_prompt(
         first_position_topk=first_topk,
         snippet=snippet,
         notes=notes,
+        aligned=bool(aligned),
+        distribution=summarize_positions(stats).to_json(),
+        argmax_divergence=divergence_point(stats, tie_margin),
+        worst_positions=worst_list,
+        position_stats=stats,
     )
 
 
@@ -235,6 +270,9 @@ class RunSummary:
     top1_match: float  # position-weighted
     topk_overlap: float
     earliest_divergence: int | None
+    distribution: dict[str, Any] = field(default_factory=dict)  # over every compared position of every prompt
+    argmax_divergences: int = 0  # prompts whose target argmax left the reference tokens
+    disagreements: int = 0  # ... of those, where the reference was not at a near-tie
 
     def to_json(self) -> dict[str, Any]:
         return _jsonable(asdict(self))
@@ -257,6 +295,9 @@ def summarize(comparisons: list[PromptComparison]) -> RunSummary:
         total = sum(p for _, p in pairs)
         return sum(v * p for v, p in pairs) / total if total else float("nan")
 
+    from .distribution import summarize_positions
+
+    parts = [c.position_stats for c in comparisons if c.position_stats is not None]
     maxes = finite(c.max_abs_diff for c in comparisons)
     pearsons = finite(c.pearson for c in comparisons)
     divs = [c.first_divergence for c in comparisons if c.first_divergence is not None]
@@ -272,6 +313,12 @@ def summarize(comparisons: list[PromptComparison]) -> RunSummary:
         top1_match=pos_weighted("top1_match"),
         topk_overlap=pos_weighted("topk_overlap"),
         earliest_divergence=min(divs) if divs else None,
+        distribution=summarize_positions(parts).to_json() if parts else {},
+        argmax_divergences=sum(c.argmax_divergence is not None for c in comparisons),
+        disagreements=sum(
+            c.argmax_divergence is not None and c.argmax_divergence.get("kind") == "disagreement"
+            for c in comparisons
+        ),
     )
 
 

