@@ -10,6 +10,7 @@ a damaged cache costs a recomputation, never a wrong comparison.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -51,7 +52,11 @@ class ReferenceCache:
         handle = self.cache.get(REF_PREFIX + key, default=None, read=True)
         if handle is None:
             return None, "not cached"
+        if isinstance(handle, (bytes, bytearray, memoryview)):
+            handle = io.BytesIO(handle)  # small values live inside diskcache's database
         try:
+            if not hasattr(handle, "read"):
+                raise CaptureError(f"stored value is a {type(handle).__name__}, not a capture file")
             with handle:
                 return unpack_capture(handle, dest), None
         except CaptureError as exc:
@@ -88,3 +93,56 @@ class ReferenceCache:
 
     def __contains__(self, key: str) -> bool:
         return (REF_PREFIX + key) in self.cache
+
+    # -- management (the `cache` subcommands) --------------------------------------
+    def resolve(self, prefix: str) -> str:
+        """The full key starting with ``prefix`` (as ``git`` resolves short hashes)."""
+        keys = [e["key"] for e in self.entries() if str(e.get("key", "")).startswith(prefix)]
+        if len(keys) == 1:
+            return keys[0]
+        if not keys:
+            raise KeyError(f"no cached reference has a key starting with {prefix!r}")
+        raise KeyError(f"{prefix!r} is ambiguous: {len(keys)} keys start with it")
+
+    def export(self, key: str, dest: Path) -> int:
+        """Write the entry as a portable reference file (the packed capture); returns its size."""
+        handle = self.cache.get(REF_PREFIX + key, default=None, read=True)
+        if handle is None:
+            raise KeyError(f"no cached reference {key}")
+        if isinstance(handle, (bytes, bytearray, memoryview)):
+            handle = io.BytesIO(handle)
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+        try:
+            with handle, open(tmp, "wb") as out:
+                while chunk := handle.read(1 << 20):
+                    out.write(chunk)
+            os.replace(tmp, dest)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        return dest.stat().st_size
+
+    def import_file(self, path: Path) -> str:
+        """Store a reference file under the key its own metadata gives; returns the key.
+
+        The file is unpacked and verified first, so a damaged or foreign file is
+        refused here rather than turning into a silent cache miss later.
+        """
+        path = Path(path)
+        with tempfile.TemporaryDirectory(dir=self.root, prefix=".import-") as tmp:
+            capture = unpack_capture(path, Path(tmp) / "capture")
+            fields = capture.settings.get("key_fields")
+            if not isinstance(fields, dict) or not fields:
+                raise CaptureError(f"{path} carries no cache key fields (not a reference capture)")
+            key = cache_key(fields)
+            self.put(key, Path(capture.root), fields)
+        return key
+
+    def clear(self) -> int:
+        """Delete every reference; returns how many there were."""
+        keys = [e["key"] for e in self.entries()]
+        for key in keys:
+            self.delete(key)
+        return len(keys)

@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tarfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,82 @@ SCHEMA_VERSION = 1
 CAPTURE_JSON = "capture.json"
 FULL = "full"
 TOPN = "topn"
+# Token ids and texts only, no arrays: what ``capture: "plain"`` (plain greedy
+# generation, the benchmark's baseline) records. Never compared.
+TOKENS = "tokens"
+STORE_FP32 = "fp32"
+STORE_Q16 = "q16"
+STORES = (STORE_Q16, STORE_FP32)
+
+# Compact storage (after llama.cpp's KL-divergence files): each full-vocabulary
+# row is kept as 16-bit levels over [row max - Q16_RANGE, row max]. Level 0 is
+# reserved for -inf; entries further below the max than Q16_RANGE are stored as
+# the floor. Within the range the error is at most half a step:
+# Q16_RANGE / (2 * 65534) = 1.22e-4 nats. An entry below the floor carries less
+# than e^-16 = 1.1e-7 of the row's probability, so KL and every top-K figure are
+# unaffected; only element-wise |Δ| of such tail entries is clipped.
+Q16_RANGE = 16.0
+Q16_STEP = Q16_RANGE / 65534.0
+Q16_MAX_ERROR = Q16_STEP / 2
+
+
+_BLOCK_ELEMS = 1 << 18  # entries per block in (de)quantisation: a float64 buffer of 2 MiB stays in cache
+
+
+def quantize_q16(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[T, V] float rows -> (uint16 levels [T, V], float32 floors [T])."""
+    rows = np.asarray(rows, dtype=np.float32)
+    n, width = rows.shape
+    levels = np.empty(rows.shape, dtype=np.uint16)
+    floor = np.empty(n, dtype=np.float32)
+    # Float64 arithmetic, as the error bound is stated for it: in float32,
+    # ``x - floor`` rounds to the ulp of 16 (1e-6), enough to pick the wrong
+    # level next to a rounding midpoint. Speed comes from cache-sized blocks and
+    # one reused buffer instead (fresh temporaries cost a page fault per 4 KiB).
+    chunk = max(1, _BLOCK_ELEMS // max(1, width))
+    buf = np.empty((min(chunk, n), width), dtype=np.float64)
+    for start in range(0, n, chunk):
+        block = rows[start:start + chunk]
+        b = buf[: block.shape[0]]
+        top = block.max(axis=1)
+        # min and max are both finite only when the row holds no inf and no NaN
+        clean = np.isfinite(top) & np.isfinite(block.min(axis=1))
+        if not clean.all():
+            with np.errstate(invalid="ignore"):
+                finite_top = np.where(np.isfinite(block), block, -np.inf).max(axis=1)
+            top = np.where(clean, top, np.where(np.isfinite(finite_top), finite_top, 0.0)).astype(np.float32)
+        f = floor[start:start + chunk]
+        f[:] = top - np.float32(Q16_RANGE)
+        np.subtract(block, f[:, None], out=b, dtype=np.float64)
+        np.divide(b, Q16_STEP, out=b)
+        with np.errstate(invalid="ignore"):  # non-finite entries are set to level 0 below
+            np.rint(b, out=b)
+            np.clip(b, 0, 65534, out=b)
+            b += 1
+            np.copyto(levels[start:start + chunk], b, casting="unsafe")
+        for j in np.flatnonzero(~clean):
+            levels[start + j][~np.isfinite(block[j])] = 0
+    return levels, floor
+
+
+def dequantize_q16(levels: np.ndarray, floor: np.ndarray) -> np.ndarray:
+    levels = np.asarray(levels)
+    floor = np.asarray(floor, dtype=np.float64)
+    n, width = levels.shape
+    out = np.empty(levels.shape, dtype=np.float32)
+    chunk = max(1, _BLOCK_ELEMS // max(1, width))
+    buf = np.empty((min(chunk, n), width), dtype=np.float64)
+    for start in range(0, n, chunk):
+        block = levels[start:start + chunk]
+        b = buf[: block.shape[0]]
+        np.copyto(b, block)
+        b -= 1
+        b *= Q16_STEP
+        b += floor[start:start + chunk, None]
+        np.copyto(out[start:start + chunk], b, casting="same_kind")
+        if block.size and block.min() == 0:
+            out[start:start + chunk][block == 0] = -np.inf
+    return out
 
 
 class CaptureError(Exception):
@@ -62,8 +139,9 @@ class PromptRecord:
     prompt_token_ids: list[int]
     token_ids: list[int]
     text: str
-    logprobs_file: str
+    logprobs_file: str | None  # None in a TOKENS capture
     ids_file: str | None = None
+    floor_file: str | None = None  # set when the logprobs are stored as q16 levels
 
 
 @dataclass
@@ -78,8 +156,14 @@ class Capture:
 
     # -- arrays ------------------------------------------------------------
     def logprobs(self, i: int) -> np.ndarray:
-        """Per-position logprobs of prompt ``i`` ([T, V] full, [T, N] top-N)."""
-        return _load_array(self._path(self.prompts[i].logprobs_file))
+        """Per-position logprobs of prompt ``i`` ([T, V] full, [T, N] top-N), float32."""
+        record = self.prompts[i]
+        if record.logprobs_file is None:
+            raise CaptureError(f"capture mode {self.mode!r} holds tokens only, no logprobs")
+        data = _load_array(self._path(record.logprobs_file))
+        if record.floor_file is None:
+            return data
+        return dequantize_q16(data, _load_array(self._path(record.floor_file)))
 
     def top_ids(self, i: int) -> np.ndarray | None:
         name = self.prompts[i].ids_file
@@ -163,6 +247,13 @@ class CaptureWriter:
     ) -> PromptRecord:
         """Record prompt ``index``; without arrays, its allocated files are kept
         (cut to the number of generated tokens)."""
+        if self.mode == TOKENS:
+            if logprobs is not None or ids is not None:
+                raise CaptureError("a tokens-only capture takes no arrays")
+            record = PromptRecord(index=index, prompt=prompt, prompt_token_ids=[int(t) for t in prompt_token_ids],
+                                  token_ids=[int(t) for t in token_ids], text=text, logprobs_file=None)
+            self.records[index] = record
+            return record
         lp_name, ids_name = self.names(index)
         n = len(token_ids)
         has_ids = ids is not None or (logprobs is None and (self.root / ids_name).exists())
@@ -192,10 +283,19 @@ class CaptureWriter:
         self.records[index] = record
         return record
 
-    def finish(self, vocab_size: int | None = None) -> Capture:
+    def finish(self, vocab_size: int | None = None, store: str = STORE_FP32) -> Capture:
         missing = sorted(set(range(len(self.records))) - set(self.records))
         if missing:
             raise CaptureError(f"prompts {missing} were never recorded")
+        if store not in STORES:
+            raise CaptureError(f"unknown store {store!r}")
+        if store == STORE_Q16 and self.mode == FULL:
+            t0 = time.perf_counter()
+            for record in self.records.values():
+                self._compact(record)
+            # apart from generation: the benchmark reports the two separately
+            self.add_time("store_s", time.perf_counter() - t0)
+        self.settings["store"] = {FULL: store, TOPN: STORE_FP32}.get(self.mode)
         capture = Capture(
             info=self.info,
             settings=self.settings,
@@ -206,6 +306,16 @@ class CaptureWriter:
         )
         write_json_atomic(self.root / CAPTURE_JSON, capture.to_json())
         return capture
+
+
+    def _compact(self, record: PromptRecord) -> None:
+        src = self.root / record.logprobs_file
+        levels, floor = quantize_q16(np.load(src, mmap_mode="r"))
+        stem = record.logprobs_file.removesuffix(".npy")
+        record.logprobs_file, record.floor_file = f"{stem}.q16.npy", f"{stem}.floor.npy"
+        np.save(self.root / record.logprobs_file, levels)
+        np.save(self.root / record.floor_file, floor)
+        src.unlink()
 
 
 def load_capture(root: Path, verify_arrays: bool = False) -> Capture:
@@ -221,7 +331,15 @@ def load_capture(root: Path, verify_arrays: bool = False) -> Capture:
     capture = Capture.from_json(data, root=root)
     if verify_arrays:
         for i, record in enumerate(capture.prompts):
-            lp = capture.logprobs(i)
+            if (record.logprobs_file is None) != (capture.mode == TOKENS):
+                raise CaptureError(f"prompt {i}: logprobs file {record.logprobs_file!r} in a {capture.mode} capture")
+            if capture.mode == TOKENS:
+                continue
+            lp = _load_array(capture._path(record.logprobs_file))
+            if record.floor_file is not None:
+                floor = _load_array(capture._path(record.floor_file))
+                if lp.dtype != np.uint16 or floor.shape != (lp.shape[0],):
+                    raise CaptureError(f"{record.logprobs_file}: q16 levels or floors are malformed")
             if lp.ndim != 2 or lp.shape[0] != len(record.token_ids):
                 raise CaptureError(
                     f"{record.logprobs_file}: shape {lp.shape} does not match "

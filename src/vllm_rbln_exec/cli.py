@@ -42,10 +42,9 @@ def _prompts(values: list[str]) -> list[str]:
 
 def _explicit(ctx: typer.Context) -> list[str]:
     """Names of the options the user gave on the command line (not defaults)."""
-    from click.core import ParameterSource
-
-    return [name for name in ctx.params if ctx.get_parameter_source(name) not in
-            (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None)]
+    # compared by name: typer may bring its own copy of click's ParameterSource
+    return [name for name in ctx.params
+            if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")]
 
 
 def report_error(exc: HarnessError, no_color: bool = False) -> int:
@@ -93,16 +92,23 @@ def run(
     no_snippet: bool = typer.Option(False, "--no-snippet", help="Hide the head…tail snippet of the logprob vectors."),
     snippet_elems: int = typer.Option(5, "--snippet-elems", help="Elements shown at each end of a snippet."),
     use_cache: bool = typer.Option(False, "--use-cache", help="Read/write the reference capture in cache/."),
-    profile: bool = typer.Option(False, "--profile", help="Profile the measured generation with the torch profiler."),
+    require_cache: bool = typer.Option(False, "--require-cache", help="Fail with exit 3 instead of computing a reference that is not cached (CI)."),
+    profile: bool = typer.Option(False, "--profile", help="Profile the measured generation of both sides with the torch profiler (traces in --profile-dir)."),
+    profile_side: str | None = typer.Option(None, "--profile-side", help="reference|target: profile that side only."),
+    profile_memory: bool = typer.Option(False, "--profile-memory", help="Record tensor allocations in the traces."),
+    profile_shapes: bool = typer.Option(False, "--profile-shapes", help="Record input shapes in the traces."),
+    profile_stack: bool = typer.Option(False, "--profile-stack", help="Record Python stacks in the traces."),
+    profile_dir: str = typer.Option("profile", "--profile-dir", help="Traces go to DIR/<side>_<model>_<time>/."),
     eps: float = typer.Option(0.5, "--eps", help="|Δ| at or above which an entry is an outlier (nats)."),
     devices_file: str | None = typer.Option(None, "--devices", help="TOML file adding or overriding device profiles."),
     cache_dir: str = typer.Option("cache", "--cache-dir", help="Folder for converted models and the reference cache."),
     run_dir: str | None = typer.Option(None, "--run-dir", help="Folder for this run's captures and logs (default: runs/<time>-<model>)."),
     timeout: float = typer.Option(1800.0, "--timeout", help="Seconds a worker may take before it is stopped."),
-    kv_cache_gib: float | None = typer.Option(None, "--kv-cache-gib", help="KV cache of CPU workers in GiB (VLLM_CPU_KVCACHE_SPACE)."),
+    kv_cache_gib: int | None = typer.Option(None, "--kv-cache-gib", help="KV cache of CPU workers in whole GiB (VLLM_CPU_KVCACHE_SPACE)."),
     align: str = typer.Option("forced", "--align", help="forced: the target is fed the reference's tokens, so every position compares; free: each side follows its own argmax."),
     tie_margin: float = typer.Option(0.5, "--tie-margin", help="A divergence where the reference's top-2 margin is below this (nats) is a near-tie."),
     capture: str = typer.Option("fast", "--capture", help="fast: logits processor writes rows in place; api: vLLM's logprobs output."),
+    store: str = typer.Option("q16", "--store", help="q16: 2 bytes per logprob (error <= 1.2e-4 nats within 16 nats of the top); fp32: lossless."),
     reference_engine: str = typer.Option("vllm", "--reference-engine", help="vllm|transformers"),
     target_engine: str = typer.Option("vllm", "--target-engine", help="vllm|transformers"),
     reference_dtype: str | None = typer.Option(None, "--reference-dtype", help="auto|float32|bfloat16|float16 (default: the profile's)."),
@@ -112,6 +118,14 @@ def run(
     target_model: str | None = typer.Option(None, "--target-model", help="Run the target on another checkpoint of the same model (quantized, converted)."),
     reference_file: str | None = typer.Option(None, "--reference", help="Compare against a saved reference file instead of running a reference worker."),
     save_reference: str | None = typer.Option(None, "--save-reference", help="Write the reference capture to FILE (portable)."),
+    fail_on: list[str] = typer.Option([], "--fail-on", help="Tolerance: fail when it holds, e.g. 'kl_mean>1e-3', 'top1<0.99', 'prompt:kl_max>0.1', 'kl_mean>3*noise'. Repeatable."),
+    spec: str | None = typer.Option(None, "--spec", help="TOML parity spec (tolerances per model and dtype pair); default: [tool.vllm-rbln-exec] of ./pyproject.toml."),
+    no_default_gates: bool = typer.Option(False, "--no-default-gates", help="Drop the built-in tolerances of the dtype pair."),
+    near_ties_fail: bool | None = typer.Option(None, "--near-ties-fail/--near-ties-pass", help="Whether an argmax disagreement at a near-tie fails the run (default: it does not)."),
+    repeat: int = typer.Option(1, "--repeat", help="Run the target N times (and an uncached reference twice) to measure the noise floor."),
+    json_out: str | None = typer.Option(None, "--json", help="Write every metric, the verdict and the run's metadata as JSON."),
+    junit_out: str | None = typer.Option(None, "--junit", help="Write a JUnit XML report (one test case per prompt)."),
+    markdown_out: str | None = typer.Option(None, "--markdown", help="Write a Markdown summary for a pull request."),
 ) -> None:
     """Run the parity check (the default command)."""
     if ctx.invoked_subcommand is not None:
@@ -126,12 +140,16 @@ def run(
             num_prompts=num_prompts, logprobs=logprobs, max_logprobs_cap=max_logprobs_cap,
             inspect_logits=inspect_logits, topk=topk, block_size_cpu=block_size_cpu,
             block_size_rbln=block_size_rbln, block=block, no_color=no_color, no_snippet=no_snippet,
-            snippet_elems=snippet_elems, use_cache=use_cache, profile=profile, eps=eps,
+            snippet_elems=snippet_elems, use_cache=use_cache, require_cache=require_cache, profile=profile,
+            profile_side=profile_side, profile_memory=profile_memory, profile_shapes=profile_shapes,
+            profile_stack=profile_stack, profile_dir=profile_dir, eps=eps,
             devices_file=devices_file, cache_dir=cache_dir, run_dir=run_dir, timeout=timeout,
-            kv_cache_gib=kv_cache_gib, align=align, tie_margin=tie_margin, capture=capture,
+            kv_cache_gib=kv_cache_gib, align=align, tie_margin=tie_margin, capture=capture, store=store,
             reference_engine=reference_engine, target_engine=target_engine, reference_dtype=reference_dtype,
             target_dtype=target_dtype, reference_device=reference_device, target_device=target_device,
             target_model=target_model, reference_file=reference_file, save_reference=save_reference,
+            fail_on=list(fail_on), spec=spec, no_default_gates=no_default_gates, near_ties_fail=near_ties_fail,
+            repeat=repeat, json_out=json_out, junit_out=junit_out, markdown_out=markdown_out,
             explicit=_explicit(ctx),
         ).validate()
     except HarnessError as exc:
@@ -140,22 +158,55 @@ def run(
 
 
 def execute(cfg) -> int:
-    from .report import ProgressView, make_console, render_result
-    from .run import run_parity
+    from .check import check_parity
+    from .report import ProgressView, make_console, render_noise, render_result, render_verdict
 
     console = make_console(no_color=cfg.no_color)
     err_console = make_console(no_color=cfg.no_color, stderr=True)
     try:
         with ProgressView(err_console) as view:
-            result = run_parity(cfg, view)
+            outcome = check_parity(cfg, view)
     except HarnessError as exc:
         return report_error(exc, cfg.no_color)
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted:[/] workers were stopped")
         return 130
-    render_result(console, result, inspect_logits=cfg.inspect_logits, snippet=not cfg.no_snippet,
+    render_result(console, outcome.result, inspect_logits=cfg.inspect_logits, snippet=not cfg.no_snippet,
                   snippet_elems=cfg.snippet_elems)
-    return 0
+    render_noise(console, outcome.noise)
+    render_verdict(console, outcome.verdict, outcome.files)
+    return outcome.exit_code
+
+
+@app.command("compare")
+def compare_cmd(
+    saved: str = typer.Argument(..., metavar="RUN_DIR_OR_JSON", help="A run folder, its parity.json/report.json, or a --json report."),
+    fail_on: list[str] = typer.Option([], "--fail-on", help="Tolerance, as for a run. Repeatable."),
+    spec: str | None = typer.Option(None, "--spec", help="TOML parity spec."),
+    no_default_gates: bool = typer.Option(False, "--no-default-gates"),
+    near_ties_fail: bool | None = typer.Option(None, "--near-ties-fail/--near-ties-pass"),
+    json_out: str | None = typer.Option(None, "--json"),
+    junit_out: str | None = typer.Option(None, "--junit"),
+    markdown_out: str | None = typer.Option(None, "--markdown"),
+    no_color: bool = typer.Option(False, "--no-color"),
+) -> None:
+    """Re-render and re-judge a saved run with other tolerances (no model runs).
+
+    Exit codes: 0 parity holds, 1 parity fails, 2 bad usage."""
+    from .check import GateOptions, rejudge, write_reports
+    from .report import make_console, render_noise, render_saved_summary, render_verdict
+
+    try:
+        outcome = rejudge(saved, GateOptions(fail_on=list(fail_on), spec=spec, use_defaults=not no_default_gates,
+                                             near_ties_fail=near_ties_fail))
+        write_reports(outcome, json_out, junit_out, markdown_out)
+    except HarnessError as exc:
+        raise typer.Exit(report_error(exc, no_color))
+    console = make_console(no_color=no_color)
+    render_saved_summary(console, outcome.run)
+    render_noise(console, outcome.noise)
+    render_verdict(console, outcome.verdict, outcome.files)
+    raise typer.Exit(outcome.exit_code)
 
 
 @app.command("devices")
@@ -182,6 +233,123 @@ def models_cmd() -> None:
     for a in MODEL_ALIASES.values():
         extra = " (needs --ep)" if a.needs_ep else ""
         print(f"{a.name:<18} {a.hub_id}{extra}{'  ' + a.note if a.note else ''}")
+
+
+cache_app = typer.Typer(help="Manage cached references (ls, show, clear, export, import).", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+CACHE_DIR_OPTION = typer.Option("cache", "--cache-dir", help="The harness's cache folder.")
+
+
+def _with_cache(cache_dir: str, action) -> None:
+    """Open the reference cache, run ``action(cache)``, map failures to exit codes."""
+    from .cache import ReferenceCache
+    from .capture import CaptureError
+
+    root = Path(cache_dir) / "references"
+    try:
+        with ReferenceCache(root) as cache:
+            action(cache)
+    except KeyError as exc:
+        raise typer.Exit(report_error(UsageError(str(exc.args[0]))))
+    except (CaptureError, OSError) as exc:
+        raise typer.Exit(report_error(UsageError(str(exc))))
+
+
+@cache_app.command("ls")
+def cache_ls(cache_dir: str = CACHE_DIR_OPTION) -> None:
+    """List cached references."""
+    from .report import make_console, render_cache_entries
+
+    _with_cache(cache_dir, lambda cache: render_cache_entries(make_console(), cache.entries()))
+
+
+@cache_app.command("show")
+def cache_show(key: str = typer.Argument(..., help="A key or a unique prefix of one."),
+               cache_dir: str = CACHE_DIR_OPTION) -> None:
+    """Print the fields that make up one entry's key."""
+    import json
+
+    def show(cache) -> None:
+        full = cache.resolve(key)
+        entry = next(e for e in cache.entries() if e["key"] == full)
+        print(json.dumps(entry, indent=2, sort_keys=True))
+
+    _with_cache(cache_dir, show)
+
+
+@cache_app.command("clear")
+def cache_clear(keys: list[str] = typer.Argument(None, help="Keys (or prefixes) to delete; none: every entry."),
+                yes: bool = typer.Option(False, "--yes", "-y", help="Really delete (required)."),
+                cache_dir: str = CACHE_DIR_OPTION) -> None:
+    """Delete cached references (all, or the given keys). Needs --yes."""
+
+    def clear(cache) -> None:
+        if not yes:
+            what = f"{len(keys)} entries" if keys else f"all {len(cache.entries())} entries"
+            raise typer.Exit(report_error(UsageError(f"this deletes {what} of {cache.root}; add --yes")))
+        if keys:
+            full = [cache.resolve(k) for k in keys]  # resolve all first: nothing is deleted on a typo
+            for k in full:
+                cache.delete(k)
+            print(f"deleted {len(full)} reference(s)")
+        else:
+            print(f"deleted {cache.clear()} reference(s)")
+
+    _with_cache(cache_dir, clear)
+
+
+@cache_app.command("export")
+def cache_export(key: str = typer.Argument(..., help="A key or a unique prefix of one."),
+                 dest: str = typer.Argument(..., help="The reference file to write."),
+                 cache_dir: str = CACHE_DIR_OPTION) -> None:
+    """Write one entry as a portable reference file (use it with --reference or `cache import`)."""
+
+    def export(cache) -> None:
+        full = cache.resolve(key)
+        size = cache.export(full, Path(dest))
+        print(f"{full[:12]} -> {dest} ({size / 2**20:.1f} MiB)")
+
+    _with_cache(cache_dir, export)
+
+
+@cache_app.command("import")
+def cache_import(files: list[str] = typer.Argument(..., help="Reference files (from --save-reference or export)."),
+                 cache_dir: str = CACHE_DIR_OPTION) -> None:
+    """Store reference files in the cache under the key their own metadata gives."""
+
+    from .capture import CaptureError
+
+    def do_import(cache) -> None:
+        for f in files:
+            if not Path(f).is_file():
+                raise typer.Exit(report_error(UsageError(f"{f} does not exist")))
+        for f in files:
+            try:
+                key = cache.import_file(Path(f))
+            except CaptureError as exc:
+                raise typer.Exit(report_error(UsageError(f"{f} is not a reference file: {exc}")))
+            print(f"{f} -> {key[:12]}")
+
+    _with_cache(cache_dir, do_import)
+
+
+@app.command("profile-summary")
+def profile_summary_cmd(
+    directory: str = typer.Argument(..., metavar="DIR", help="A trace folder, the profile/ folder, or a run folder."),
+    top: int = typer.Option(15, "--top", help="Rows per table."),
+    no_color: bool = typer.Option(False, "--no-color"),
+) -> None:
+    """Top operators by self time and the speed of each side, from saved traces."""
+    from .profile import load_summaries, render_profile_summary
+    from .report import make_console
+
+    try:
+        if top < 1:
+            raise UsageError(f"--top must be a positive number, got {top}", option="--top")
+        summaries = load_summaries(directory)
+    except HarnessError as exc:
+        raise typer.Exit(report_error(exc, no_color))
+    render_profile_summary(make_console(no_color=no_color), summaries, top)
 
 
 def main() -> None:

@@ -36,7 +36,9 @@ BUILTIN_PROMPTS = [
 ENGINES = ("vllm", "transformers")
 ALIGN_MODES = ("forced", "free")
 CAPTURE_MODES = ("fast", "api")
+STORES = ("q16", "fp32")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+PROFILE_SIDES = ("reference", "target")
 
 
 @dataclass
@@ -66,7 +68,13 @@ class RunConfig:
     no_snippet: bool = False
     snippet_elems: int = 5
     use_cache: bool = False
+    require_cache: bool = False  # CI: a missing reference is an error, never recomputed
     profile: bool = False
+    profile_side: str | None = None  # reference|target: profile that side only (--profile: both)
+    profile_memory: bool = False
+    profile_shapes: bool = False
+    profile_stack: bool = False
+    profile_dir: str = "profile"
     eps: float = 0.5
     # beyond the original tool
     reference_engine: str = "vllm"
@@ -79,6 +87,16 @@ class RunConfig:
     align: str = "forced"
     tie_margin: float = 0.5
     capture: str = "fast"
+    store: str = "q16"
+    # the verdict (see gate/spec/check)
+    fail_on: list[str] = field(default_factory=list)
+    spec: str | None = None
+    no_default_gates: bool = False
+    near_ties_fail: bool | None = None
+    repeat: int = 1
+    json_out: str | None = None
+    junit_out: str | None = None
+    markdown_out: str | None = None
     reference_file: str | None = None
     save_reference: str | None = None
     devices_file: str | None = None
@@ -86,7 +104,7 @@ class RunConfig:
     runs_dir: str = "runs"
     run_dir: str | None = None
     timeout: float = 1800.0
-    kv_cache_gib: float | None = None
+    kv_cache_gib: int | None = None  # whole GiB: vLLM reads VLLM_CPU_KVCACHE_SPACE with int()
     verbose: bool = False
     explicit: list[str] = field(default_factory=list)  # options the user set (not defaults)
 
@@ -99,9 +117,9 @@ class RunConfig:
                                  option=f"--{name.replace('_', '-')}")
 
         for name in ("max_model_len", "tp", "pp", "dp", "batch", "max_tokens", "num_prompts", "topk",
-                     "block_size_cpu", "block_size_rbln", "snippet_elems"):
+                     "block_size_cpu", "block_size_rbln", "snippet_elems", "repeat"):
             positive(name, getattr(self, name))
-        for name in ("num_hidden_layers", "max_batched", "block", "max_logprobs_cap"):
+        for name in ("num_hidden_layers", "max_batched", "block", "max_logprobs_cap", "kv_cache_gib"):
             positive(name, getattr(self, name), allow_none=True)
         if self.logprobs == 0 or self.logprobs < -1:
             raise UsageError(f"--logprobs must be -1 (full vocabulary) or a positive N, got {self.logprobs}",
@@ -122,16 +140,24 @@ class RunConfig:
 
                 raise UsageError(suggest("engine", engine, ENGINES), option=option)
         choices = (("--align", self.align, ALIGN_MODES), ("--capture", self.capture, CAPTURE_MODES),
+                   ("--store", self.store, STORES),
                    ("--reference-dtype", self.reference_dtype, DTYPES), ("--target-dtype", self.target_dtype, DTYPES))
         for option, value, allowed in choices:
             if value is not None and value not in allowed:
                 raise UsageError(f"{option} must be one of {', '.join(allowed)}, got {value!r}", option=option)
         if self.tie_margin < 0:
             raise UsageError("--tie-margin must be 0 or more", option="--tie-margin")
+        self.validate_profiling()
         if self.reference_file and not Path(self.reference_file).is_file():
             raise UsageError(f"reference file {self.reference_file} does not exist", option="--reference")
+        if self.require_cache:
+            self.use_cache = True
         if self.reference_file and self.save_reference:
             raise UsageError("--reference and --save-reference cannot be combined", option="--save-reference")
+        for option, value in (("--json", self.json_out), ("--junit", self.junit_out),
+                              ("--markdown", self.markdown_out)):
+            if value is not None and Path(value).is_dir():
+                raise UsageError(f"{option} {value} is a folder; give a file name", option=option)
         if self.max_tokens >= self.max_model_len:
             raise UsageError(
                 f"--max-tokens {self.max_tokens} leaves no room for the prompt in --max-model-len "
@@ -139,6 +165,29 @@ class RunConfig:
                 option="--max-tokens",
             )
         return self
+
+    def validate_profiling(self) -> None:
+        if self.profile_side is not None and self.profile_side not in PROFILE_SIDES:
+            raise UsageError(f"--profile-side must be one of {', '.join(PROFILE_SIDES)}, got {self.profile_side!r}",
+                             option="--profile-side")
+        if not self.profiled_sides():
+            for name in ("profile_memory", "profile_shapes", "profile_stack"):
+                if getattr(self, name):
+                    option = f"--{name.replace('_', '-')}"
+                    raise UsageError(f"{option} needs --profile or --profile-side", option=option)
+        if self.profile_side == "reference" and self.reference_file:
+            raise UsageError("--profile-side reference: with --reference FILE no reference worker runs",
+                             option="--profile-side")
+        if getattr(self, "require_cache", False) and "reference" in self.profiled_sides() \
+                and not self.reference_file:
+            raise UsageError("profiling the reference computes it, which --require-cache forbids; "
+                             "use --profile-side target", option="--profile-side" if self.profile_side else "--profile")
+
+    def profiled_sides(self) -> tuple[str, ...]:
+        """The sides whose generation runs under the profiler (--profile-side wins over --profile)."""
+        if self.profile_side:
+            return (self.profile_side,)
+        return PROFILE_SIDES if self.profile else ()
 
     def resolved_prompts(self) -> list[str]:
         """The prompts to run: given ones, else ``num_prompts`` built-ins (cycled)."""

@@ -103,12 +103,22 @@ def to_dense(vals: np.ndarray, ids: np.ndarray | None, vocab_size: int) -> np.nd
 
 
 def topk_ids(rows: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest entries per row, sorted by value descending (ties by id)."""
+    """Indices of the k largest entries per row, by value descending, ties by lower id.
+
+    Selection is O(V) per row (argpartition finds the k-th value); entries equal
+    to it are then taken lowest id first, so ties never depend on partition order.
+    """
     k = max(1, min(k, rows.shape[1]))
     part = np.argpartition(-rows, k - 1, axis=1)[:, :k]
-    part_vals = np.take_along_axis(rows, part, axis=1)
-    order = np.lexsort((part, -part_vals), axis=1)
-    return np.take_along_axis(part, order, axis=1)
+    kth = np.take_along_axis(rows, part, axis=1).min(axis=1, keepdims=True)
+    above = rows > kth
+    need = k - above.sum(axis=1, keepdims=True)
+    at = rows == kth
+    take = above | (at & (np.cumsum(at, axis=1) <= need))
+    cols = np.nonzero(take)[1].reshape(rows.shape[0], k)
+    vals = np.take_along_axis(rows, cols, axis=1)
+    order = np.lexsort((cols, -vals), axis=1)
+    return np.take_along_axis(cols, order, axis=1)
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
@@ -163,7 +173,8 @@ def compare_prompt(
     finite_entries = int(both.sum())
     total = ref_rows.size
     if finite_entries:
-        diff = np.where(both, np.abs(tgt_rows - ref_rows), 0.0)
+        with np.errstate(invalid="ignore"):  # -inf - -inf outside `both` is masked out
+            diff = np.where(both, np.abs(tgt_rows - ref_rows), 0.0)
         max_abs = float(diff.max())
         mean_abs = float(diff.sum(dtype=np.float64) / finite_entries)
         outliers = int((diff >= eps).sum())
@@ -181,6 +192,9 @@ def compare_prompt(
     overlap = order = top1 = float("nan")
     first_topk = None
     if n_pos:
+        # with top-N captures only N entries are real; the rest are -inf fillers
+        widths = [np.asarray(side["logprobs"]).shape[1] for side in (reference, target) if side.get("ids") is not None]
+        topk = min([topk, *widths])
         k_ref = topk_ids(ref_rows, topk)
         k_tgt = topk_ids(tgt_rows, topk)
         k = k_ref.shape[1]

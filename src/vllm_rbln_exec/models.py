@@ -261,7 +261,12 @@ def _safetensors_header(path: Path) -> tuple[int, dict]:
         return size, json.loads(f.read(size))
 
 
+NON_TEXT_TOWERS = ("vision", "visual", "audio", "image")
+
+
 def _keep(key: str, n_layers: int) -> bool:
+    if any(tower in key for tower in NON_TEXT_TOWERS):
+        return True  # only the language model's decoder layers are cut
     m = LAYER_KEY_RE.search(key)
     return m is None or int(m.group(1)) < n_layers
 

@@ -264,6 +264,9 @@ def render_result(console: Console, result, inspect_logits: bool = True, snippet
             render_prompt(console, c, snippet, snippet_elems)
     render_summary(console, result)
     render_distribution(console, result)
+    from .profile import render_run_profile
+
+    render_run_profile(console, result)
     console.print(f"run folder   {escape(result.run_dir)}")
 
 
@@ -291,3 +294,86 @@ class ProgressView:
         if stage in self.MILESTONES or side == "model":
             self.console.print(f"[dim]{side:>10}[/] {escape(message)}")
         self.status.update(f"[bold]{side}[/] {escape(message)}")
+
+
+def render_cache_entries(console: Console, entries: list[dict[str, Any]]) -> None:
+    """The `cache ls` table: one row per cached reference."""
+    if not entries:
+        console.print("no cached references")
+        return
+    table = Table(title=f"{len(entries)} cached reference(s)", title_justify="left")
+    for name in ("key", "model", "engine", "platform", "dtype", "layers", "tokens", "logprobs", "store", "prompts",
+                 "MiB"):
+        table.add_column(name, justify="right" if name in ("layers", "tokens", "prompts", "MiB") else "left")
+    for e in sorted(entries, key=lambda e: (str(e.get("fields", {}).get("model")), e["key"])):
+        f = e.get("fields", {})
+        prompts = f.get("prompts")
+        table.add_row(
+            e["key"][:12], str(f.get("model", "?")), f"{f.get('engine', '?')} {f.get('engine_version', '')}".strip(),
+            str(f.get("platform", "?")), str(f.get("dtype", "?")), str(f.get("num_hidden_layers") or "all"),
+            str(f.get("max_tokens", "?")), "full" if f.get("logprobs") == -1 else str(f.get("logprobs", "?")),
+            str(f.get("store", "fp32")), str(len(prompts)) if isinstance(prompts, list) else "?",
+            f"{e.get('bytes', 0) / 2**20:.1f}",
+        )
+    console.print(table)
+
+
+def render_noise(console: Console, noise) -> None:
+    """The run-to-run spread of the headline metrics (``--repeat``)."""
+    if noise is None:
+        return
+    table = Table(title=f"noise floor ({noise.mode}, {noise.runs} runs)", title_justify="left")
+    for name in ("metric", "values", "noise"):
+        table.add_column(name, justify="left" if name == "metric" else "right")
+    shown = ("max_abs_diff", "mean_abs_diff", "min_pearson", "top1_match", "distribution.kl_mean",
+             "distribution.kl_max", "distribution.top1_rate", "distribution.ppl_ratio")
+    for path in shown:
+        spread = noise.overall.get(path)
+        if spread is None:
+            continue
+        values = ", ".join(fmt(v, 6) for v in spread.values[:6]) + (" …" if len(spread.values) > 6 else "")
+        table.add_row(path.removeprefix("distribution."), values, fmt(spread.noise, 6))
+    console.print(table)
+
+
+def render_verdict(console: Console, verdict, files: dict[str, str] | None = None) -> None:
+    """PASS/FAIL with every violated tolerance, then where the reports went."""
+    checked = len(verdict.checked)
+    if verdict.passed:
+        console.print(Text(f"PARITY HOLDS: {checked} tolerance(s) checked, none violated", style="bold green"))
+    else:
+        console.print(Text(f"PARITY FAILS: {len(verdict.violations)} violation(s) of {checked} tolerance(s)",
+                           style="bold red"))
+        for v in verdict.violations:
+            console.print(Text(f"  ✗ {v.message}  [{v.source}]", style="red"))
+    for w in verdict.warnings:
+        console.print(Text(f"  ! {w}", style="yellow"))
+    for name, path in (files or {}).items():
+        console.print(f"{name:<9} {path}", markup=False, highlight=False)
+
+
+def render_saved_summary(console: Console, run: dict[str, Any]) -> None:
+    """The summary of a saved report (``compare``): the same columns as a live run, from JSON."""
+    sides = run.get("sides") or {}
+    console.print(Text(f"saved run {run.get('run_dir', '?')}", style="bold"))
+    console.print(f"model {run.get('model')}  target {run.get('target')}", markup=False, highlight=False)
+    for name in ("reference", "target"):
+        side = sides.get(name) or {}
+        console.print(f"  {name:<9} {side.get('engine', '?')} {side.get('engine_version', '')} on "
+                      f"{side.get('platform', '?')} ({side.get('dtype', '?')}), from {side.get('source', '?')}",
+                      markup=False, highlight=False)
+    table = Table(title="summary over all prompts", title_justify="left")
+    for col in ("prompt", "positions", "tokens equal", "max|Δ|", "mean|Δ|", "pearson", "KL mean", "KL max",
+                "top-1"):
+        table.add_column(col, justify="right")
+    for c in run.get("comparisons") or []:
+        d = c.get("distribution") or {}
+        table.add_row(str(c.get("index")), str(c.get("positions_compared")), "yes" if c.get("tokens_equal") else "no",
+                      fmt(c.get("max_abs_diff")), fmt(c.get("mean_abs_diff")), fmt(c.get("pearson"), 6),
+                      fmt(d.get("kl_mean"), 6), fmt(d.get("kl_max"), 6), fmt(c.get("top1_match"), 3))
+    s = run.get("summary") or {}
+    d = s.get("distribution") or {}
+    table.add_row("all", str(s.get("positions_compared")), f"{s.get('tokens_equal')}/{s.get('prompts')}",
+                  fmt(s.get("max_abs_diff")), fmt(s.get("mean_abs_diff")), fmt(s.get("min_pearson"), 6),
+                  fmt(d.get("kl_mean"), 6), fmt(d.get("kl_max"), 6), fmt(s.get("top1_match"), 3), style="bold")
+    console.print(table)

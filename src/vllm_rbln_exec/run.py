@@ -41,6 +41,7 @@ from .models import (
     truncate_model,
     weights_fingerprint,
 )
+from .profile import profile_request, profile_stamp
 from .worker.spawn import WorkerJob, run_worker, start_worker, wait_workers
 
 REPORT_SCHEMA_VERSION = 1
@@ -60,6 +61,7 @@ class SideResult:
     capture_dir: str
     timings: dict[str, float] = field(default_factory=dict)
     env: dict[str, Any] = field(default_factory=dict)
+    profile: dict[str, Any] | None = None  # {"dir", "traces"} when this side ran under the profiler
 
 
 @dataclass
@@ -76,6 +78,8 @@ class RunResult:
     notes: list[str]
     cache: dict[str, Any]
     reference_tokens: list[list[int]] = field(default_factory=list)
+    repeats: list[dict[str, Any]] = field(default_factory=list)  # --repeat: reports of the extra target runs
+    reference_self: dict[str, Any] | None = None  # --repeat: the reference against a second capture of itself
     harness_version: str = __version__
     schema_version: int = REPORT_SCHEMA_VERSION
 
@@ -95,6 +99,8 @@ class RunResult:
             "notes": self.notes,
             "cache": self.cache,
             "reference_tokens": self.reference_tokens,
+            "repeats": self.repeats,
+            "reference_self": self.reference_self,
         }
 
 
@@ -116,6 +122,7 @@ class ParityRun:
         self.root = Path(cfg.cache_dir).resolve()
         self.models_dir = self.root / "models"
         self.profiles = load_profiles(cfg.devices_file)
+        self.profile_stamp = profile_stamp()  # one stamp for both sides' trace folders
 
     # -- devices --------------------------------------------------------------
     def resolve_devices(self) -> tuple[DeviceProfile, DeviceProfile]:
@@ -221,12 +228,14 @@ class ParityRun:
             "enforce_eager": profile.engine_default("enforce_eager", False),
             "gpu_memory_utilization": profile.engine_default("gpu_memory_utilization"),
             "capture": cfg.capture,
+            "store": cfg.store,
             "prompts": prompts,
-            "profile": False,
+            "profile": profile_request(cfg, side, (cfg.target_model or cfg.model) if is_target else cfg.model,
+                                       self.profile_stamp),
         }
         request["settings"] = {k: request[k] for k in (
             "engine", "dtype", "max_model_len", "max_tokens", "logprobs", "batch", "block_size", "tp", "pp", "dp",
-            "ep", "capture")}
+            "ep", "capture", "store")}
         request["settings"]["num_hidden_layers"] = cfg.num_hidden_layers
         request["settings"]["align"] = cfg.align if is_target else "free"
         return request
@@ -235,7 +244,7 @@ class ParityRun:
         extra = {}
         kv = self.cfg.kv_cache_gib or profile.engine_default("kv_cache_gib")
         if kv and profile.platform == "cpu":
-            extra["VLLM_CPU_KVCACHE_SPACE"] = str(kv)
+            extra["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(kv)))  # vLLM parses it with int(): "1.0" fails
         return profile.build_env(
             dict(os.environ),
             self.root / "compile" / f"{side}-{profile.name}",
@@ -289,6 +298,11 @@ class ParityRun:
         if reference_file is not None:
             reference = self.load_reference_file(reference_file, key_fields, run_dir)
             ref_source = "file"
+            if ref_request["profile"]:
+                self.notes.append("the reference comes from a file: only the target was profiled")
+        elif cfg.use_cache and ref_request["profile"]:
+            # a cache hit would start no reference worker, so there would be nothing to profile
+            self.notes.append("the reference is profiled: the cache was not read (the new capture is stored)")
         elif cfg.use_cache:
             with ReferenceCache(self.root / "references") as cache:
                 reference, why = cache.get(key, run_dir / "reference" / "capture")
@@ -298,6 +312,14 @@ class ParityRun:
                 self.progress("reference", "loaded from cache", {"stage": "cache_hit"})
             else:
                 cache_info["miss_reason"] = why
+                if cfg.require_cache:
+                    raise HarnessError(
+                        f"--require-cache: no cached reference for this run (key {key[:12]}, {why}); "
+                        "a CI job must not compute its own golden. Make it once on a trusted machine "
+                        "with --use-cache (or --save-reference FILE) and bring it here with "
+                        "`vllm-rbln-exec cache import FILE`",
+                        detail="key fields: " + ", ".join(f"{k}={_brief(v)}" for k, v in key_fields.items()),
+                    )
                 if why and why != "not cached":
                     self.notes.append(why)
         if reference is not None:
@@ -330,6 +352,8 @@ class ParityRun:
             tgt_result = run_worker(self.job("target", tgt_request, tgt_env, run_dir), self.on_event("target"))
             target = load_capture(Path(tgt_result["capture"]), verify_arrays=True)
         comparisons = self.compare(reference, target)
+        repeats, reference_self = self.measure_repeats(reference, ref_source, ref_request, ref_env, tgt_request,
+                                                       tgt_env, run_dir, prompts)
         result = RunResult(
             run_dir=str(run_dir),
             model=cfg.model,
@@ -346,9 +370,50 @@ class ParityRun:
             notes=self.notes,
             cache=cache_info,
             reference_tokens=[r.token_ids for r in reference.prompts],
+            repeats=repeats,
+            reference_self=reference_self,
         )
+        if ref_source == "worker":
+            result.sides["reference"].profile = ref_result.get("profile")
+        result.sides["target"].profile = tgt_result.get("profile")
         write_json_atomic(run_dir / "report.json", result.to_json())
         return result
+
+    def measure_repeats(self, reference: Capture, ref_source: str, ref_request: dict[str, Any],
+                        ref_env: dict[str, str], tgt_request: dict[str, Any], tgt_env: dict[str, str],
+                        run_dir: Path, prompts: list[str]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+        """``--repeat N``: N-1 more target captures against the same reference, and a second
+        reference capture compared with the first when the reference was computed here.
+
+        Each repeat is a fresh worker (its own engine start), so the spread also
+        covers what differs between engine instances (kernel selection, autotuning).
+        """
+        repeats: list[dict[str, Any]] = []
+        reference_self = None
+        if self.cfg.repeat < 2:
+            return repeats, reference_self
+
+        def as_report(side_dir: str, comps: list[PromptComparison]) -> dict[str, Any]:
+            return {"run_dir": str(run_dir / side_dir), "prompts": prompts, "summary": summarize(comps).to_json(),
+                    "comparisons": [c.to_json() for c in comps]}
+
+        quiet = {**tgt_request, "profile": None}  # repeats measure noise; they are never profiled
+        for n in range(2, self.cfg.repeat + 1):
+            side = f"target-r{n}"
+            self.progress("target", f"repeat {n}/{self.cfg.repeat}", {"stage": "repeat"})
+            res = run_worker(self.job(side, quiet, tgt_env, run_dir), self.on_event("target"))
+            repeats.append(as_report(side, self.compare(reference, load_capture(Path(res["capture"]),
+                                                                                  verify_arrays=True))))
+        if ref_source == "worker":
+            self.progress("reference", "second capture for the noise floor", {"stage": "repeat"})
+            res = run_worker(self.job("reference-r2", {**ref_request, "profile": None}, ref_env, run_dir),
+                             self.on_event("reference"))
+            again = load_capture(Path(res["capture"]), verify_arrays=True)
+            reference_self = as_report("reference-r2", self.compare(reference, again, aligned=False))
+        else:
+            self.notes.append(f"the reference came from the {ref_source}: its own run-to-run spread was not "
+                              "measured (only the target's)")
+        return repeats, reference_self
 
     # -- portable reference files ---------------------------------------------------
     def adopt_reference_settings(self, path: Path) -> Capture:
@@ -363,7 +428,7 @@ class ParityRun:
         fields = capture.settings.get("key_fields") or {}
         cfg = self.cfg
         adopted = {"prompts": [r.prompt for r in capture.prompts], "max_tokens": fields.get("max_tokens"),
-                   "logprobs": fields.get("logprobs")}
+                   "logprobs": fields.get("logprobs"), "store": fields.get("store")}
         clashes = []
         for name, value in adopted.items():
             if value is None:
@@ -383,7 +448,7 @@ class ParityRun:
 
     def load_reference_file(self, capture: Capture, key_fields: dict[str, Any], run_dir: Path) -> Capture:
         fields = capture.settings.get("key_fields") or {}
-        checked = ("weights", "tokenizer", "num_hidden_layers", "max_tokens", "logprobs", "prompts")
+        checked = ("weights", "tokenizer", "num_hidden_layers", "max_tokens", "logprobs", "prompts", "store")
         differing = [name for name in checked if fields.get(name) != key_fields.get(name)]
         if differing:
             detail = "; ".join(
@@ -415,11 +480,14 @@ class ParityRun:
             "block_size": request["block_size"],
             "max_tokens": request["max_tokens"],
             "logprobs": request["logprobs"],
+            "store": request["store"],
             "batch": request["batch"],
             "prompts": request["prompts"],
         }
 
-    def compare(self, reference: Capture, target: Capture) -> list[PromptComparison]:
+    def compare(self, reference: Capture, target: Capture, aligned: bool | None = None) -> list[PromptComparison]:
+        """Prompt by prompt; ``aligned`` (default: forced mode) says whether the target was teacher-forced."""
+        aligned = self.cfg.align == "forced" if aligned is None else aligned
         if reference.mode != target.mode:
             raise HarnessError(f"the sides captured differently ({reference.mode} vs {target.mode})")
         if reference.mode == "full" and reference.vocab_size != target.vocab_size:
@@ -445,7 +513,7 @@ class ParityRun:
                     eps=self.cfg.eps,
                     topk=self.cfg.topk,
                     snippet_elems=self.cfg.snippet_elems,
-                    aligned=self.cfg.align == "forced",
+                    aligned=aligned,
                     tie_margin=self.cfg.tie_margin,
                 )
             )

@@ -50,11 +50,21 @@ class Engine(ABC):
         """Greedy generation of ``max_tokens`` per prompt, EOS ignored, with logprobs
         at every generated position written to ``writer`` in prompt order."""
 
-    def start_profile(self) -> None:  # overridden where the engine supports it
-        pass
+    # Profiling: ``request["profile"]`` ({"dir", "prefix", "memory", "shapes", "stack"})
+    # says where traces go. This default runs torch.profiler in the worker's own
+    # process, right for engines that compute here; an engine whose model runs
+    # elsewhere (vLLM's engine core) overrides both.
+    def start_profile(self) -> None:
+        from ..worker.profiling import TorchProfileSession
+
+        self._profile_session = TorchProfileSession(self.request["profile"], self.request.get("torch_device"))
+        self._profile_session.start()
 
     def stop_profile(self) -> None:
-        pass
+        session = getattr(self, "_profile_session", None)
+        if session is not None:
+            self._profile_session = None
+            session.stop()
 
     def close(self) -> None:
         pass

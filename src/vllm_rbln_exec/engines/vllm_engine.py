@@ -10,6 +10,9 @@ Two capture paths:
   comparison and for platforms whose model runner skips custom processors.
 
 Both force the reference tokens, when asked, through the same logits processor.
+
+``plain`` is the benchmark's baseline, not a CLI choice: greedy generation with
+no logprobs and no logits processor registered at all, tokens recorded only.
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ class VllmEngine(Engine):
             pipeline_parallel_size=r.get("pp", 1),
             max_num_seqs=r.get("batch", 4),
             max_logprobs=max_logprobs,
-            logits_processors=[PROCESSOR],
+            # plain: vLLM exactly as it runs without this harness
+            logits_processors=[] if r.get("capture") == "plain" else [PROCESSOR],
             seed=r.get("seed", 0),
             enforce_eager=bool(r.get("enforce_eager", False)),
         )
@@ -58,6 +62,10 @@ class VllmEngine(Engine):
             kwargs["block_size"] = r["block_size"]
         if r.get("gpu_memory_utilization"):
             kwargs["gpu_memory_utilization"] = r["gpu_memory_utilization"]
+        if r.get("profile"):
+            from ..worker.profiling import vllm_profiler_kwargs
+
+            kwargs.update(vllm_profiler_kwargs(r["profile"], LLM))
         kwargs.update(r.get("engine_kwargs") or {})
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
@@ -78,7 +86,9 @@ class VllmEngine(Engine):
         return len(self.tokenizer)
 
     def start_profile(self) -> None:
-        self.llm.start_profile()
+        from ..worker.profiling import vllm_start_profile
+
+        vllm_start_profile(self.llm, self.request["profile"])
 
     def stop_profile(self) -> None:
         self.llm.stop_profile()
@@ -114,7 +124,11 @@ class VllmEngine(Engine):
     ) -> None:
         r = self.request
         topn = None if r["logprobs"] == -1 else int(r["logprobs"])
-        fast = r.get("capture", "fast") == "fast"
+        mode = r.get("capture", "fast")
+        fast = mode == "fast"
+        plain = mode == "plain"
+        if plain and force is not None:
+            raise ValueError("capture 'plain' registers no logits processor, so it cannot force tokens")
         batch = max(1, int(r.get("batch", 4)))
         max_tokens = int(r["max_tokens"])
         done = 0
@@ -129,7 +143,7 @@ class VllmEngine(Engine):
                     extra.update(file=str(lp_path), ids_file=str(ids_path) if ids_path else None, topn=topn)
                 if force is not None:
                     extra["force"] = [int(t) for t in force[i]]
-                params.append(self._sampling_params(extra or None, None if fast else r["logprobs"]))
+                params.append(self._sampling_params(extra or None, None if fast or plain else r["logprobs"]))
             t0 = time.perf_counter()
             outputs = self.llm.generate([prompts[i] for i in group], params, use_tqdm=False)
             writer.add_time("generate_s", time.perf_counter() - t0)
@@ -138,7 +152,7 @@ class VllmEngine(Engine):
                 completion = out.outputs[0]
                 tokens = list(completion.token_ids)
                 text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                if fast:
+                if fast or plain:
                     writer.add(i, prompts[i], list(out.prompt_token_ids), tokens, text)
                 else:
                     rows, ids = flat_to_arrays(completion.logprobs, self.vocab_size, topn)

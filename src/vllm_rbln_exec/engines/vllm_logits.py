@@ -9,8 +9,8 @@ Runs inside vLLM's engine-core process. A request opts in through
      "force": [token ids] or None}
 
 At each step the row for generated position ``t = len(output_tokens)`` is
-log-softmaxed (fp32, as vLLM's own raw logprobs) and written straight into the
-memory-mapped file: no per-token Python objects and no detokenising, so the
+log-softmaxed (fp32, as vLLM's own raw logprobs) and written straight into its
+place in the preallocated file: no per-token Python objects and no detokenising, so the
 capture costs little more than the sampling it rides on. With ``force`` the
 logits are then masked so greedy sampling picks ``force[t]``: the target is fed
 the reference's tokens through its normal decode path.
@@ -21,6 +21,7 @@ row for position 0 is then written again by the final chunk, which wins.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -40,15 +41,57 @@ def _is_writer_rank() -> bool:
         return True
 
 
+class _RowFile:
+    """A preallocated 2-D ``.npy`` whose row ``t`` is written with ``pwrite``.
+
+    Measured on a 128256-entry vocabulary: 256 rows (131 MB) took 0.10 s through a
+    memory map, which faults in every fresh 4 KiB page, and 0.04 s through pwrite.
+    """
+
+    __slots__ = ("file", "offset", "shape", "dtype", "row_bytes")
+
+    def __init__(self, path: str):
+        self.file = open(path, "r+b")  # open as long as its request runs (closed by update_state)
+        version = np.lib.format.read_magic(self.file)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        self.shape, fortran, self.dtype = read_header[version](self.file)
+        if fortran or len(self.shape) != 2:
+            raise ValueError(f"{path}: expected a C-ordered 2-D array")
+        self.offset = self.file.tell()
+        self.row_bytes = self.shape[1] * self.dtype.itemsize
+
+    def write(self, t: int, row: np.ndarray) -> None:
+        data = memoryview(np.ascontiguousarray(row, dtype=self.dtype)).cast("B")
+        if len(data) != self.row_bytes:
+            raise ValueError(f"row of {len(data)} bytes for rows of {self.row_bytes}")
+        pos = self.offset + t * self.row_bytes
+        while data:  # a regular file takes it all at once; loop in case it does not
+            n = os.pwrite(self.file.fileno(), data, pos)
+            data, pos = data[n:], pos + n
+
+    def close(self) -> None:
+        self.file.close()
+
+
 class _Slot:
     __slots__ = ("spec", "output", "rows", "ids", "force")
 
     def __init__(self, spec: dict[str, Any], output: list[int]):
         self.spec = spec
         self.output = output
-        self.rows = np.load(spec["file"], mmap_mode="r+") if spec.get("file") else None
-        self.ids = np.load(spec["ids_file"], mmap_mode="r+") if spec.get("ids_file") else None
+        self.rows = _RowFile(spec["file"]) if spec.get("file") else None
+        self.ids = _RowFile(spec["ids_file"]) if spec.get("ids_file") else None
         self.force = spec.get("force")
+
+    def close(self) -> None:
+        for f in (self.rows, self.ids):
+            if f is not None:
+                f.close()
+
+
+def _close(slot: _Slot | None) -> None:
+    if slot is not None:
+        slot.close()
 
 
 class CaptureLogitsProcessor(LogitsProcessor):
@@ -69,12 +112,11 @@ class CaptureLogitsProcessor(LogitsProcessor):
         if batch_update is None:
             return
         for index in batch_update.removed:
-            self.slots.pop(index, None)
+            _close(self.slots.pop(index, None))
         for index, params, _prompt_ids, output_ids in batch_update.added:
             spec = (params.extra_args or {}).get(EXTRA_KEY) if params is not None else None
-            if spec is None:
-                self.slots.pop(index, None)
-            else:
+            _close(self.slots.pop(index, None))  # that request is gone: its index was given away
+            if spec is not None:
                 self.slots[index] = _Slot(spec, output_ids)
         for a, b, direction in batch_update.moved:
             slot_a = self.slots.pop(a, None)
@@ -90,8 +132,14 @@ class CaptureLogitsProcessor(LogitsProcessor):
         rows = sorted(i for i in self.slots if i < logits.shape[0])
         if not rows:
             return logits
-        index = torch.tensor(rows, device=logits.device)
-        logprobs = torch.log_softmax(logits.index_select(0, index).to(torch.float32), dim=-1)
+        if rows[-1] == len(rows) - 1:
+            # Every request of the batch captures (the usual case): a view, no copy.
+            # index_select is a parallel op; on a busy small CPU its thread start-up
+            # alone cost 13-25 ms a step, more than the rest of the capture.
+            picked = logits[: len(rows)]
+        else:
+            picked = logits.index_select(0, torch.tensor(rows, device=logits.device))
+        logprobs = torch.log_softmax(picked.to(torch.float32), dim=-1)
         topn_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         dense = None
         for j, row in enumerate(rows):
@@ -103,12 +151,12 @@ class CaptureLogitsProcessor(LogitsProcessor):
                     if n not in topn_cache:
                         vals, ids = torch.topk(logprobs, n, dim=-1)
                         topn_cache[n] = (vals.cpu().numpy(), ids.to(torch.int32).cpu().numpy())
-                    slot.rows[t] = topn_cache[n][0][j]
-                    slot.ids[t] = topn_cache[n][1][j]
+                    slot.rows.write(t, topn_cache[n][0][j])
+                    slot.ids.write(t, topn_cache[n][1][j])
                 else:
                     if dense is None:
                         dense = logprobs.cpu().numpy()
-                    slot.rows[t] = dense[j]
+                    slot.rows.write(t, dense[j])
             if slot.force is not None and t < len(slot.force):
                 token = int(slot.force[t])
                 logits[row].fill_(float("-inf"))

@@ -5,7 +5,9 @@ Tasks:
   convert_gguf  turn a GGUF file into a model folder (needs transformers + gguf)
 
 Runs with the device's environment already in place (the parent built it). The
-result is ``result.json``: ``{"ok": true, ...}`` or ``{"ok": false, "error": ...}``.
+result is ``result.json``: ``{"ok": true, ..., "peak_rss_mib": ...}`` or ``{"ok": false, "error": ...}``.
+``capture: "plain"`` (benchmark only, not a CLI choice) generates without logprobs and
+writes a tokens-only capture.
 Progress lines go to ``events.jsonl``. Exit codes: 0 done, 1 failed, 4 wrong platform.
 """
 
@@ -20,7 +22,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from ..capture import FULL, TOPN, CaptureWriter, SideInfo, write_json_atomic
+from ..capture import FULL, TOKENS, TOPN, CaptureWriter, SideInfo, write_json_atomic
 from .spawn import EVENTS, RESULT
 
 EXIT_FAILED = 1
@@ -85,21 +87,41 @@ def task_capture(request: dict[str, Any], emit: Events) -> dict[str, Any]:
              f"in {info.timings['engine_start_s']:.1f} s", platform=platform)
         settings = dict(request.get("settings", {}))
         settings["tokenizer_vocab_size"] = engine.tokenizer_vocab_size()
-        writer = CaptureWriter(capture_dir, info, settings, FULL if request["logprobs"] == -1 else TOPN)
+        if request.get("capture") == "plain":  # benchmark baseline: tokens only
+            mode = TOKENS
+        else:
+            mode = FULL if request["logprobs"] == -1 else TOPN
+        writer = CaptureWriter(capture_dir, info, settings, mode)
         prompts = request["prompts"]
         emit("generate", f"0/{len(prompts)} prompts", done=0, total=len(prompts))
-        t0 = time.perf_counter()
-        if request.get("profile"):
+        profile = request.get("profile") or None
+        if profile:
+            emit("profile", f"profiling the generation into {profile['dir']}")
             engine.start_profile()
+            info.timings["profiled"] = 1.0  # these timings include the profiler's overhead
+        t0 = time.perf_counter()
         try:
             engine.generate_greedy_logprobs(prompts, writer, request.get("force"))
         finally:
-            if request.get("profile"):
+            # the clock stops before the trace is written out: that is not generation
+            info.timings["capture_total_s"] = time.perf_counter() - t0
+            if profile:
+                t1 = time.perf_counter()
                 engine.stop_profile()
-        info.timings["capture_total_s"] = time.perf_counter() - t0
+                info.timings["profile_write_s"] = time.perf_counter() - t1
         info.timings["generated_tokens"] = float(sum(len(r.token_ids) for r in writer.records.values()))
-        capture = writer.finish()
-        return {"capture": str(capture_dir), "platform": platform, "vocab_size": capture.vocab_size}
+        capture = writer.finish(store=request.get("store", "fp32"))
+        result = {"capture": str(capture_dir), "platform": platform, "vocab_size": capture.vocab_size}
+        if profile:
+            from .profiling import write_profile_meta
+
+            result["profile"] = write_profile_meta(profile, {
+                "side": info.side, "device": info.device, "engine": info.engine, "platform": platform,
+                "engine_version": info.engine_version, "dtype": info.dtype, "model": info.model,
+                "prompts": len(prompts), "max_tokens": request.get("max_tokens"), "batch": request.get("batch"),
+                "timings": dict(info.timings), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            })
+        return result
     finally:
         try:
             engine.close()
@@ -136,6 +158,17 @@ def task_convert_gguf(request: dict[str, Any], emit: Events) -> dict[str, Any]:
     return {"path": str(dest), "converted": True}
 
 
+def peak_rss() -> dict[str, float]:
+    """Peak resident memory in MiB: this process, and the largest child it waited for
+    (an engine core process, when vLLM runs one; a child still running is not counted)."""
+    import resource
+
+    def mib(who: int) -> float:
+        return round(resource.getrusage(who).ru_maxrss / 1024.0, 1)  # Linux reports KiB
+
+    return {"peak_rss_mib": mib(resource.RUSAGE_SELF), "peak_rss_children_mib": mib(resource.RUSAGE_CHILDREN)}
+
+
 TASKS = {"capture": task_capture, "convert_gguf": task_convert_gguf}
 
 
@@ -148,7 +181,7 @@ def main(argv: list[str]) -> int:
     emit = Events(folder)
     try:
         result = TASKS[request["task"]](request, emit)
-        write_json_atomic(folder / RESULT, {"ok": True, **result})
+        write_json_atomic(folder / RESULT, {"ok": True, **result, **peak_rss()})
         return 0
     except TaskError as exc:
         write_json_atomic(folder / RESULT, {"ok": False, "kind": exc.kind, "error": str(exc)})

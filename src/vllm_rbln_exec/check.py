@@ -1,0 +1,160 @@
+"""A parity check: one run, judged, written out. The library entry of the CLI and the pytest plugin.
+
+``check_parity(cfg)`` runs the comparison (``run``), measures the noise floor
+from repeats when asked (``noise``), resolves the tolerances of the run's model
+and dtype pair (``spec``: built-in defaults, spec file, command line), judges
+the report (``gate``) and writes the requested report files (``outputs``).
+``rejudge(path)`` does the same for a saved run without running any model.
+This module decides the order of those steps and nothing else: no metrics, no
+rendering, no engine code, and it never imports torch or vLLM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import RunConfig
+from .errors import UsageError
+from .gate import Verdict, judge, parse_gates
+from .noise import NoiseFloor, measure_noise, merge_noise, noise_from_json
+from .spec import ParitySpec, gates_for_run, load_spec
+
+PARITY_FILE = "parity.json"  # the combined report every run folder gets
+
+
+@dataclass
+class GateOptions:
+    """What decides the verdict, apart from the run itself."""
+
+    fail_on: list[str] = field(default_factory=list)
+    spec: str | None = None
+    use_defaults: bool = True
+    near_ties_fail: bool | None = None
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> GateOptions:
+        return cls(fail_on=list(cfg.fail_on), spec=cfg.spec, use_defaults=not cfg.no_default_gates,
+                   near_ties_fail=cfg.near_ties_fail)
+
+    def load(self) -> ParitySpec:
+        """Check the tolerances and read the spec up front, so a typo costs no engine start."""
+        parse_gates(self.fail_on)
+        return load_spec(self.spec)
+
+
+@dataclass
+class ParityOutcome:
+    run: dict[str, Any]  # RunResult.to_json()
+    verdict: Verdict
+    noise: NoiseFloor | None = None
+    files: dict[str, str] = field(default_factory=dict)
+    result: Any = None  # the RunResult, when the run happened in this process
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict.passed
+
+    @property
+    def exit_code(self) -> int:
+        return self.verdict.exit_code
+
+    def failure_message(self) -> str:
+        """Every violation on its own line, each naming prompt, position, metric, value and tolerance."""
+        model, target = self.run.get("model"), self.run.get("target")
+        lines = [f"parity fails for {model} on {target}: {len(self.verdict.violations)} violation(s)"]
+        lines += [f"  - {v.message}  [{v.source}]" for v in self.verdict.violations]
+        lines += [f"  ! {w}" for w in self.verdict.warnings]
+        if self.run.get("run_dir"):
+            lines.append(f"  run folder: {self.run['run_dir']}")
+        return "\n".join(lines)
+
+    def assert_ok(self) -> ParityOutcome:
+        if not self.passed:
+            raise AssertionError(self.failure_message())
+        return self
+
+
+def noise_floor(run: dict[str, Any]) -> NoiseFloor | None:
+    """The spread measured by ``--repeat``: target repeats, and the reference against itself."""
+    floors = []
+    repeats = run.get("repeats") or []
+    if repeats:
+        floors.append(measure_noise([run, *repeats], mode="repeats"))
+    if run.get("reference_self"):
+        floors.append(measure_noise([run["reference_self"]], mode="self"))
+    if not floors:
+        return None
+    return floors[0] if len(floors) == 1 else merge_noise(*floors)
+
+
+def judge_run(run: dict[str, Any], options: GateOptions, spec: ParitySpec | None = None,
+              noise: NoiseFloor | None = None) -> Verdict:
+    spec = spec if spec is not None else options.load()
+    gates = gates_for_run(run, spec, options.fail_on, use_defaults=options.use_defaults,
+                          near_ties_fail=options.near_ties_fail)
+    return judge(run, gates, noise)
+
+
+def write_reports(outcome: ParityOutcome, json_out: str | None = None, junit_out: str | None = None,
+                  markdown_out: str | None = None, run_folder: Path | None = None) -> dict[str, str]:
+    from .outputs import write_json, write_junit, write_markdown
+
+    files: dict[str, str] = {}
+    if run_folder is not None and run_folder.is_dir():
+        files["parity"] = str(write_json(run_folder / PARITY_FILE, outcome.run, outcome.verdict, outcome.noise))
+    for name, path, writer in (("json", json_out, write_json), ("junit", junit_out, write_junit),
+                               ("markdown", markdown_out, write_markdown)):
+        if not path:
+            continue
+        args = (path, outcome.run, outcome.verdict) + ((outcome.noise,) if writer is not write_junit else ())
+        try:
+            files[name] = str(writer(*args))
+        except OSError as exc:
+            raise UsageError(f"cannot write --{name} {path}: {exc}", option=f"--{name}") from exc
+    outcome.files.update(files)
+    return files
+
+
+def check_parity(cfg: RunConfig, progress=None) -> ParityOutcome:
+    """Run, judge and write: what `vllm-rbln-exec` does."""
+    from .run import run_parity
+
+    options = GateOptions.from_config(cfg)
+    spec = options.load()
+    result = run_parity(cfg, progress)
+    run = result.to_json()
+    noise = noise_floor(run)
+    outcome = ParityOutcome(run=run, verdict=judge_run(run, options, spec, noise), noise=noise, result=result)
+    write_reports(outcome, cfg.json_out, cfg.junit_out, cfg.markdown_out, Path(result.run_dir))
+    return outcome
+
+
+def load_saved(path: str | Path) -> tuple[dict[str, Any], NoiseFloor | None]:
+    """A saved run from a run folder (its parity.json or report.json) or a JSON report file."""
+    from .outputs import load_report
+
+    path = Path(path)
+    if path.is_dir():
+        candidates = [path / PARITY_FILE, path / "report.json"]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise UsageError(f"{path} holds no {PARITY_FILE} or report.json: not a run folder")
+        path = found
+    elif not path.is_file():
+        raise UsageError(f"{path} does not exist")
+    try:
+        run, _, noise = load_report(path)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path} is not a vllm-rbln-exec report: {exc}") from exc
+    if not isinstance(run, dict) or "summary" not in run or "comparisons" not in run:
+        raise UsageError(f"{path} is not a vllm-rbln-exec report (no summary or comparisons)")
+    floor = noise_from_json(noise) if noise else noise_floor(run)
+    return run, floor
+
+
+def rejudge(path: str | Path, options: GateOptions) -> ParityOutcome:
+    """Judge a saved run again with other tolerances; no model runs."""
+    run, noise = load_saved(path)
+    return ParityOutcome(run=run, verdict=judge_run(run, options, noise=noise), noise=noise)

@@ -1,0 +1,60 @@
+"""Shared fixtures of the unit tests (fast, no engines, no network)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vllm_rbln_exec.capture import FULL, TOPN, CaptureWriter, SideInfo
+
+
+def write_small_capture(root: Path, mode: str = FULL, vocab: int = 8, seed: int = 0):
+    """A finished two-prompt capture: prompt 0 given as arrays, prompt 1 allocated and filled in place.
+
+    Returns (capture, {index: (logprobs, ids or None)}) with the arrays that were written.
+    """
+    rng = np.random.default_rng(seed)
+    info = SideInfo(side="reference", device="cpu", engine="fake", platform="cpu", dtype="float32", model="tiny")
+    writer = CaptureWriter(root, info, {"max_tokens": 3, "logprobs": -1 if mode == FULL else 2}, mode)
+    width = vocab if mode == FULL else 2
+    expected = {}
+
+    lp0 = rng.normal(size=(3, width)).astype(np.float32)
+    ids0 = rng.integers(0, vocab, size=(3, width)).astype(np.int32) if mode == TOPN else None
+    writer.add(0, "first prompt", [1, 2, 3], [4, 5, 6], " a b c", logprobs=lp0, ids=ids0)
+    expected[0] = (lp0, ids0)
+
+    # allocated for 4 positions, only 2 generated: the files are cut to 2 rows by add()
+    lp_path, ids_path = writer.allocate(1, positions=4, width=width, with_ids=mode == TOPN)
+    lp1 = rng.normal(size=(4, width)).astype(np.float32)
+    mm = np.load(lp_path, mmap_mode="r+")
+    mm[:] = lp1
+    mm.flush()
+    del mm
+    ids1 = None
+    if mode == TOPN:
+        ids1 = rng.integers(0, vocab, size=(4, width)).astype(np.int32)
+        mm = np.load(ids_path, mmap_mode="r+")
+        mm[:] = ids1
+        mm.flush()
+        del mm
+    writer.add_time("generate", 1.5)
+    writer.add(1, "second prompt", [7], [8, 9], " d e")
+    expected[1] = (lp1[:2], None if ids1 is None else ids1[:2])
+    capture = writer.finish(vocab_size=None if mode == FULL else vocab)
+    return capture, expected
+
+
+@pytest.fixture
+def make_capture():
+    """``make_capture(root, mode=FULL, vocab=8, seed=0)`` -> (capture, expected arrays); see write_small_capture."""
+    return write_small_capture
+
+
+@pytest.fixture
+def small_capture(tmp_path):
+    """A finished full-vocabulary capture folder (vocab 8, two prompts)."""
+    capture, expected = write_small_capture(tmp_path / "capture")
+    return capture, expected

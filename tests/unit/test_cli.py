@@ -1,0 +1,141 @@
+"""The real command line, run as a subprocess. Every case fails (or lists) before any engine starts.
+
+As a safety net the runs that are meant to fail early also name a model whose weights
+are absent (HF_HUB_CACHE points at an empty folder), so a regression in the early checks
+ends in exit 3 instead of starting a worker.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vllm_rbln_exec.devices import USER_FILE_ENV
+
+ABSENT_MODEL = ["--model", "llama3-8b"]
+
+
+@pytest.fixture
+def cli_run(tmp_path):
+    hub = tmp_path / "empty-hf-hub"
+    hub.mkdir()
+    env = dict(os.environ)
+    env.pop(USER_FILE_ENV, None)
+    env.update(HF_HUB_CACHE=str(hub), NO_COLOR="1", COLUMNS="200", TERM="dumb")
+    cache_dir = tmp_path / "cache"
+
+    def run(*args: str, cache: bool = True) -> subprocess.CompletedProcess:
+        argv = [sys.executable, "-m", "vllm_rbln_exec", *args]
+        if cache:
+            argv += ["--cache-dir", str(cache_dir)]
+        proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        proc.flat_err = " ".join(proc.stderr.split())  # rich wraps long lines
+        proc.flat_out = " ".join(proc.stdout.split())
+        assert "Traceback" not in proc.stderr, proc.stderr
+        return proc
+
+    run.tmp_path = tmp_path
+    return run
+
+
+def assert_nothing_ran(tmp_path):
+    assert not (tmp_path / "runs").exists(), "a run folder was made: the CLI got past its early checks"
+
+
+def test_max_tokens_zero(cli_run):
+    p = cli_run("--max-tokens", "0", "--target", "cpu", *ABSENT_MODEL)
+    assert p.returncode == 2, p.stderr
+    assert "--max-tokens" in p.flat_err
+    assert "usage error" in p.flat_err
+    assert_nothing_ran(cli_run.tmp_path)
+
+
+def test_logprobs_zero(cli_run):
+    p = cli_run("--logprobs", "0", "--target", "cpu", *ABSENT_MODEL)
+    assert p.returncode == 2, p.stderr
+    assert "--logprobs" in p.flat_err
+
+
+def test_unknown_model_lists_the_aliases(cli_run):
+    p = cli_run("--model", "no-such-model", "--target", "cpu")
+    assert p.returncode == 2, p.stderr
+    assert "unknown model 'no-such-model'" in p.flat_err
+    for alias in ("smollm2-135m", "llama3-8b", "qwen3-1.7b"):
+        assert alias in p.flat_err
+    assert_nothing_ran(cli_run.tmp_path)
+
+
+def test_near_miss_model_gets_a_did_you_mean(cli_run):
+    p = cli_run("--model", "smollm2-135", "--target", "cpu")
+    assert p.returncode == 2, p.stderr
+    assert "Did you mean 'smollm2-135m'?" in p.flat_err
+
+
+def test_unknown_target_lists_the_devices(cli_run):
+    p = cli_run("--target", "nosuch", *ABSENT_MODEL)
+    assert p.returncode == 2, p.stderr
+    assert "unknown device 'nosuch'" in p.flat_err
+    assert "cpu, cuda, rbln" in p.flat_err
+    assert_nothing_ran(cli_run.tmp_path)
+
+
+def test_parallelism_the_target_lacks(cli_run, tmp_path):
+    # the shipped cpu profile accepts --tp (vLLM's CPU backend has tensor parallelism), so a
+    # user device file takes it away; --pp is refused by the shipped profile itself
+    devices = tmp_path / "devices.toml"
+    devices.write_text("[device.cpu]\nparallel = []\n")
+    p = cli_run("--target", "cpu", "--tp", "2", "--devices", str(devices), *ABSENT_MODEL)
+    assert p.returncode == 2, p.stderr
+    assert "does not support --tp" in p.flat_err
+
+    p = cli_run("--target", "cpu", "--pp", "2", *ABSENT_MODEL)
+    assert p.returncode == 2, p.stderr
+    assert "does not support --pp (allowed: --tp)" in p.flat_err
+    assert_nothing_ran(tmp_path)
+
+
+def test_missing_weights_exit_3_without_traceback(cli_run):
+    p = cli_run("--target", "cpu", *ABSENT_MODEL)
+    assert p.returncode == 3, p.stderr
+    assert "Traceback" not in p.stderr
+    assert "error:" in p.flat_err and "usage error" not in p.flat_err
+    assert "--model DIR" in p.flat_err
+    assert "meta-llama/Meta-Llama-3-8B" in p.flat_err
+    assert_nothing_ran(cli_run.tmp_path)
+
+
+def test_models_subcommand(cli_run):
+    p = cli_run("models", cache=False)
+    assert p.returncode == 0, p.stderr
+    for alias in ("smollm2-135m", "llama3-8b", "qwen3-moe-30b"):
+        assert alias in p.stdout
+    assert "(needs --ep)" in p.stdout
+
+
+def test_devices_subcommand(cli_run, tmp_path):
+    p = cli_run("devices", cache=False)
+    assert p.returncode == 0, p.stderr
+    for name in ("cpu", "rbln", "cuda"):
+        assert f"platform={name}" in p.flat_out
+
+    extra = tmp_path / "devices.toml"
+    extra.write_text('[device.mynpu]\nplatform = "npu"\ndescription = "added"\n')
+    p = cli_run("devices", "--devices", str(extra), cache=False)
+    assert p.returncode == 0, p.stderr
+    assert "mynpu platform=npu" in p.flat_out
+
+    extra.write_text('[device.mynpu]\nplatfrom = "npu"\n')
+    p = cli_run("devices", "--devices", str(extra), cache=False)
+    assert p.returncode == 2
+    assert "platform" in p.flat_err
+
+
+def test_help_mentions_exit_codes(cli_run):
+    p = cli_run("--help", cache=False)
+    assert p.returncode == 0, p.stderr
+    assert "Exit codes" in p.flat_out
+    assert "2 bad usage" in p.flat_out
+    assert "3 the harness could not run" in p.flat_out

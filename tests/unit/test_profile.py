@@ -1,0 +1,293 @@
+"""Trace parsing and self-time aggregation (vllm_rbln_exec.profile) on small hand-written traces,
+the profile-summary command on saved folders, and the profiling options' checks."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vllm_rbln_exec.config import RunConfig
+from vllm_rbln_exec.errors import UsageError
+from vllm_rbln_exec.profile import (
+    META,
+    ProfileError,
+    aggregate_events,
+    find_trace_files,
+    load_summaries,
+    load_trace_events,
+    profile_request,
+    resolve_trace_folders,
+    speed_row_from_timings,
+    summarize_folder,
+)
+
+
+def X(name, ts, dur, cat="cpu_op", tid=1, pid=7):
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": pid, "tid": tid}
+
+
+# One decode step on thread 1:
+#   step [0, 100)                       user annotation
+#     aten::linear [10, 60)
+#       aten::addmm [15, 55)
+#         cudaLaunchKernel [50, 54)     runtime call inside addmm
+#     aten::linear [60, 90)
+#       aten::addmm [62, 88)
+# thread 2: aten::add [0, 5), and the same name again nested in itself [20, 40) > [25, 30)
+# device: two kernels, one memcpy; plus events that must be ignored.
+EVENTS = [
+    {"ph": "M", "name": "process_name", "pid": 7, "tid": 0, "args": {"name": "python"}},
+    X("step", 0, 100, cat="user_annotation"),
+    X("aten::linear", 10, 50),
+    X("aten::addmm", 15, 40),
+    X("cudaLaunchKernel", 50, 4, cat="cuda_runtime"),
+    X("aten::linear", 60, 30),
+    X("aten::addmm", 62, 26),
+    X("aten::add", 0, 5, tid=2),
+    X("aten::add", 20, 20, tid=2),
+    X("aten::add", 25, 5, tid=2),
+    X("sgemm_kernel", 52, 30, cat="kernel", tid=7, pid=0),
+    X("sgemm_kernel", 90, 20, cat="kernel", tid=7, pid=0),
+    X("Memcpy DtoH", 115, 5, cat="gpu_memcpy", tid=7, pid=0),
+    X("gemm annotation", 52, 40, cat="gpu_user_annotation", tid=7, pid=0),
+    X("<module>", 0, 500, cat="python_function"),
+    X("PyTorch Profiler (0)", -10, 1000, cat="Trace", pid="Spans"),
+    {"ph": "i", "cat": "cpu_instant_event", "name": "[memory]", "ts": 12, "pid": 7, "tid": 1, "args": {}},
+    {"ph": "f", "cat": "ac2g", "name": "flow", "ts": 50, "pid": 7, "tid": 1},
+]
+
+
+def test_self_time_subtracts_direct_children_only():
+    st = aggregate_events(EVENTS)
+    host = st.host
+    assert host["step"].self_us == pytest.approx(100 - 50 - 30)
+    assert host["step"].total_us == 100
+    assert host["aten::linear"].calls == 2
+    assert host["aten::linear"].self_us == pytest.approx((50 - 40) + (30 - 26))
+    assert host["aten::linear"].total_us == 80
+    # the launch inside addmm is addmm's child, not linear's
+    assert host["aten::addmm"].self_us == pytest.approx((40 - 4) + 26)
+    assert host["cudaLaunchKernel"].self_us == 4
+    # same name nested in itself: self times add up, totals count both levels
+    assert host["aten::add"].calls == 3
+    assert host["aten::add"].self_us == pytest.approx(5 + 15 + 5)
+    assert host["aten::add"].total_us == 30
+    assert st.host_self_us == pytest.approx(sum(s.self_us for s in host.values()))
+    # self times of one thread add up to the outermost event's duration
+    assert sum(s.self_us for n, s in host.items() if n != "aten::add") == pytest.approx(100)
+
+
+def test_device_kernels_and_ignored_categories():
+    st = aggregate_events(EVENTS)
+    assert set(st.device) == {"sgemm_kernel", "Memcpy DtoH"}
+    assert st.device["sgemm_kernel"].calls == 2
+    assert st.device["sgemm_kernel"].self_us == 50
+    assert st.device_us == 55
+    for ignored in ("gemm annotation", "<module>", "PyTorch Profiler (0)", "[memory]", "flow"):
+        assert ignored not in st.host and ignored not in st.device
+    assert st.start_us == 0 and st.end_us == 120 and st.span_us == 120
+    assert [s.name for s in st.top("host", 2)] == ["aten::addmm", "aten::add"]
+    assert [s.name for s in st.top("device")] == ["sgemm_kernel", "Memcpy DtoH"]
+
+
+def test_a_trace_without_known_categories_counts_every_slice():
+    st = aggregate_events([X("outer", 0, 10, cat="x"), X("inner", 2, 3, cat="x"), X("other", 0, 1, cat="y", tid=9)])
+    assert st.host["outer"].self_us == 7 and st.host["inner"].self_us == 3 and st.host["other"].self_us == 1
+
+
+def test_unordered_and_malformed_events_are_handled():
+    events = [X("child", 5, 2), X("parent", 0, 10), {"ph": "X", "name": "no ts"},
+              {"ph": "X", "cat": "cpu_op", "name": "bad", "ts": "x", "dur": 1}, X("neg", 0, -1)]
+    st = aggregate_events(events)
+    assert st.host["parent"].self_us == 8
+    assert set(st.host) == {"parent", "child"}
+
+
+def _write_trace(path: Path, events, gz: bool = True, wrap: bool = True) -> Path:
+    data = {"schemaVersion": 1, "traceEvents": events} if wrap else events
+    text = json.dumps(data)
+    if gz:
+        with gzip.open(path, "wt") as f:
+            f.write(text)
+    else:
+        path.write_text(text)
+    return path
+
+
+def _trace_folder(root: Path, name: str, meta: dict | None = None, gz: bool = True) -> Path:
+    folder = root / name
+    folder.mkdir(parents=True)
+    _write_trace(folder / f"{name}_rank0.123.pt.trace.json{'.gz' if gz else ''}", EVENTS, gz=gz)
+    if meta is not None:
+        (folder / META).write_text(json.dumps(meta))
+    return folder
+
+
+def test_load_plain_gzipped_and_bare_list_traces(tmp_path):
+    a = _write_trace(tmp_path / "a.json.gz", EVENTS)
+    b = _write_trace(tmp_path / "b.json", EVENTS, gz=False)
+    c = _write_trace(tmp_path / "c.json", EVENTS, gz=False, wrap=False)
+    for path in (a, b, c):
+        assert len(load_trace_events(path)) == len(EVENTS)
+    (tmp_path / "broken.json.gz").write_bytes(gzip.compress(b"{not json"))
+    with pytest.raises(ProfileError, match="not a readable chrome trace"):
+        load_trace_events(tmp_path / "broken.json.gz")
+    (tmp_path / "other.json").write_text('{"hello": 1}')
+    with pytest.raises(ProfileError, match="no traceEvents"):
+        load_trace_events(tmp_path / "other.json")
+
+
+def test_summarize_folder_sums_files_and_reads_meta(tmp_path):
+    meta = {"side": "target", "engine": "vllm", "platform": "cpu",
+            "timings": {"capture_total_s": 2.0, "generated_tokens": 16.0}}
+    folder = _trace_folder(tmp_path, "target_m_20250101-000000", meta)
+    _write_trace(folder / "target_rank1.456.pt.trace.json.gz", EVENTS)
+    assert [p.name for p in find_trace_files(folder)] == sorted(
+        ["target_m_20250101-000000_rank0.123.pt.trace.json.gz", "target_rank1.456.pt.trace.json.gz"])
+    s = summarize_folder(folder)
+    assert len(s.files) == 2
+    assert s.stats.host["aten::linear"].calls == 4
+    assert s.label == "target (vllm cpu)"
+    row = speed_row_from_timings(s.label, s.meta["timings"], True)
+    assert row.tokens_per_s == 8.0 and row.ms_per_token == 125.0
+
+
+def test_resolve_trace_folders(tmp_path):
+    root = tmp_path / "profile"
+    ref = _trace_folder(root, "reference_m_20250101-000000")
+    tgt = _trace_folder(root, "target_m_20250101-000000", gz=False)
+    (root / "empty").mkdir()
+    assert resolve_trace_folders(ref) == [ref]
+    assert resolve_trace_folders(root) == [ref, tgt]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "report.json").write_text(json.dumps({"sides": {
+        "reference": {"profile": None}, "target": {"profile": {"dir": str(tgt), "traces": []}}}}))
+    assert resolve_trace_folders(run) == [tgt]
+    assert [s.folder for s in load_summaries(root)] == [ref, tgt]
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda p: p / "missing", "does not exist"),
+    (lambda p: (p / "f.txt").write_text("x") and p / "f.txt", "is a file"),
+    (lambda p: (p / "e").mkdir() or p / "e", "no traces"),
+])
+def test_bad_dirs_raise_usage_errors(tmp_path, setup, message):
+    with pytest.raises(ProfileError, match=message) as info:
+        resolve_trace_folders(setup(tmp_path))
+    assert info.value.exit_code == 2
+
+
+def test_an_unprofiled_run_folder_is_refused(tmp_path):
+    (tmp_path / "report.json").write_text(json.dumps({"sides": {"reference": {"profile": None}}}))
+    with pytest.raises(ProfileError, match="was not profiled"):
+        resolve_trace_folders(tmp_path)
+
+
+def test_profile_request_and_options():
+    cfg = RunConfig(target="cpu", profile=True, profile_dir="somewhere", profile_shapes=True).validate()
+    assert cfg.profiled_sides() == ("reference", "target")
+    req = profile_request(cfg, "target", "org/My Model", "20250101-000000")
+    assert Path(req["dir"]).is_absolute()
+    assert Path(req["dir"]).name == "target_My_Model_20250101-000000"
+    assert req == {**req, "prefix": "target", "shapes": True, "memory": False, "stack": False}
+    only = RunConfig(target="cpu", profile_side="target").validate()
+    assert only.profiled_sides() == ("target",)
+    assert profile_request(only, "reference", "m", "s") is None
+    assert profile_request(RunConfig(target="cpu").validate(), "target", "m", "s") is None
+
+
+@pytest.mark.parametrize("kwargs, option", [
+    ({"profile_side": "both-ish"}, "--profile-side"),
+    ({"profile_memory": True}, "--profile-memory"),
+    ({"profile_stack": True}, "--profile-stack"),
+])
+def test_bad_profiling_options(kwargs, option):
+    with pytest.raises(UsageError) as info:
+        RunConfig(target="cpu", **kwargs).validate()
+    assert info.value.option == option
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200", "TERM": "dumb"}
+    return subprocess.run([sys.executable, "-m", "vllm_rbln_exec", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_profile_summary_command(tmp_path):
+    root = tmp_path / "profile"
+    _trace_folder(root, "reference_m_20250101-000000",
+                  {"side": "reference", "engine": "vllm", "platform": "cpu",
+                   "timings": {"capture_total_s": 1.0, "generated_tokens": 16.0}})
+    _trace_folder(root, "target_m_20250101-000000",
+                  {"side": "target", "engine": "transformers", "platform": "cuda",
+                   "timings": {"capture_total_s": 3.0, "generated_tokens": 16.0}})
+    p = _cli("profile-summary", str(root), "--top", "3", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    assert "reference (vllm cpu): top 3 of 5 CPU ops by self time" in out
+    assert "target (transformers cuda): top 2 of 2 device kernels" in out
+    assert "aten::addmm" in out and "sgemm_kernel" in out
+    assert "speed of the measured generation" in out
+    assert "3.00" in out  # the target took three times the reference's wall time
+    assert "Traceback" not in p.stderr
+
+
+def test_profile_summary_bad_dir_exits_2(tmp_path):
+    p = _cli("profile-summary", str(tmp_path / "nope"), cwd=tmp_path)
+    assert p.returncode == 2
+    assert "does not exist" in p.stderr and "Traceback" not in p.stderr
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "x.json").write_text("[1, 2")
+    p = _cli("profile-summary", str(tmp_path / "t"), cwd=tmp_path)
+    assert p.returncode == 2
+    assert "not a readable chrome trace" in p.stderr
+
+
+def test_run_report_renders_tables_and_survives_a_broken_trace(tmp_path):
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from vllm_rbln_exec.profile import render_run_profile
+
+    good = _trace_folder(tmp_path, "target_m_20250101-000000")
+    broken = tmp_path / "reference_m_20250101-000000"
+    broken.mkdir()
+    (broken / "r.pt.trace.json.gz").write_bytes(b"\x1f\x8b not gzip")
+
+    def side(name, profile, wall):
+        return SimpleNamespace(engine="vllm", platform="cpu", source="worker", profile=profile,
+                               timings={"capture_total_s": wall, "generated_tokens": 32.0})
+
+    result = SimpleNamespace(sides={"reference": side("reference", {"dir": str(broken)}, 1.0),
+                                    "target": side("target", {"dir": str(good)}, 3.0)})
+    buf = io.StringIO()
+    render_run_profile(Console(file=buf, width=200, no_color=True), result, top=4)
+    out = buf.getvalue()
+    assert "reference: " in out and "not a readable chrome trace" in out
+    assert "top 4 of 5 CPU ops by self time" in out and "device kernels by time" in out
+    assert "× reference" in out and "3.00" in out and "32.0" in out  # 3x the wall time, 32 tokens/s on the reference
+
+    buf = io.StringIO()
+    render_run_profile(Console(file=buf, width=200), SimpleNamespace(sides={"target": side("target", None, 1.0)}))
+    assert buf.getvalue() == ""  # nothing profiled, nothing printed
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--profile-memory"], "--profile-memory needs --profile"),
+    (["--profile-side", "both"], "--profile-side must be one of reference, target"),
+])
+def test_cli_refuses_bad_profiling_options_before_any_worker(tmp_path, args, option):
+    # llama3-8b's weights are absent: a regression past the checks would end in exit 3, not 2
+    p = _cli("--target", "cpu", "--model", "llama3-8b", "--cache-dir", str(tmp_path / "cache"), *args, cwd=tmp_path)
+    assert p.returncode == 2, p.stderr
+    assert option in " ".join(p.stderr.split())
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "profile").exists()
