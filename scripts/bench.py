@@ -46,9 +46,12 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from vllm_rbln_exec import __version__  # noqa: E402
-from vllm_rbln_exec.capture import Capture, load_capture, write_json_atomic  # noqa: E402
+from vllm_rbln_exec.capture import Q16_MAX_ERROR, Q16_RANGE, Capture, load_capture, write_json_atomic  # noqa: E402
 from vllm_rbln_exec.config import RunConfig  # noqa: E402
 from vllm_rbln_exec.devices import installed_version  # noqa: E402
+
+# imported up front: compare_prompt imports it (and scipy.stats) lazily, which is no metric time
+from vllm_rbln_exec.distribution import summarize_positions  # noqa: E402, F401
 from vllm_rbln_exec.metrics import compare_prompt, summarize  # noqa: E402
 from vllm_rbln_exec.run import ParityRun  # noqa: E402
 from vllm_rbln_exec.worker.spawn import WorkerJob, run_worker  # noqa: E402
@@ -151,7 +154,11 @@ def compare_captures(run: ParityRun, reference: Capture, target: Capture) -> dic
     comparisons = run.compare(reference, target)
     seconds = time.perf_counter() - t0
     summary = summarize(comparisons)
+    extra = {}
+    if target.settings.get("store") == "q16" or reference.settings.get("store") == "q16":
+        extra["max_abs_diff_within_q16_range"] = q16_range_error(reference, target)
     return {
+        **extra,
         "metric_s": seconds,
         "positions": summary.positions_compared,
         "vocab": reference.vocab_size,
@@ -160,6 +167,21 @@ def compare_captures(run: ParityRun, reference: Capture, target: Capture) -> dic
         "tokens_equal": summary.tokens_equal,
         "prompts": summary.prompts,
     }
+
+
+def q16_range_error(reference: Capture, target: Capture) -> float:
+    """max|Δ| over the entries within Q16_RANGE of the reference row's top: where the
+    q16 error bound (Q16_MAX_ERROR) is stated. Below it, entries are clipped to the floor."""
+    worst = 0.0
+    for i in range(len(reference.prompts)):
+        ref = np.asarray(reference.logprobs(i), dtype=np.float64)
+        tgt = np.asarray(target.logprobs(i), dtype=np.float64)
+        n = min(len(ref), len(tgt))
+        ref, tgt = ref[:n], tgt[:n]
+        within = ref >= ref.max(axis=1, keepdims=True) - Q16_RANGE
+        if within.any():
+            worst = max(worst, float(np.abs(ref - tgt)[within].max()))
+    return worst
 
 
 def bench_model(name: str, args, out_root: Path, log) -> dict[str, Any]:
@@ -248,7 +270,11 @@ def render(console: Console, results: dict[str, Any]) -> None:
                           _f(row["peak_rss_mib"], ".0f"))
         console.print(table)
         for label, c in model["comparisons"].items():
-            console.print(f"  {label}: max|Δ| {_f(c['max_abs_diff'], '.3g')}, KL max {_f(c['kl_max'], '.3g')}, "
+            within = ""
+            if "max_abs_diff_within_q16_range" in c:
+                within = (f" (within {Q16_RANGE:g} nats of the top {c['max_abs_diff_within_q16_range']:.3g}, "
+                          f"bound {Q16_MAX_ERROR:.3g})")
+            console.print(f"  {label}: max|Δ| {_f(c['max_abs_diff'], '.3g')}{within}, KL max {_f(c['kl_max'], '.3g')}, "
                           f"tokens equal {c['tokens_equal']}/{c['prompts']}, metric time {c['metric_s']:.3f} s "
                           f"({c['positions']} positions x {c['vocab']}, read from disk)")
         console.print()
@@ -295,7 +321,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=160)
     log = console.print
     out_root = Path(args.runs_dir) / f"bench-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"
     results: dict[str, Any] = {

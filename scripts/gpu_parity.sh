@@ -31,7 +31,8 @@ step() {
   local name=$1; shift
   echo
   echo "=== $name: ${VRE[*]} $*"
-  "${VRE[@]}" "$@" --run-dir "$OUT_DIR/$name" --json "$OUT_DIR/$name.json" --markdown "$OUT_DIR/$name.md"
+  "${VRE[@]}" "$@" --run-dir "$OUT_DIR/$name" --json "$OUT_DIR/$name.json" --markdown "$OUT_DIR/$name.md" \
+    --profile-dir "$OUT_DIR/profile"
   local rc=$?
   echo "=== $name: exit $rc"
   (( rc > worst )) && worst=$rc

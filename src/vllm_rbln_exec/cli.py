@@ -108,7 +108,7 @@ def run(
     align: str = typer.Option("forced", "--align", help="forced: the target is fed the reference's tokens, so every position compares; free: each side follows its own argmax."),
     tie_margin: float = typer.Option(0.5, "--tie-margin", help="A divergence where the reference's top-2 margin is below this (nats) is a near-tie."),
     capture: str = typer.Option("fast", "--capture", help="fast: logits processor writes rows in place; api: vLLM's logprobs output."),
-    store: str = typer.Option("q16", "--store", help="q16: 2 bytes per logprob (error <= 1.2e-4 nats within 16 nats of the top); fp32: lossless."),
+    store: str = typer.Option("q16", "--store", help="q16: 2 bytes per logprob (error <= 2.5e-4 nats within 32 nats of the top); fp32: lossless."),
     reference_engine: str = typer.Option("vllm", "--reference-engine", help="vllm|transformers"),
     target_engine: str = typer.Option("vllm", "--target-engine", help="vllm|transformers"),
     reference_dtype: str | None = typer.Option(None, "--reference-dtype", help="auto|float32|bfloat16|float16 (default: the profile's)."),

@@ -36,13 +36,14 @@ import numpy as np
 from scipy import stats as sstats
 from scipy.special import logsumexp
 
-from .metrics import _jsonable, topk_ids
+from .metrics import Scratch, _jsonable, map_row_blocks, topk_ids
 
 MASS_TOLERANCE = 1e-3
 DEFAULT_TIE_MARGIN = 0.5  # nats between the reference's top-2 logprobs
 BUCKET_EDGES = (0.0, 0.25, 0.5, 0.75, 0.95, 1.0)
 BUCKET_LABELS = ("[0,0.25)", "[0.25,0.5)", "[0.5,0.75)", "[0.75,0.95)", "[0.95,1]")
-_CHUNK_ELEMS = 1 << 22  # rows are processed in blocks of about this many entries
+_CHUNK_ELEMS = 1 << 18  # rows are processed in blocks of about this many entries (as metrics._BLOCK_ELEMS)
+_MASS_UNSURE = 1e-5  # a float32 mass estimate this close to MASS_TOLERANCE is redone in float64
 
 
 @dataclass
@@ -123,8 +124,14 @@ def position_stats(
     ref_tokens: np.ndarray,
     topk: int = 5,
     tie_margin: float = DEFAULT_TIE_MARGIN,
+    *,
+    ranked: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> PositionStats:
-    """Statistics of each aligned position of one prompt (rows ``[T, V]``, tokens ``[T]``)."""
+    """Statistics of each aligned position of one prompt (rows ``[T, V]``, tokens ``[T]``).
+
+    ``ranked``: each side's ``topk_ids`` of these rows with at least ``max(topk, 2)``
+    columns (or all V), when the caller already has them; they are not recomputed.
+    """
     ref_rows = np.asarray(ref_rows)
     tgt_rows = np.asarray(tgt_rows)
     tokens = np.asarray(ref_tokens, dtype=np.int64).reshape(-1)
@@ -138,11 +145,13 @@ def position_stats(
     if n_pos and (vocab == 0 or tokens.min() < 0 or tokens.max() >= vocab):
         raise ValueError(f"reference token ids out of range for a vocabulary of {vocab}")
     step = max(1, _CHUNK_ELEMS // max(vocab, 1))
-    blocks = [
-        _block(ref_rows[s : s + step], tgt_rows[s : s + step], tokens[s : s + step], topk, tie_margin)
-        for s in range(0, n_pos, step)
-    ]
-    return _from_blocks(blocks, tie_margin, min(topk, vocab))
+
+    def block(s: int, scratch: Scratch) -> dict[str, np.ndarray]:
+        part = None if ranked is None else (ranked[0][s : s + step], ranked[1][s : s + step])
+        return _block(ref_rows[s : s + step], tgt_rows[s : s + step], tokens[s : s + step], topk, tie_margin, part,
+                      scratch)
+
+    return _from_blocks(map_row_blocks(block, n_pos, step), tie_margin, min(topk, vocab))
 
 
 def summarize_positions(stats: PositionStats | list[PositionStats]) -> DistributionSummary:
@@ -221,30 +230,40 @@ def worst_positions(stats: PositionStats, n: int = 5) -> list[int]:
     return [int(i) for i in order[: max(n, 0)]]
 
 
-def _block(ref: np.ndarray, tgt: np.ndarray, tok: np.ndarray, topk: int, tie_margin: float) -> dict[str, np.ndarray]:
-    """Statistics of a block of rows, in float64."""
+def _block(
+    ref: np.ndarray,
+    tgt: np.ndarray,
+    tok: np.ndarray,
+    topk: int,
+    tie_margin: float,
+    ranked: tuple[np.ndarray, np.ndarray] | None = None,
+    scratch: Scratch | None = None,
+) -> dict[str, np.ndarray]:
+    """Statistics of a block of rows, in float64.
+
+    Renormalising subtracts one constant per row (``shift``, 0 where the mass is
+    fine), which changes no order, so argmax and top-K are taken on the raw rows
+    and every renormalised value is formed as ``raw - shift`` only where needed.
+    """
     rows = np.arange(ref.shape[0])
-    ref = ref.astype(np.float64)
-    tgt = tgt.astype(np.float64)
-    ref_lp, tgt_lp = ref[rows, tok], tgt[rows, tok]  # raw, for perplexity
-    ref, ref_fix = _renormalize(ref)
-    tgt, tgt_fix = _renormalize(tgt)
+    k = min(topk, ref.shape[1])
+    if ranked is None:
+        ranked = (topk_ids(ref, max(k, 2)), topk_ids(tgt, k))
+    k_ref2 = ranked[0][:, : max(k, 2)]  # at least two columns for the margin
+    k_ref, k_tgt = k_ref2[:, :k], ranked[1][:, :k]
+    finite = ref.size and all(math.isfinite(f(a)) for a in (ref, tgt) for f in (np.min, np.max))
+    if finite:
+        kl, ref_shift, tgt_shift, ref_fix, tgt_fix = _kl_finite(ref, tgt, scratch or Scratch())
+    else:
+        kl, ref_shift, tgt_shift, ref_fix, tgt_fix = _kl_general(ref, tgt)
+    ref_lp = ref[rows, tok].astype(np.float64)  # raw, for perplexity
+    tgt_lp = tgt[rows, tok].astype(np.float64)
 
     with np.errstate(invalid="ignore", over="ignore"):
-        support = ref > -np.inf
-        hole = support & (tgt == -np.inf)
-        terms = np.where(support & ~hole, np.exp(ref) * (ref - tgt), 0.0)
-        kl = np.maximum(terms.sum(axis=1), 0.0)
-        kl[hole.any(axis=1)] = np.inf
-        kl[np.isnan(ref).any(axis=1) | np.isnan(tgt).any(axis=1)] = np.nan
-
-        k = min(topk, ref.shape[1])
-        k_ref2 = topk_ids(ref, max(k, 2))  # at least two columns for the margin
-        k_ref, k_tgt = k_ref2[:, :k], topk_ids(tgt, k)
         ref_argmax, tgt_argmax = ref.argmax(axis=1), tgt.argmax(axis=1)
-        top1 = ref[rows, ref_argmax]
+        top1 = ref[rows, ref_argmax].astype(np.float64) - ref_shift
         if k_ref2.shape[1] > 1:
-            margin = top1 - ref[rows, k_ref2[:, 1]]
+            margin = top1 - (ref[rows, k_ref2[:, 1]].astype(np.float64) - ref_shift)
         else:
             margin = np.full(rows.shape, np.inf)
 
@@ -258,7 +277,7 @@ def _block(ref: np.ndarray, tgt: np.ndarray, tok: np.ndarray, topk: int, tie_mar
         n_ref = ok_r.sum(axis=1)
         same = ((k_ref == k_tgt) & ok_r & ok_t).sum(axis=1)
         rank = np.where(n_ref > 0, same / np.maximum(n_ref, 1), np.nan)
-        dp = np.exp(tgt[rows, tok]) - np.exp(ref[rows, tok])
+        dp = np.exp(tgt_lp - tgt_shift) - np.exp(ref_lp - ref_shift)
 
     return {
         "kl": kl,
@@ -279,15 +298,74 @@ def _block(ref: np.ndarray, tgt: np.ndarray, tok: np.ndarray, topk: int, tie_mar
     }
 
 
-def _renormalize(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Subtract logsumexp from rows whose mass is off by more than MASS_TOLERANCE."""
+def _kl_general(ref: np.ndarray, tgt: np.ndarray):
+    """KL per row where some entry is -inf, +inf or NaN (top-N fillers, holes): float64 copies
+    and masks. Returns (kl, reference shift, target shift, reference renormalised, target renormalised)."""
+    ref, ref_fix, ref_shift = _renormalize(ref.astype(np.float64))
+    tgt, tgt_fix, tgt_shift = _renormalize(tgt.astype(np.float64))
+    with np.errstate(invalid="ignore", over="ignore"):
+        support = ref > -np.inf
+        hole = support & (tgt == -np.inf)
+        terms = np.where(support & ~hole, np.exp(ref) * (ref - tgt), 0.0)
+        kl = np.maximum(terms.sum(axis=1), 0.0)
+        kl[hole.any(axis=1)] = np.inf
+        kl[np.isnan(ref).any(axis=1) | np.isnan(tgt).any(axis=1)] = np.nan
+    return kl, ref_shift, tgt_shift, ref_fix, tgt_fix
+
+
+def _kl_finite(ref: np.ndarray, tgt: np.ndarray, scratch: Scratch):
+    """``_kl_general`` for rows finite everywhere (full-vocabulary captures), without masks or
+    full float64 copies: KL = exp(m - a) * sum_i e_i (x_i - y_i + b - a), e = exp(x - m),
+    with m the row max and a, b the two shifts. The reference's exp stays float64: it
+    weights terms whose sum nearly cancels when the sides are close (a float32 exp,
+    1e-7 relative, would swamp a KL of 1e-12 between two runs of one CPU)."""
+    m_ref, e, s_ref = _exp_rows(ref, scratch.get("e", ref.shape))
+    lse = m_ref + np.log(s_ref)
+    ref_fix = np.abs(np.exp(lse) - 1.0) > MASS_TOLERANCE
+    ref_shift = np.where(ref_fix, lse, 0.0)
+    tgt_shift, tgt_fix = _finite_target_shift(tgt, scratch)
+    d = np.subtract(ref, tgt, out=scratch.get("d", ref.shape), dtype=np.float64)
+    for i in np.flatnonzero(ref_shift != tgt_shift):
+        d[i] += tgt_shift[i] - ref_shift[i]
+    kl = np.exp(m_ref - ref_shift) * np.einsum("ij,ij->i", e, d)
+    return np.maximum(kl, 0.0), ref_shift, tgt_shift, ref_fix, tgt_fix
+
+
+def _exp_rows(rows: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row max, exp(rows - max) in float64 written to ``out``, its row sums)."""
+    m = rows.max(axis=1).astype(np.float64)
+    e = np.subtract(rows, m[:, None], out=out, dtype=np.float64)
+    np.exp(e, out=e)
+    return m, e, e.sum(axis=1)
+
+
+def _finite_target_shift(rows: np.ndarray, scratch: Scratch) -> tuple[np.ndarray, np.ndarray]:
+    """The target's renormalisation shift: a float32 mass estimate (error near 1e-7) settles
+    rows clearly within the tolerance; if any row is not, all are redone exactly as the
+    reference's, so identical rows always get identical shifts."""
+    m = rows.max(axis=1)
+    f = np.subtract(rows, m[:, None], out=scratch.get("f", rows.shape, rows.dtype))
+    np.exp(f, out=f)
+    mass = np.exp(m.astype(np.float64) + np.log(f.sum(axis=1, dtype=np.float64)))
+    if not (np.abs(mass - 1.0) > MASS_TOLERANCE - _MASS_UNSURE).any():
+        return np.zeros(rows.shape[0]), np.zeros(rows.shape[0], dtype=bool)
+    m64, _, s64 = _exp_rows(rows, scratch.get("d", rows.shape))
+    lse = m64 + np.log(s64)
+    fix = np.abs(np.exp(lse) - 1.0) > MASS_TOLERANCE
+    return np.where(fix, lse, 0.0), fix
+
+
+def _renormalize(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Subtract logsumexp from rows whose mass is off by more than MASS_TOLERANCE;
+    returns (rows, which rows, the shift per row: logsumexp there, else 0)."""
     with np.errstate(divide="ignore", invalid="ignore"):
         lse = logsumexp(rows, axis=1)
     fix = np.isfinite(lse) & (np.abs(np.exp(lse) - 1.0) > MASS_TOLERANCE)
+    shift = np.where(fix, lse, 0.0)
     if fix.any():
         rows = rows.copy()
         rows[fix] -= lse[fix, None]
-    return rows, fix
+    return rows, fix, shift
 
 
 _DTYPES = {

@@ -15,6 +15,10 @@ the target was fed the reference tokens, so every position is comparable.
 from __future__ import annotations
 
 import math
+import os
+import queue
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -105,10 +109,57 @@ def to_dense(vals: np.ndarray, ids: np.ndarray | None, vocab_size: int) -> np.nd
 def topk_ids(rows: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest entries per row, by value descending, ties by lower id.
 
-    Selection is O(V) per row (argpartition finds the k-th value); entries equal
-    to it are then taken lowest id first, so ties never depend on partition order.
+    A prefilter does the O(V) work with one max per chunk of ``_TOPK_CHUNK``
+    entries: the k-th largest chunk maximum is a lower bound of the k-th largest
+    entry (k chunks each hold an entry at least that large), so the top k, ties at
+    the k-th value included, all lie in the few chunks whose maximum reaches it.
+    Only those candidates are sorted (value descending, then id). Rows the bound
+    cannot handle (NaN, a bound at -inf in a row of top-N fillers) take the exact
+    selection of ``_topk_exact``; both give the same ids.
     """
-    k = max(1, min(k, rows.shape[1]))
+    rows = np.asarray(rows)
+    n, width = rows.shape
+    k = max(1, min(k, width))
+    size = _TOPK_CHUNK
+    full = width // size
+    out = np.empty((n, k), dtype=np.intp)
+    done = np.zeros(n, dtype=bool)
+    if n and full >= 2 * k:
+        chunks = rows[:, : full * size].reshape(n, full, size)
+        cmax = chunks.max(axis=2)
+        tail = width - full * size
+        if tail:
+            cmax = np.concatenate([cmax, rows[:, full * size :].max(axis=1, keepdims=True)], axis=1)
+        n_chunks = cmax.shape[1]
+        bound = np.partition(cmax, n_chunks - k, axis=1)[:, n_chunks - k]
+        done = np.isfinite(bound) & ~np.isnan(cmax).any(axis=1)
+        r, c = np.nonzero((cmax >= bound[:, None]) & done[:, None])
+        if r.size:
+            vals = np.full((r.size, size), -np.inf, dtype=rows.dtype)
+            in_full = c < full
+            vals[in_full] = chunks[r[in_full], c[in_full]]
+            if not in_full.all():  # the shorter last chunk
+                vals[~in_full, :tail] = rows[r[~in_full], full * size :]
+            pair, col = np.nonzero(vals >= bound[r, None])
+            cand_row, cand_id, cand_val = r[pair], c[pair] * size + col, vals[pair, col]
+            order = np.lexsort((cand_id, -cand_val, cand_row))
+            cand_id = cand_id[order]
+            counts = np.bincount(cand_row, minlength=n)
+            starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+            picked = np.flatnonzero(done)
+            out[picked] = cand_id[starts[picked, None] + np.arange(k)]
+    rest = np.flatnonzero(~done)
+    if rest.size:
+        out[rest] = _topk_exact(rows[rest], k)
+    return out
+
+
+_TOPK_CHUNK = 256  # entries per chunk in topk_ids' prefilter (one max each)
+
+
+def _topk_exact(rows: np.ndarray, k: int) -> np.ndarray:
+    """topk_ids by full selection: argpartition finds the k-th value; entries equal
+    to it are then taken lowest id first, so ties never depend on partition order."""
     part = np.argpartition(-rows, k - 1, axis=1)[:, :k]
     kth = np.take_along_axis(rows, part, axis=1).min(axis=1, keepdims=True)
     above = rows > kth
@@ -133,6 +184,160 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float:
     if denom == 0.0:
         return float("nan")
     return float(np.clip(np.dot(xc, yc) / denom, -1.0, 1.0))
+
+
+# -- streaming over blocks of rows -------------------------------------------------
+# A prompt's rows are [T, V] per side (256 x 128256 float32 is 131 MB). Each
+# statistic is computed block by block of about _BLOCK_ELEMS entries, so the
+# temporaries stay small and in cache instead of full-size float64 copies, and
+# blocks run in threads (numpy releases the GIL inside its loops). Blocks are
+# combined in order, so the result does not depend on the number of threads.
+_BLOCK_ELEMS = 1 << 18  # 2 rows of a 128k vocabulary: measured best among 1, 2, 4 and 8 rows
+_THREADS = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+class Scratch:
+    """Buffers one worker reuses from block to block.
+
+    Fresh multi-MiB temporaries are what made the first streamed version slow and
+    erratic on a small VM: the allocator hands freed memory back, so every block
+    faulted its pages in again (and numpy asks for huge pages from 4 MiB up).
+    Measured on 2 cores: exp over a float64 block 4.7 ns per entry into a reused
+    buffer, 6-17 ns into a fresh one.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: Any = np.float64) -> np.ndarray:
+        size, dtype = math.prod(shape), np.dtype(dtype)
+        buf = self._buffers.get(name)
+        if buf is None or buf.dtype != dtype or buf.size < size:
+            buf = self._buffers[name] = np.empty(size, dtype=dtype)
+        return buf[:size].reshape(shape)
+
+
+def map_row_blocks(fn: Callable[[int, Scratch], Any], n_rows: int, step: int) -> list[Any]:
+    """``[fn(start, scratch) for start in range(0, n_rows, step)]``, in threads when there are
+    several blocks; each thread has its own ``Scratch``."""
+    starts = list(range(0, n_rows, max(1, step)))
+    threads = min(_THREADS, len(starts))
+    if threads <= 1:
+        scratch = Scratch()
+        return [fn(s, scratch) for s in starts]
+    free: queue.SimpleQueue[Scratch] = queue.SimpleQueue()
+    for _ in range(threads):
+        free.put(Scratch())
+
+    def run(start: int) -> Any:
+        scratch = free.get()
+        try:
+            return fn(start, scratch)
+        finally:
+            free.put(scratch)
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(run, starts))
+
+
+@dataclass
+class _Elementwise:
+    """|Δ| statistics and Pearson moments over the entries finite on both sides."""
+
+    count: int = 0
+    sum_abs: float = 0.0
+    max_abs: float = -math.inf
+    worst: int | None = None  # row holding max_abs (first one)
+    outliers: int = 0
+    # sums of x - shift_x, y - shift_y and their products (float64); a shift near
+    # the mean keeps the one-pass variance free of cancellation
+    sx: float = 0.0
+    sy: float = 0.0
+    sxx: float = 0.0
+    syy: float = 0.0
+    sxy: float = 0.0
+    lo_x: float = math.inf
+    hi_x: float = -math.inf
+    lo_y: float = math.inf
+    hi_y: float = -math.inf
+
+    def add(self, other: _Elementwise, row_offset: int) -> None:
+        if other.count == 0:
+            return
+        if other.max_abs > self.max_abs:
+            self.max_abs, self.worst = other.max_abs, row_offset + other.worst
+        for name in ("count", "sum_abs", "outliers", "sx", "sy", "sxx", "syy", "sxy"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.lo_x, self.hi_x = min(self.lo_x, other.lo_x), max(self.hi_x, other.hi_x)
+        self.lo_y, self.hi_y = min(self.lo_y, other.lo_y), max(self.hi_y, other.hi_y)
+
+    def pearson(self) -> float:
+        """As ``pearson`` on the same entries, up to float rounding."""
+        n = self.count
+        if n < 2 or self.lo_x == self.hi_x or self.lo_y == self.hi_y:
+            return float("nan")  # a constant side
+        vx = self.sxx - self.sx * self.sx / n
+        vy = self.syy - self.sy * self.sy / n
+        if not (vx > 0.0 and vy > 0.0):
+            return float("nan")
+        cov = self.sxy - self.sx * self.sy / n
+        return float(np.clip(cov / math.sqrt(vx * vy), -1.0, 1.0))
+
+
+def elementwise(ref: np.ndarray, tgt: np.ndarray, eps: float) -> _Elementwise:
+    """Element-wise statistics of two [T, V] arrays, streamed by blocks of rows."""
+    n, width = ref.shape
+    shift = _pearson_shift(ref, tgt)
+    step = max(1, _BLOCK_ELEMS // max(1, width))
+    parts = map_row_blocks(
+        lambda s, scratch: _elementwise_block(ref[s : s + step], tgt[s : s + step], eps, shift, scratch), n, step)
+    total = _Elementwise()
+    for start, part in zip(range(0, n, step), parts):
+        total.add(part, start)
+    return total
+
+
+def _pearson_shift(ref: np.ndarray, tgt: np.ndarray) -> tuple[float, float]:
+    """The means of the first row that has entries finite on both sides."""
+    for i in range(ref.shape[0]):
+        both = np.isfinite(ref[i]) & np.isfinite(tgt[i])
+        if both.any():
+            return float(ref[i][both].mean(dtype=np.float64)), float(tgt[i][both].mean(dtype=np.float64))
+    return 0.0, 0.0
+
+
+def _elementwise_block(ref: np.ndarray, tgt: np.ndarray, eps: float, shift: tuple[float, float],
+                       scratch: Scratch) -> _Elementwise:
+    out = _Elementwise()
+    lo_x, hi_x, lo_y, hi_y = (float(f(a)) for a in (ref, tgt) for f in (np.min, np.max)) if ref.size else (0,) * 4
+    if all(math.isfinite(v) for v in (lo_x, hi_x, lo_y, hi_y)):
+        # every entry finite on both sides (the full-vocabulary case): no masks, no copies
+        diff = np.subtract(tgt, ref, out=scratch.get("diff", ref.shape, np.result_type(ref, tgt)))
+        np.abs(diff, out=diff)
+        x = np.subtract(ref, shift[0], out=scratch.get("x", ref.shape), dtype=np.float64).ravel()
+        y = np.subtract(tgt, shift[1], out=scratch.get("y", ref.shape), dtype=np.float64).ravel()
+        out.lo_x, out.hi_x, out.lo_y, out.hi_y = lo_x, hi_x, lo_y, hi_y
+    else:
+        both = np.isfinite(ref) & np.isfinite(tgt)
+        with np.errstate(invalid="ignore"):  # -inf - -inf outside `both` is masked out
+            diff = np.where(both, np.abs(tgt - ref), 0.0)
+        x_raw, y_raw = ref[both], tgt[both]
+        if x_raw.size:
+            out.lo_x, out.hi_x, out.lo_y, out.hi_y = (float(f(a)) for a in (x_raw, y_raw) for f in (np.min, np.max))
+        x = x_raw.astype(np.float64) - shift[0]
+        y = y_raw.astype(np.float64) - shift[1]
+    out.count = int(x.size)
+    if not out.count:
+        return out
+    row_max = diff.max(axis=1)
+    out.worst = int(row_max.argmax())
+    out.max_abs = float(row_max[out.worst])
+    out.sum_abs = float(diff.sum(dtype=np.float64))
+    out.outliers = int(np.count_nonzero(np.greater_equal(diff, eps, out=scratch.get("mask", diff.shape, bool))))
+    # numpy's own loops rather than BLAS dot: BLAS may start its threads inside ours
+    out.sx, out.sy = float(x.sum()), float(y.sum())
+    out.sxx, out.syy, out.sxy = (float(np.einsum("i,i->", a, b)) for a, b in ((x, x), (y, y), (x, y)))
+    return out
 
 
 def compare_prompt(
@@ -169,17 +374,15 @@ def compare_prompt(
             f"target {tgt_rows.shape[1]})"
         )
 
-    both = np.isfinite(ref_rows) & np.isfinite(tgt_rows)
-    finite_entries = int(both.sum())
+    ew = elementwise(ref_rows, tgt_rows, eps)
+    finite_entries = ew.count
     total = ref_rows.size
     if finite_entries:
-        with np.errstate(invalid="ignore"):  # -inf - -inf outside `both` is masked out
-            diff = np.where(both, np.abs(tgt_rows - ref_rows), 0.0)
-        max_abs = float(diff.max())
-        mean_abs = float(diff.sum(dtype=np.float64) / finite_entries)
-        outliers = int((diff >= eps).sum())
-        worst = int(np.unravel_index(int(diff.argmax()), diff.shape)[0])
-        r = pearson(ref_rows[both], tgt_rows[both])
+        max_abs = ew.max_abs
+        mean_abs = ew.sum_abs / finite_entries
+        outliers = ew.outliers
+        worst = ew.worst
+        r = ew.pearson()
     else:
         max_abs = mean_abs = r = float("nan")
         outliers = 0
@@ -195,9 +398,10 @@ def compare_prompt(
         # with top-N captures only N entries are real; the rest are -inf fillers
         widths = [np.asarray(side["logprobs"]).shape[1] for side in (reference, target) if side.get("ids") is not None]
         topk = min([topk, *widths])
-        k_ref = topk_ids(ref_rows, topk)
-        k_tgt = topk_ids(tgt_rows, topk)
-        k = k_ref.shape[1]
+        # ranked once per side; every top-K below (and in the distribution stats) is a prefix
+        ranked = tuple(_ranked(rows, max(topk, 2)) for rows in (ref_rows, tgt_rows))
+        k = max(1, min(topk, ref_rows.shape[1]))
+        k_ref, k_tgt = ranked[0][:, :k], ranked[1][:, :k]
         # |A ∩ B| per row without a Python loop over positions: sort and compare.
         inter = (k_ref[:, :, None] == k_tgt[:, None, :]).any(axis=2).sum(axis=1)
         overlap = float((inter / k).mean())
@@ -213,11 +417,11 @@ def compare_prompt(
 
     from .distribution import divergence_point, position_stats, summarize_positions, worst_positions
 
-    stats = position_stats(ref_rows, tgt_rows, np.asarray(ref_tokens[:n_pos], dtype=np.int64), topk, tie_margin)
+    stats = position_stats(ref_rows, tgt_rows, np.asarray(ref_tokens[:n_pos], dtype=np.int64), topk, tie_margin,
+                           ranked=ranked if n_pos else None)
     worst_list = []
     if n_pos:
-        k_ref_w = topk_ids(ref_rows, min(topk, 5))
-        k_tgt_w = topk_ids(tgt_rows, min(topk, 5))
+        k_ref_w, k_tgt_w = (ids[:, : max(1, min(topk, 5))] for ids in ranked)
         for pos in worst_positions(stats, n_worst):
             worst_list.append({
                 "position": int(pos),
@@ -334,6 +538,13 @@ def summarize(comparisons: list[PromptComparison]) -> RunSummary:
             for c in comparisons
         ),
     )
+
+
+def _ranked(rows: np.ndarray, k: int) -> np.ndarray:
+    """topk_ids by blocks of rows, in threads."""
+    step = max(1, _BLOCK_ELEMS // max(1, rows.shape[1]))
+    parts = map_row_blocks(lambda s, _scratch: topk_ids(rows[s : s + step], k), rows.shape[0], step)
+    return np.concatenate(parts) if parts else topk_ids(rows, k)
 
 
 def _ids(side: dict[str, Any], n_pos: int) -> np.ndarray | None:

@@ -240,7 +240,7 @@ def test_q16_keeps_minus_infinity_and_identical_rows_identical():
 
 
 def test_q16_store_round_trips_through_the_writer_and_a_packed_file(tmp_path):
-    from vllm_rbln_exec.capture import Q16_MAX_ERROR
+    from vllm_rbln_exec.capture import Q16_MAX_ERROR, Q16_RANGE
 
     rng = np.random.default_rng(3)
     info = SideInfo(side="reference", device="cpu", engine="fake", platform="cpu", dtype="float32", model="tiny")
@@ -253,7 +253,7 @@ def test_q16_store_round_trips_through_the_writer_and_a_packed_file(tmp_path):
     assert not any(name.endswith(".logprobs.npy") for name in files)  # the fp32 file is gone
     loaded = load_capture(tmp_path / "cap", verify_arrays=True)
     assert loaded.logprobs(0).dtype == np.float32
-    within = rows >= rows.max(axis=1, keepdims=True) - 16.0
+    within = rows >= rows.max(axis=1, keepdims=True) - Q16_RANGE
     assert np.abs(loaded.logprobs(0) - rows)[within].max() <= Q16_MAX_ERROR + 4e-6
     pack_capture(tmp_path / "cap", tmp_path / "ref.tar")
     again = unpack_capture(tmp_path / "ref.tar", tmp_path / "out")
@@ -266,3 +266,20 @@ def test_unknown_store_is_refused(tmp_path):
     writer.add(0, "p", [1], [0], "t", logprobs=np.zeros((1, 4), dtype=np.float32))
     with pytest.raises(CaptureError, match="unknown store"):
         writer.finish(store="int4")
+
+
+def test_q16_keeps_the_probability_of_a_large_vocabulary_row():
+    # Clipping the tail to the floor adds up to V * e^-RANGE of probability; over a
+    # 128k vocabulary with a long tail that must stay far below what KL can show.
+    from vllm_rbln_exec.capture import Q16_MAX_ERROR, dequantize_q16, quantize_q16
+
+    rows = _log_softmax_rows(np.random.default_rng(4), 4, 128256, 6.0)
+    spread = rows.max(axis=1) - rows.min(axis=1)
+    assert (spread > 40).all()  # the rows really have a tail below the floor
+    back = dequantize_q16(*quantize_q16(rows)).astype(np.float64)
+    total = np.logaddexp.reduce(back, axis=1)
+    # in-range rounding moves the log-mass by at most the step bound; the tail by ~1e-9
+    assert np.abs(total).max() < Q16_MAX_ERROR
+    p, q = np.exp(rows.astype(np.float64)), np.exp(back - total[:, None])
+    kl = (p * (rows - np.log(q))).sum(axis=1)
+    assert kl.max() < 1e-7

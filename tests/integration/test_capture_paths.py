@@ -1,0 +1,87 @@
+"""The capture paths give the same numbers: transformers' fast rows against a plain full
+forward pass, vLLM's fast path against its logprobs API, and ``capture: plain`` (the
+benchmark's baseline) generates the very tokens the fast path records.
+
+On the seeded tiny Llama (128256-token vocabulary). Three vLLM CPU engine starts.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vllm_rbln_exec.capture import TOKENS, CaptureError, load_capture
+from vllm_rbln_exec.tiny import make_tiny_model
+from vllm_rbln_exec.worker.spawn import WorkerJob, run_worker
+
+pytestmark = pytest.mark.integration
+
+PROMPTS = ["The capital of France is", "Hello, my name is", "In 1492 a ship sailed across the ocean blue and"]
+MAX_TOKENS = 10
+VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_TARGET_DEVICE": "cpu", "VLLM_PLUGINS": "cpu",
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+def capture(tiny: Path, folder: Path, engine: str, mode: str):
+    request = {
+        "engine": engine, "device": "cpu", "expected_platform": "cpu", "torch_device": "cpu",
+        "model": str(tiny), "model_name": "tiny", "dtype": "float32", "max_model_len": 256,
+        "max_tokens": MAX_TOKENS, "logprobs": -1, "batch": 3, "block_size": 128,
+        "enforce_eager": engine == "vllm", "capture": mode, "store": "fp32", "prompts": PROMPTS, "profile": False,
+    }
+    request["settings"] = {k: request[k] for k in ("dtype", "max_tokens", "logprobs", "capture", "store")}
+    env = {**os.environ, **(VLLM_ENV if engine == "vllm" else {})}
+    result = run_worker(WorkerJob(side=f"{engine}-{mode}", task="capture", request=request, env=env,
+                                  folder=folder, timeout=900))
+    assert result["peak_rss_mib"] > 0
+    return load_capture(Path(result["capture"]), verify_arrays=True)
+
+
+def assert_tokens_only(cap, like) -> None:
+    assert cap.mode == TOKENS
+    assert [p.token_ids for p in cap.prompts] == [p.token_ids for p in like.prompts]
+    assert [p.prompt_token_ids for p in cap.prompts] == [p.prompt_token_ids for p in like.prompts]
+    with pytest.raises(CaptureError):
+        cap.logprobs(0)
+
+
+def test_transformers_fast_rows_are_a_full_forward_pass(tiny, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    fast = capture(tiny, tmp_path / "fast", "transformers", "fast")
+    model = AutoModelForCausalLM.from_pretrained(str(tiny), attn_implementation="eager", local_files_only=True)
+    model = model.to(torch.float32).eval()
+    for i, record in enumerate(fast.prompts):
+        # no KV cache: the whole sequence at once, rows read off the positions that predicted each token
+        ids = record.prompt_token_ids + record.token_ids[:-1]
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, len(record.prompt_token_ids) - 1 :]
+        want = torch.log_softmax(logits.to(torch.float32), dim=-1).numpy()
+        got = np.asarray(fast.logprobs(i))
+        assert got.shape == want.shape == (MAX_TOKENS, 128256)
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+        assert want.argmax(axis=1).tolist() == record.token_ids
+
+    assert_tokens_only(capture(tiny, tmp_path / "plain", "transformers", "plain"), fast)
+
+
+def test_vllm_fast_equals_the_logprobs_api_and_plain_gives_the_same_tokens(tiny, tmp_path):
+    fast = capture(tiny, tmp_path / "fast", "vllm", "fast")
+    api = capture(tiny, tmp_path / "api", "vllm", "api")
+    assert fast.vocab_size == api.vocab_size == 128256
+    for i, (a, b) in enumerate(zip(fast.prompts, api.prompts, strict=True)):
+        assert a.token_ids == b.token_ids
+        rows_fast, rows_api = np.asarray(fast.logprobs(i)), np.asarray(api.logprobs(i))
+        assert rows_fast.shape == rows_api.shape == (MAX_TOKENS, 128256)
+        assert np.abs(rows_fast - rows_api).max() <= 1e-6
+        assert rows_fast.argmax(axis=1).tolist() == a.token_ids
+    assert_tokens_only(capture(tiny, tmp_path / "plain", "vllm", "plain"), fast)
