@@ -43,7 +43,6 @@ DEFAULT_TIE_MARGIN = 0.5  # nats between the reference's top-2 logprobs
 BUCKET_EDGES = (0.0, 0.25, 0.5, 0.75, 0.95, 1.0)
 BUCKET_LABELS = ("[0,0.25)", "[0.25,0.5)", "[0.5,0.75)", "[0.75,0.95)", "[0.95,1]")
 _CHUNK_ELEMS = 1 << 18  # rows are processed in blocks of about this many entries (as metrics._BLOCK_ELEMS)
-_MASS_UNSURE = 1e-5  # a float32 mass estimate this close to MASS_TOLERANCE is redone in float64
 
 
 @dataclass
@@ -303,7 +302,11 @@ def _kl_general(ref: np.ndarray, tgt: np.ndarray):
     and masks. Returns (kl, reference shift, target shift, reference renormalised, target renormalised)."""
     ref, ref_fix, ref_shift = _renormalize(ref.astype(np.float64))
     tgt, tgt_fix, tgt_shift = _renormalize(tgt.astype(np.float64))
-    with np.errstate(invalid="ignore", over="ignore"):
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        # KL is taken between exactly normalised rows, whatever the mass tolerance
+        # says: a mass off by 1e-4 (rounding, q16) would otherwise add 1e-4 to KL.
+        ref = ref - np.where(np.isfinite(r := logsumexp(ref, axis=1)), r, 0.0)[:, None]
+        tgt = tgt - np.where(np.isfinite(t := logsumexp(tgt, axis=1)), t, 0.0)[:, None]
         support = ref > -np.inf
         hole = support & (tgt == -np.inf)
         terms = np.where(support & ~hole, np.exp(ref) * (ref - tgt), 0.0)
@@ -315,19 +318,22 @@ def _kl_general(ref: np.ndarray, tgt: np.ndarray):
 
 def _kl_finite(ref: np.ndarray, tgt: np.ndarray, scratch: Scratch):
     """``_kl_general`` for rows finite everywhere (full-vocabulary captures), without masks or
-    full float64 copies: KL = exp(m - a) * sum_i e_i (x_i - y_i + b - a), e = exp(x - m),
-    with m the row max and a, b the two shifts. The reference's exp stays float64: it
-    weights terms whose sum nearly cancels when the sides are close (a float32 exp,
-    1e-7 relative, would swamp a KL of 1e-12 between two runs of one CPU)."""
+    full float64 copies. With p = softmax(x) and a, b the exact logsumexps of the two rows,
+    KL = sum_i p_i (x_i - y_i) + b - a: the KL of the exactly normalised rows, whatever their
+    stored mass (rounding or q16 can leave it 1e-4 off, which would otherwise land in KL).
+    Both exps stay float64: they weight terms whose sum nearly cancels when the sides are
+    close (a float32 exp, 1e-7 relative, would swamp a KL of 1e-12 between two runs of one
+    CPU), and identical rows go through identical arithmetic, so their KL is exactly 0."""
     m_ref, e, s_ref = _exp_rows(ref, scratch.get("e", ref.shape))
     lse = m_ref + np.log(s_ref)
     ref_fix = np.abs(np.exp(lse) - 1.0) > MASS_TOLERANCE
     ref_shift = np.where(ref_fix, lse, 0.0)
-    tgt_shift, tgt_fix = _finite_target_shift(tgt, scratch)
+    m_tgt, _, s_tgt = _exp_rows(tgt, scratch.get("d", tgt.shape))
+    lse_tgt = m_tgt + np.log(s_tgt)
+    tgt_fix = np.abs(np.exp(lse_tgt) - 1.0) > MASS_TOLERANCE
+    tgt_shift = np.where(tgt_fix, lse_tgt, 0.0)
     d = np.subtract(ref, tgt, out=scratch.get("d", ref.shape), dtype=np.float64)
-    for i in np.flatnonzero(ref_shift != tgt_shift):
-        d[i] += tgt_shift[i] - ref_shift[i]
-    kl = np.exp(m_ref - ref_shift) * np.einsum("ij,ij->i", e, d)
+    kl = np.einsum("ij,ij->i", e, d) / s_ref + (lse_tgt - lse)
     return np.maximum(kl, 0.0), ref_shift, tgt_shift, ref_fix, tgt_fix
 
 
@@ -337,22 +343,6 @@ def _exp_rows(rows: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray
     e = np.subtract(rows, m[:, None], out=out, dtype=np.float64)
     np.exp(e, out=e)
     return m, e, e.sum(axis=1)
-
-
-def _finite_target_shift(rows: np.ndarray, scratch: Scratch) -> tuple[np.ndarray, np.ndarray]:
-    """The target's renormalisation shift: a float32 mass estimate (error near 1e-7) settles
-    rows clearly within the tolerance; if any row is not, all are redone exactly as the
-    reference's, so identical rows always get identical shifts."""
-    m = rows.max(axis=1)
-    f = np.subtract(rows, m[:, None], out=scratch.get("f", rows.shape, rows.dtype))
-    np.exp(f, out=f)
-    mass = np.exp(m.astype(np.float64) + np.log(f.sum(axis=1, dtype=np.float64)))
-    if not (np.abs(mass - 1.0) > MASS_TOLERANCE - _MASS_UNSURE).any():
-        return np.zeros(rows.shape[0]), np.zeros(rows.shape[0], dtype=bool)
-    m64, _, s64 = _exp_rows(rows, scratch.get("d", rows.shape))
-    lse = m64 + np.log(s64)
-    fix = np.abs(np.exp(lse) - 1.0) > MASS_TOLERANCE
-    return np.where(fix, lse, 0.0), fix
 
 
 def _renormalize(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

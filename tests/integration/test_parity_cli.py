@@ -171,7 +171,7 @@ def test_perturbed_target_model_shows_larger_kl(baseline, tmp_path, cli):
     rng = np.random.default_rng(0)
     name = "model.layers.2.mlp.down_proj.weight"
     w = tensors[name]
-    tensors[name] = (w + rng.normal(scale=float(w.std()) * 0.5, size=w.shape)).astype(w.dtype)
+    tensors[name] = (w + rng.normal(scale=float(w.std()) * 2.0, size=w.shape)).astype(w.dtype)
     save_file(tensors, str(perturbed / "model.safetensors"))
 
     out = tmp_path / "reports"
@@ -183,6 +183,10 @@ def test_perturbed_target_model_shows_larger_kl(baseline, tmp_path, cli):
     d = res.report["summary"]["distribution"]
     assert d["kl_mean"] > 1e-3  # the identical run has exactly 0
     assert d["kl_max"] > baseline["report"]["summary"]["distribution"]["kl_max"]
+    # and an earlier divergence: the identical run's target argmax never leaves the reference
+    assert baseline["report"]["summary"]["argmax_divergences"] == 0
+    assert res.report["summary"]["argmax_divergences"] >= 1
+    assert d["top1_rate"] < 1.0
     assert "worst positions by KL" in res.stdout
     assert "PARITY FAILS" in res.stdout
     flat = " ".join(res.stdout.split())

@@ -186,3 +186,19 @@ def test_concat_and_chunking_match(monkeypatch):
         np.testing.assert_array_equal(other.tgt_argmax, whole.tgt_argmax)
     assert summarize_positions(parts).to_json() == summarize_positions(whole).to_json()
     assert whole.kl.min() > 0 and np.isfinite(summarize_positions(whole).kl_sem)
+
+
+@pytest.mark.parametrize("with_hole", [False, True])
+def test_kl_ignores_a_small_mass_error(with_hole):
+    # A row whose stored mass is off by a constant factor below MASS_TOLERANCE (rounding,
+    # q16) is the same distribution: KL must not report the mass error as divergence.
+    rng = np.random.default_rng(5)
+    logits = rng.normal(scale=2.0, size=(6, 300))
+    ref = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+    tgt = ref - 4e-4  # mass e^-4e-4: inside the tolerance, so not flagged as renormalised
+    if with_hole:  # the general path (a -inf where neither side has mass)
+        ref[:, 0] = tgt[:, 0] = -np.inf
+    st = position_stats(ref, tgt, ref.argmax(axis=1), topk=5)
+    assert np.abs(st.kl).max() < 1e-12
+    if not with_hole:  # removing column 0 takes more than the tolerance from some rows
+        assert summarize_positions(st).renormalized_target == 0
