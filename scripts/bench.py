@@ -46,7 +46,14 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from vllm_rbln_exec import __version__  # noqa: E402
-from vllm_rbln_exec.capture import Q16_MAX_ERROR, Q16_RANGE, Capture, load_capture, write_json_atomic  # noqa: E402
+from vllm_rbln_exec.capture import (  # noqa: E402
+    Q16_MAX_ERROR,
+    Q16_RANGE,
+    Capture,
+    load_capture,
+    strict_json,
+    write_json_atomic,
+)
 from vllm_rbln_exec.config import RunConfig  # noqa: E402
 from vllm_rbln_exec.devices import installed_version  # noqa: E402
 
@@ -348,22 +355,11 @@ def main(argv: list[str] | None = None) -> int:
     results["finished"] = datetime.now().isoformat(timespec="seconds")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out, _strict(results))
+    write_json_atomic(out, strict_json(results))
     console.print()
     render(console, results)
     console.print(f"results written to {out}")
     return 0
-
-
-def _strict(value: Any) -> Any:
-    """NaN and infinities as null, so the file is strict JSON."""
-    if isinstance(value, float):
-        return value if np.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _strict(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict(v) for v in value]
-    return value
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import shutil
 import tarfile
@@ -362,6 +363,25 @@ def _load_array(path: Path) -> np.ndarray:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise CaptureError(f"cannot read {path}: {exc}") from exc
+
+
+def strict_json(value: Any) -> Any:
+    """Plain JSON types only: non-finite floats -> None, numpy scalars -> Python, tuples -> lists."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, dict):
+        return {str(k): strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):  # numpy scalar (numpy is not needed to detect it)
+        return strict_json(value.item())
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to a JSON report")
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

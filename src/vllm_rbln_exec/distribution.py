@@ -36,7 +36,8 @@ import numpy as np
 from scipy import stats as sstats
 from scipy.special import logsumexp
 
-from .metrics import Scratch, _jsonable, map_row_blocks, topk_ids
+from .capture import strict_json
+from .metrics import Scratch, map_row_blocks, topk_ids
 
 MASS_TOLERANCE = 1e-3
 DEFAULT_TIE_MARGIN = 0.5  # nats between the reference's top-2 logprobs
@@ -114,7 +115,7 @@ class DistributionSummary:
     kl_buckets: list[dict[str, Any]]  # by reference top-1 probability
 
     def to_json(self) -> dict[str, Any]:
-        return _jsonable(asdict(self))
+        return strict_json(asdict(self))
 
 
 def position_stats(

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from .capture import strict_json
+
 PEARSON_PASS = 0.99
 
 
@@ -80,7 +82,7 @@ class PromptComparison:
     def to_json(self) -> dict[str, Any]:
         stats, self.position_stats = self.position_stats, None
         try:
-            return _jsonable(asdict(self))
+            return strict_json(asdict(self))
         finally:
             self.position_stats = stats
 
@@ -493,7 +495,7 @@ class RunSummary:
     disagreements: int = 0  # ... of those, where the reference was not at a near-tie
 
     def to_json(self) -> dict[str, Any]:
-        return _jsonable(asdict(self))
+        return strict_json(asdict(self))
 
 
 def summarize(comparisons: list[PromptComparison]) -> RunSummary:
@@ -556,14 +558,3 @@ def _head_tail(row: np.ndarray, n: int) -> list[float]:
     if row.size <= 2 * n:
         return row.tolist()
     return np.concatenate([row[:n], row[-n:]]).tolist()
-
-
-def _jsonable(value: Any) -> Any:
-    """NaN/inf become None so the JSON is strict."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value

@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from .capture import strict_json
 from .gate import OVERALL, PROMPT, Verdict, metric_value
 from .noise import NoiseFloor, noise_to_json
 
@@ -60,25 +61,6 @@ def load_report(path: str | Path) -> tuple[dict[str, Any], dict[str, Any] | None
     if isinstance(data, dict) and data.get("kind") == PARITY_REPORT_KIND:
         return data["run"], data.get("verdict"), data.get("noise")
     return data, None, None
-
-
-def strict_json(value: Any) -> Any:
-    """Plain JSON types only: non-finite floats -> None, numpy scalars -> Python, tuples -> lists."""
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, dict):
-        return {str(k): strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict_json(v) for v in value]
-    if hasattr(value, "item") and callable(value.item):  # numpy scalar (numpy is not needed to detect it)
-        return strict_json(value.item())
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot write {type(value).__name__} to a JSON report")
 
 
 # -- JUnit XML ----------------------------------------------------------------------
