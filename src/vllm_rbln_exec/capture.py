@@ -28,7 +28,9 @@ from typing import Any
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+# 2: q16 records carry the range their levels span (version 1 did not, and its
+# builds used two different ranges, so its q16 files cannot be decoded safely).
+SCHEMA_VERSION = 2
 CAPTURE_JSON = "capture.json"
 FULL = "full"
 TOPN = "topn"
@@ -58,8 +60,9 @@ Q16_MAX_ERROR = Q16_STEP / 2
 _BLOCK_ELEMS = 1 << 18  # entries per block in (de)quantisation: a float64 buffer of 2 MiB stays in cache
 
 
-def quantize_q16(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[T, V] float rows -> (uint16 levels [T, V], float32 floors [T])."""
+def quantize_q16(rows: np.ndarray, span: float = Q16_RANGE) -> tuple[np.ndarray, np.ndarray]:
+    """[T, V] float rows -> (uint16 levels [T, V], float32 floors [T]) over ``span`` nats below each row's top."""
+    step = span / 65534.0
     rows = np.asarray(rows, dtype=np.float32)
     n, width = rows.shape
     levels = np.empty(rows.shape, dtype=np.uint16)
@@ -81,9 +84,9 @@ def quantize_q16(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
                 finite_top = np.where(np.isfinite(block), block, -np.inf).max(axis=1)
             top = np.where(clean, top, np.where(np.isfinite(finite_top), finite_top, 0.0)).astype(np.float32)
         f = floor[start:start + chunk]
-        f[:] = top - np.float32(Q16_RANGE)
+        f[:] = top - np.float32(span)
         np.subtract(block, f[:, None], out=b, dtype=np.float64)
-        np.divide(b, Q16_STEP, out=b)
+        np.divide(b, step, out=b)
         with np.errstate(invalid="ignore"):  # non-finite entries are set to level 0 below
             np.rint(b, out=b)
             np.clip(b, 0, 65534, out=b)
@@ -94,7 +97,8 @@ def quantize_q16(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return levels, floor
 
 
-def dequantize_q16(levels: np.ndarray, floor: np.ndarray) -> np.ndarray:
+def dequantize_q16(levels: np.ndarray, floor: np.ndarray, span: float = Q16_RANGE) -> np.ndarray:
+    step = span / 65534.0
     levels = np.asarray(levels)
     floor = np.asarray(floor, dtype=np.float64)
     n, width = levels.shape
@@ -106,7 +110,7 @@ def dequantize_q16(levels: np.ndarray, floor: np.ndarray) -> np.ndarray:
         b = buf[: block.shape[0]]
         np.copyto(b, block)
         b -= 1
-        b *= Q16_STEP
+        b *= step
         b += floor[start:start + chunk, None]
         np.copyto(out[start:start + chunk], b, casting="same_kind")
         if block.size and block.min() == 0:
@@ -116,6 +120,13 @@ def dequantize_q16(levels: np.ndarray, floor: np.ndarray) -> np.ndarray:
 
 class CaptureError(Exception):
     """A capture folder or file is missing, truncated or of another schema."""
+
+
+def _q16_span(record: PromptRecord) -> float:
+    span = record.q16_range
+    if not isinstance(span, (int, float)) or isinstance(span, bool) or not 0 < span < 1e4:
+        raise CaptureError(f"{record.logprobs_file}: q16 levels without a valid range ({span!r})")
+    return float(span)
 
 
 @dataclass
@@ -147,6 +158,7 @@ class PromptRecord:
     logprobs_file: str | None  # None in a TOKENS capture
     ids_file: str | None = None
     floor_file: str | None = None  # set when the logprobs are stored as q16 levels
+    q16_range: float | None = None  # nats below each row's top that the q16 levels span
 
 
 @dataclass
@@ -168,7 +180,7 @@ class Capture:
         data = _load_array(self._path(record.logprobs_file))
         if record.floor_file is None:
             return data
-        return dequantize_q16(data, _load_array(self._path(record.floor_file)))
+        return dequantize_q16(data, _load_array(self._path(record.floor_file)), _q16_span(record))
 
     def top_ids(self, i: int) -> np.ndarray | None:
         name = self.prompts[i].ids_file
@@ -189,8 +201,10 @@ class Capture:
     def from_json(cls, data: dict[str, Any], root: Path | None = None) -> Capture:
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
+            hint = " (written by a pre-release build whose q16 layout it does not record: capture it again)" \
+                if version == 1 else ""
             raise CaptureError(
-                f"capture schema version {version!r} is not the supported {SCHEMA_VERSION}"
+                f"capture schema version {version!r} is not the supported {SCHEMA_VERSION}{hint}"
             )
         try:
             return cls(
@@ -315,9 +329,10 @@ class CaptureWriter:
 
     def _compact(self, record: PromptRecord) -> None:
         src = self.root / record.logprobs_file
-        levels, floor = quantize_q16(np.load(src, mmap_mode="r"))
+        levels, floor = quantize_q16(np.load(src, mmap_mode="r"), Q16_RANGE)
         stem = record.logprobs_file.removesuffix(".npy")
         record.logprobs_file, record.floor_file = f"{stem}.q16.npy", f"{stem}.floor.npy"
+        record.q16_range = Q16_RANGE
         np.save(self.root / record.logprobs_file, levels)
         np.save(self.root / record.floor_file, floor)
         src.unlink()
@@ -345,6 +360,7 @@ def load_capture(root: Path, verify_arrays: bool = False) -> Capture:
                 floor = _load_array(capture._path(record.floor_file))
                 if lp.dtype != np.uint16 or floor.shape != (lp.shape[0],):
                     raise CaptureError(f"{record.logprobs_file}: q16 levels or floors are malformed")
+                _q16_span(record)
             if lp.ndim != 2 or lp.shape[0] != len(record.token_ids):
                 raise CaptureError(
                     f"{record.logprobs_file}: shape {lp.shape} does not match "

@@ -283,3 +283,55 @@ def test_q16_keeps_the_probability_of_a_large_vocabulary_row():
     p, q = np.exp(rows.astype(np.float64)), np.exp(back - total[:, None])
     kl = (p * (rows - np.log(q))).sum(axis=1)
     assert kl.max() < 1e-7
+
+
+def _q16_capture(tmp_path, rows):
+    info = SideInfo(side="reference", device="cpu", engine="fake", platform="cpu", dtype="float32", model="tiny")
+    writer = CaptureWriter(tmp_path / "cap", info, {}, FULL)
+    writer.add(0, "p", [1], [int(r.argmax()) for r in rows], "t", logprobs=rows)
+    return writer.finish(store="q16")
+
+
+def test_q16_records_its_range_and_is_decoded_with_it(tmp_path):
+    # A file states the span of its levels, so a later build with another range
+    # still decodes it correctly: decoding a 16-nat file as 32 nats would double
+    # every distance from the floor.
+    from vllm_rbln_exec.capture import Q16_RANGE, dequantize_q16, quantize_q16
+
+    rows = _log_softmax_rows(np.random.default_rng(5), 3, 200, 2.0)
+    capture = _q16_capture(tmp_path, rows)
+    assert capture.prompts[0].q16_range == Q16_RANGE
+    record = capture.prompts[0]
+    levels, floor = quantize_q16(rows, span=16.0)
+    np.save(tmp_path / "cap" / record.logprobs_file, levels)
+    np.save(tmp_path / "cap" / record.floor_file, floor)
+    meta = tmp_path / "cap" / CAPTURE_JSON
+    data = json.loads(meta.read_text())
+    data["prompts"][0]["q16_range"] = 16.0
+    meta.write_text(json.dumps(data))
+    loaded = load_capture(tmp_path / "cap", verify_arrays=True)
+    np.testing.assert_array_equal(loaded.logprobs(0), dequantize_q16(levels, floor, 16.0))
+    assert np.abs(loaded.logprobs(0) - rows).max() <= 16.0 / 65534 / 2 + 4e-6
+
+
+@pytest.mark.parametrize("span", [None, 0, -1.0, "32", True])
+def test_q16_levels_without_a_valid_range_are_refused(tmp_path, span):
+    capture = _q16_capture(tmp_path, _log_softmax_rows(np.random.default_rng(6), 2, 50, 2.0))
+    meta = capture.root / CAPTURE_JSON
+    data = json.loads(meta.read_text())
+    data["prompts"][0]["q16_range"] = span
+    meta.write_text(json.dumps(data))
+    with pytest.raises(CaptureError, match="without a valid range"):
+        load_capture(capture.root, verify_arrays=True)
+    with pytest.raises(CaptureError, match="without a valid range"):
+        load_capture(capture.root).logprobs(0)
+
+
+def test_a_version_1_capture_is_refused_with_advice(small_capture):
+    capture, _ = small_capture
+    meta = capture.root / CAPTURE_JSON
+    data = json.loads(meta.read_text())
+    data["schema_version"] = 1
+    meta.write_text(json.dumps(data))
+    with pytest.raises(CaptureError, match="capture it again"):
+        load_capture(capture.root)
