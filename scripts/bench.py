@@ -11,7 +11,10 @@ what a parity run executes:
     fast       full vocabulary through the capture logits processor, fp32 store
     fast-q16   the same, stored as 16-bit levels (the CLI's default)
 
-Engine start is reported apart and excluded from every ratio. Then the fast and
+Engine start is reported apart and excluded from every ratio. ``--rounds N``
+repeats every measurement N times, the variants interleaved within a round so
+that each ratio to plain pairs two runs made under the same machine conditions;
+the table shows the median round and the range of the paired ratios. Then the fast and
 API captures are compared with the run's own ``compare`` (timed: the metric
 time), which also shows that the two paths agree (max|Δ|). A synthetic metric
 measurement on random log-softmax rows (``--metric-rows`` x ``--metric-vocab``)
@@ -63,7 +66,7 @@ from vllm_rbln_exec.metrics import compare_prompt, summarize  # noqa: E402
 from vllm_rbln_exec.run import ParityRun  # noqa: E402
 from vllm_rbln_exec.worker.spawn import WorkerJob, run_worker  # noqa: E402
 
-BENCH_SCHEMA_VERSION = 1
+BENCH_SCHEMA_VERSION = 2  # 2: rounds, median rows and ratio ranges
 VARIANTS = {  # name: (capture, store)
     "plain": ("plain", "fp32"),
     "api": ("api", "fp32"),
@@ -200,17 +203,21 @@ def bench_model(name: str, args, out_root: Path, log) -> dict[str, Any]:
     prompts = cfg.resolved_prompts()
     # the reference side's environment and compile cache: the one a parity run warms
     env, env_record = run.side_env("reference", profile)
-    rows: dict[str, dict] = {}
+    rounds: list[dict[str, dict]] = []
     captures: dict[str, Capture] = {}
-    log(f"[bold]{name}[/bold]: {len(prompts)} prompts x {args.tokens} tokens")
-    for variant in args.variants:
-        rows[variant], captures[variant] = measure_variant(
-            run, profile, model_path, prompts, variant, out_root / name / variant, env, env_record, log)
-    plain = rows.get("plain")
-    for row in rows.values():
-        if plain and plain["total_s"]:
-            row["x_plain"] = row["total_s"] / plain["total_s"]
-            row["generate_x_plain"] = row["generate_s"] / plain["generate_s"] if plain["generate_s"] else None
+    log(f"[bold]{name}[/bold]: {len(prompts)} prompts x {args.tokens} tokens, {args.rounds} round(s)")
+    for r in range(args.rounds):
+        measured: dict[str, dict] = {}
+        for variant in args.variants:
+            folder = out_root / name / f"r{r}" / variant
+            measured[variant], capture = measure_variant(
+                run, profile, model_path, prompts, variant, folder, env, env_record, log)
+            if r == args.rounds - 1:
+                captures[variant] = capture  # the last round's captures are compared
+            elif not args.keep:
+                shutil.rmtree(folder, ignore_errors=True)  # 131 MB each at 128k: keep one round
+        rounds.append(measured)
+    rows = aggregate_rounds(rounds)
     comparisons = {}
     if "api" in captures:
         for variant in ("fast", "fast-q16"):
@@ -224,6 +231,37 @@ def bench_model(name: str, args, out_root: Path, log) -> dict[str, Any]:
     return {"model": name, "model_path": str(model_path), "prompts": len(prompts), "max_tokens": args.tokens,
             "vocab": next((c.vocab_size for c in captures.values() if c.vocab_size), None),
             "variants": rows, "comparisons": comparisons}
+
+
+def aggregate_rounds(rounds: list[dict[str, dict]]) -> dict[str, dict]:
+    """One row per variant from its measurements in every round.
+
+    The row is the round with the median total time (so its columns belong to one
+    run), plus every round's totals, the worst peak RSS, and ``x_plain``: the median
+    over rounds of total / plain's total in the same round, with its range.
+    """
+    rows: dict[str, dict] = {}
+    for variant in rounds[0]:
+        runs = [r[variant] for r in rounds if variant in r]
+        by_total = sorted(runs, key=lambda row: row["total_s"])
+        row = dict(by_total[(len(by_total) - 1) // 2])  # the lower median: a real run, not an average
+        row["rounds"] = len(runs)
+        row["total_s_rounds"] = [run["total_s"] for run in runs]
+        row["generate_s_rounds"] = [run["generate_s"] for run in runs]
+        rss = [run["peak_rss_mib"] for run in runs if run.get("peak_rss_mib") is not None]
+        row["peak_rss_mib"] = max(rss) if rss else None
+        paired = [r[variant]["total_s"] / r["plain"]["total_s"] for r in rounds
+                  if variant in r and "plain" in r and r["plain"]["total_s"]]
+        paired_generate = [r[variant]["generate_s"] / r["plain"]["generate_s"] for r in rounds
+                           if variant in r and "plain" in r and r["plain"].get("generate_s")]
+        if paired:
+            row["x_plain"] = float(np.median(paired))
+            row["x_plain_range"] = [min(paired), max(paired)]
+            row["x_plain_rounds"] = paired
+        if paired_generate:
+            row["generate_x_plain"] = float(np.median(paired_generate))
+        rows[variant] = row
+    return rows
 
 
 def synthetic_metric(rows: int, vocab: int, per_prompt: int, repeats: int = 2) -> dict[str, Any]:
@@ -262,17 +300,22 @@ def _f(value, fmt: str = ".2f", unit: str = "") -> str:
     return f"{value:{fmt}}{unit}"
 
 
+def _range(bounds) -> str:
+    return "-" if not bounds else f"{bounds[0]:.2f}-{bounds[1]:.2f}x"
+
+
 def render(console: Console, results: dict[str, Any]) -> None:
     for model in results["models"]:
         table = Table(title=f"{model['model']}: {model['prompts']} prompts x {model['max_tokens']} tokens, "
                             f"vocabulary {model['vocab']}", title_justify="left")
         for header in ("path", "store", "engine start s", "generate s", "collect s", "store s", "total s",
-                       "x plain", "tok/s", "bytes/entry", "peak RSS MiB"):
+                       "x plain", "x plain range", "tok/s", "bytes/entry", "peak RSS MiB"):
             table.add_column(header, justify="left" if header in ("path", "store") else "right")
         for row in model["variants"].values():
             table.add_row(row["capture"], row["store"] if row["capture"] != "plain" else "-",
                           _f(row["engine_start_s"], ".1f"), _f(row["generate_s"]), _f(row["collect_s"]),
                           _f(row["store_s"]), _f(row["total_s"]), _f(row.get("x_plain"), ".2f", "x"),
+                          _range(row.get("x_plain_range")),
                           _f(row["tokens_per_s"], ".0f"), _f(row.get("bytes_per_entry"), ".3f"),
                           _f(row["peak_rss_mib"], ".0f"))
         console.print(table)
@@ -311,15 +354,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=1800.0, help="per worker, seconds")
     p.add_argument("--metric-rows", type=int, default=None, help="synthetic metric: positions (default 256; 0 skips)")
     p.add_argument("--metric-vocab", type=int, default=128256, help="synthetic metric: vocabulary")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="measure every variant this many times, interleaved (default 3; --quick 1)")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny-llama3, 2 prompts x 8 tokens")
     args = p.parse_args(argv)
-    quick = {"models": "tiny-llama3", "prompts": 2, "tokens": 8, "metric_rows": 16}
-    full = {"models": DEFAULT_MODELS, "prompts": 4, "tokens": 64, "metric_rows": 256}
+    quick = {"models": "tiny-llama3", "prompts": 2, "tokens": 8, "metric_rows": 16, "rounds": 1}
+    full = {"models": DEFAULT_MODELS, "prompts": 4, "tokens": 64, "metric_rows": 256, "rounds": 3}
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
@@ -337,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "load_average": {"before": [round(x, 2) for x in os.getloadavg()]},
         "settings": {"models": args.models, "prompts": args.prompts, "tokens": args.tokens,
-                     "variants": args.variants, "kv_cache_gib": args.kv_cache_gib, "quick": args.quick},
+                     "variants": args.variants, "kv_cache_gib": args.kv_cache_gib, "quick": args.quick,
+                     "rounds": args.rounds},
         "models": [],
     }
     try:

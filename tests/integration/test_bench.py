@@ -27,7 +27,7 @@ def test_quick_benchmark_writes_its_results(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(out.read_text())  # strict JSON: no NaN
-    assert results["schema_version"] == 1
+    assert results["schema_version"] == 2 and results["settings"]["rounds"] == 1
     assert results["machine"]["cores"] >= 1 and len(results["load_average"]["after"]) == 3
     (model,) = results["models"]
     assert model["model"] == "tiny-llama3" and model["vocab"] == 128256
@@ -36,6 +36,8 @@ def test_quick_benchmark_writes_its_results(tmp_path):
     for name, row in variants.items():
         assert row["generated_tokens"] == 2 * 8
         assert row["generate_s"] > 0 and row["engine_start_s"] > 0 and row["peak_rss_mib"] > 0
+        assert row["rounds"] == 1 and row["total_s_rounds"] == [row["total_s"]]
+        assert row["x_plain_range"] == [row["x_plain"], row["x_plain"]]
         if name != "plain":
             assert row["tokens_match_plain"] is True
     assert variants["fast"]["bytes_per_entry"] == pytest.approx(4.0, rel=0.01)
