@@ -80,16 +80,20 @@ def test_unfinished_folder_raises(tmp_path):
         load_capture(tmp_path / "does-not-exist")
 
 
+def _edit_meta(root, edit) -> None:
+    """Rewrite a capture's metadata through ``edit(data)``, as a damaged or older file would read."""
+    meta = root / CAPTURE_JSON
+    data = json.loads(meta.read_text())
+    edit(data)
+    meta.write_text(json.dumps(data))
+
+
 def test_wrong_schema_version_raises(small_capture):
     capture, _ = small_capture
-    meta = capture.root / CAPTURE_JSON
-    data = json.loads(meta.read_text())
-    data["schema_version"] = SCHEMA_VERSION + 1
-    meta.write_text(json.dumps(data))
+    _edit_meta(capture.root, lambda data: data.update(schema_version=SCHEMA_VERSION + 1))
     with pytest.raises(CaptureError, match="schema version"):
         load_capture(capture.root)
-    del data["schema_version"]
-    meta.write_text(json.dumps(data))
+    _edit_meta(capture.root, lambda data: data.pop("schema_version"))
     with pytest.raises(CaptureError, match="schema version"):
         load_capture(capture.root)
 
@@ -305,10 +309,7 @@ def test_q16_records_its_range_and_is_decoded_with_it(tmp_path):
     levels, floor = quantize_q16(rows, span=16.0)
     np.save(tmp_path / "cap" / record.logprobs_file, levels)
     np.save(tmp_path / "cap" / record.floor_file, floor)
-    meta = tmp_path / "cap" / CAPTURE_JSON
-    data = json.loads(meta.read_text())
-    data["prompts"][0]["q16_range"] = 16.0
-    meta.write_text(json.dumps(data))
+    _edit_meta(tmp_path / "cap", lambda data: data["prompts"][0].update(q16_range=16.0))
     loaded = load_capture(tmp_path / "cap", verify_arrays=True)
     np.testing.assert_array_equal(loaded.logprobs(0), dequantize_q16(levels, floor, 16.0))
     assert np.abs(loaded.logprobs(0) - rows).max() <= 16.0 / 65534 / 2 + 4e-6
@@ -317,10 +318,7 @@ def test_q16_records_its_range_and_is_decoded_with_it(tmp_path):
 @pytest.mark.parametrize("span", [None, 0, -1.0, "32", True])
 def test_q16_levels_without_a_valid_range_are_refused(tmp_path, span):
     capture = _q16_capture(tmp_path, _log_softmax_rows(np.random.default_rng(6), 2, 50, 2.0))
-    meta = capture.root / CAPTURE_JSON
-    data = json.loads(meta.read_text())
-    data["prompts"][0]["q16_range"] = span
-    meta.write_text(json.dumps(data))
+    _edit_meta(capture.root, lambda data: data["prompts"][0].update(q16_range=span))
     with pytest.raises(CaptureError, match="without a valid range"):
         load_capture(capture.root, verify_arrays=True)
     with pytest.raises(CaptureError, match="without a valid range"):
@@ -329,9 +327,6 @@ def test_q16_levels_without_a_valid_range_are_refused(tmp_path, span):
 
 def test_a_version_1_capture_is_refused_with_advice(small_capture):
     capture, _ = small_capture
-    meta = capture.root / CAPTURE_JSON
-    data = json.loads(meta.read_text())
-    data["schema_version"] = 1
-    meta.write_text(json.dumps(data))
+    _edit_meta(capture.root, lambda data: data.update(schema_version=1))
     with pytest.raises(CaptureError, match="capture it again"):
         load_capture(capture.root)
