@@ -54,14 +54,13 @@ from vllm_rbln_exec.capture import (  # noqa: E402
     Q16_RANGE,
     Capture,
     load_capture,
-    strict_json,
-    write_json_atomic,
 )
 from vllm_rbln_exec.config import RunConfig  # noqa: E402
 from vllm_rbln_exec.devices import installed_version  # noqa: E402
 
 # imported up front: compare_prompt imports it (and scipy.stats) lazily, which is no metric time
 from vllm_rbln_exec.distribution import summarize_positions  # noqa: E402, F401
+from vllm_rbln_exec.jsonio import write_json_atomic  # noqa: E402
 from vllm_rbln_exec.metrics import compare_prompt, summarize  # noqa: E402
 from vllm_rbln_exec.run import ParityRun  # noqa: E402
 from vllm_rbln_exec.worker.spawn import WorkerJob, run_worker  # noqa: E402
@@ -403,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     results["finished"] = datetime.now().isoformat(timespec="seconds")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out, strict_json(results))
+    write_json_atomic(out, results)
     console.print()
     render(console, results)
     console.print(f"results written to {out}")

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
-import os
 import shutil
 import tarfile
 import time
@@ -27,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .jsonio import write_json_atomic
 
 # 2: q16 records carry the range their levels span (version 1 did not, and its
 # builds used two different ranges, so its q16 files cannot be decoded safely).
@@ -329,7 +329,12 @@ class CaptureWriter:
 
     def _compact(self, record: PromptRecord) -> None:
         src = self.root / record.logprobs_file
-        levels, floor = quantize_q16(np.load(src, mmap_mode="r"), Q16_RANGE)
+        rows = np.load(src, mmap_mode="r")
+        levels, floor = quantize_q16(rows, Q16_RANGE)
+        # Level 0 stands for -inf, so NaN and +inf would come back as -inf: a device
+        # that produced NaN would read as a masked token. Such a prompt stays fp32.
+        if levels.size and levels.min() == 0 and (np.isnan(rows).any() or np.isposinf(rows).any()):
+            return
         stem = record.logprobs_file.removesuffix(".npy")
         record.logprobs_file, record.floor_file = f"{stem}.q16.npy", f"{stem}.floor.npy"
         record.q16_range = Q16_RANGE
@@ -379,32 +384,6 @@ def _load_array(path: Path) -> np.ndarray:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise CaptureError(f"cannot read {path}: {exc}") from exc
-
-
-def strict_json(value: Any) -> Any:
-    """Plain JSON types only: non-finite floats -> None, numpy scalars -> Python, tuples -> lists."""
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, dict):
-        return {str(k): strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict_json(v) for v in value]
-    if hasattr(value, "item") and callable(value.item):  # numpy scalar (numpy is not needed to detect it)
-        return strict_json(value.item())
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot write {type(value).__name__} to a JSON report")
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str))
-    os.replace(tmp, path)
 
 
 # -- single-file form: a plain (uncompressed) tar of the folder ---------------

@@ -36,7 +36,7 @@ import numpy as np
 from scipy import stats as sstats
 from scipy.special import logsumexp
 
-from .capture import strict_json
+from .jsonio import strict_json
 from .metrics import Scratch, map_row_blocks, topk_ids
 
 MASS_TOLERANCE = 1e-3

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import EXIT_OK, EXIT_PARITY_FAILED, UsageError
+from .jsonio import strict_json
 
 VERDICT_SCHEMA_VERSION = 1
 OVERALL = "overall"
@@ -187,7 +188,7 @@ class Violation:
     noise: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return _finite_or_none(asdict(self))
+        return strict_json(asdict(self))
 
 
 @dataclass
@@ -696,13 +697,3 @@ def _fmt(value: float | None) -> str:
     if value is None:
         return "null"
     return f"{value:.4g}"
-
-
-def _finite_or_none(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite_or_none(v) for v in value]
-    return value

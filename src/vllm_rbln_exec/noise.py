@@ -30,13 +30,14 @@ reading: a deterministic side that moves at all has changed.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
 from .errors import UsageError
 from .gate import OVERALL, PROMPT, metric_paths, metric_value
+from .jsonio import strict_json
 
 NOISE_SCHEMA_VERSION = 1
 REPEATS = "repeats"
@@ -68,8 +69,7 @@ class MetricSpread:
     noise: float | None  # see the module docstring; None when no run had a value
 
     def to_json(self) -> dict[str, Any]:
-        return {"values": [_clean(v) for v in self.values], "mean": _clean(self.mean), "std": _clean(self.std),
-                "noise": _clean(self.noise)}
+        return strict_json(asdict(self))
 
 
 @dataclass
@@ -199,7 +199,3 @@ def _check_same_prompts(runs: list[dict[str, Any]]) -> None:
         if other != first:
             raise UsageError(f"report {i} of the noise floor compared other prompts than report 0 "
                              f"({len(other)} vs {len(first)} prompts); repeats must share their prompts")
-
-
-def _clean(value: float | None) -> float | None:
-    return value if value is None or math.isfinite(value) else None

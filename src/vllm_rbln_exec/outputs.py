@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import xml.etree.ElementTree as ET
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .capture import strict_json
 from .gate import OVERALL, PROMPT, Verdict, metric_value
+from .jsonio import strict_json, write_text_atomic
 from .noise import NoiseFloor, noise_to_json
 
 PARITY_REPORT_SCHEMA_VERSION = 1
@@ -52,7 +51,7 @@ def write_json(path: str | Path, run_json: dict[str, Any], verdict: Verdict,
                noise: NoiseFloor | dict | None = None) -> Path:
     """Write the combined report atomically (a temporary file in the same folder, then a rename)."""
     text = json.dumps(combined_report(run_json, verdict, noise), indent=2, allow_nan=False)
-    return _write_atomic(Path(path), text + "\n")
+    return write_text_atomic(Path(path), text + "\n")
 
 
 def load_report(path: str | Path) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any] | None]:
@@ -97,7 +96,7 @@ def write_junit(path: str | Path, run_json: dict[str, Any], verdict: Verdict) ->
         out.text = _xml_text(text)
     ET.indent(root)
     data = ET.tostring(root, encoding="unicode", xml_declaration=False)
-    return _write_atomic(Path(path), '<?xml version="1.0" encoding="UTF-8"?>\n' + data + "\n")
+    return write_text_atomic(Path(path), '<?xml version="1.0" encoding="UTF-8"?>\n' + data + "\n")
 
 
 def _properties(run_json: dict[str, Any], verdict: Verdict) -> list[tuple[str, str]]:
@@ -156,7 +155,7 @@ PROMPT_METRICS = [
 
 def write_markdown(path: str | Path, run_json: dict[str, Any], verdict: Verdict,
                    noise: NoiseFloor | dict | None = None) -> Path:
-    return _write_atomic(Path(path), markdown_summary(run_json, verdict, noise))
+    return write_text_atomic(Path(path), markdown_summary(run_json, verdict, noise))
 
 
 def markdown_summary(run_json: dict[str, Any], verdict: Verdict, noise: NoiseFloor | dict | None = None) -> str:
@@ -261,17 +260,6 @@ def _worst_positions(comparisons: list[dict[str, Any]]) -> list[tuple[int, dict[
 
 
 # -- helpers ------------------------------------------------------------------------
-def _write_atomic(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def _num(value: Any) -> str:
     if value is None:
         return "–"

@@ -20,7 +20,7 @@ from typing import Any
 
 from . import __version__
 from .cache import ReferenceCache, cache_key
-from .capture import Capture, CaptureError, load_capture, pack_capture, unpack_capture, write_json_atomic
+from .capture import Capture, CaptureError, load_capture, pack_capture, unpack_capture
 from .config import RunConfig
 from .devices import (
     DeviceProfile,
@@ -31,6 +31,7 @@ from .devices import (
     vllm_known_env_vars,
 )
 from .errors import HarnessError, UsageError
+from .jsonio import write_json_atomic
 from .metrics import PromptComparison, RunSummary, compare_prompt, summarize
 from .models import (
     ResolvedModel,

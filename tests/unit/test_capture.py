@@ -330,3 +330,19 @@ def test_a_version_1_capture_is_refused_with_advice(small_capture):
     _edit_meta(capture.root, lambda data: data.update(schema_version=1))
     with pytest.raises(CaptureError, match="capture it again"):
         load_capture(capture.root)
+
+
+def test_q16_store_keeps_a_prompt_with_nan_or_plus_inf_exactly(tmp_path):
+    # NaN is what a broken kernel produces; q16 has no level for it, so that prompt stays fp32.
+    info = SideInfo(side="target", device="cpu", engine="fake", platform="cpu", dtype="float32", model="tiny")
+    writer = CaptureWriter(tmp_path / "cap", info, {}, FULL)
+    rows = _log_softmax_rows(np.random.default_rng(7), 3, 40, 2.0)
+    broken = rows.copy()
+    broken[1, 3], broken[2, :] = np.inf, np.nan
+    writer.add(0, "ok", [1], [0, 0, 0], "t", logprobs=rows)
+    writer.add(1, "broken", [1], [0, 0, 0], "t", logprobs=broken)
+    writer.finish(store="q16")
+    loaded = load_capture(tmp_path / "cap", verify_arrays=True)
+    assert loaded.prompts[0].floor_file is not None  # a finite prompt is still compacted
+    assert loaded.prompts[1].floor_file is None and loaded.prompts[1].q16_range is None
+    np.testing.assert_array_equal(loaded.logprobs(1), broken)  # NaN and +inf where they were

@@ -22,7 +22,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from ..capture import FULL, TOKENS, TOPN, CaptureWriter, SideInfo, write_json_atomic
+from ..capture import FULL, TOKENS, TOPN, CaptureWriter, SideInfo
+from ..jsonio import write_json_atomic
 from .spawn import EVENTS, RESULT
 
 EXIT_FAILED = 1

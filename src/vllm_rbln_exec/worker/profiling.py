@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..capture import write_json_atomic
+from ..jsonio import write_json_atomic
 from ..profile import META, find_trace_files
 
 # Older vLLM (before ProfilerConfig) read these when its workers started.
