@@ -27,9 +27,8 @@ from typing import Any
 import numpy as np
 
 from ..capture import CaptureWriter
+from ..gate import DTYPE_ALIASES
 from .base import Engine
-
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 class TransformersEngine(Engine):
@@ -53,7 +52,9 @@ class TransformersEngine(Engine):
         self.tokenizer = AutoTokenizer.from_pretrained(
             str(r.get("tokenizer") or model_path), local_files_only=True, trust_remote_code=trust
         )
-        dtype_kw = "dtype" if _version_at_least(transformers.__version__, "4.56") else "torch_dtype"
+        from packaging.version import Version  # a dependency of transformers
+
+        dtype_kw = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
         kwargs: dict[str, Any] = {
             dtype_kw: self.dtype,
             "attn_implementation": "eager",
@@ -89,12 +90,9 @@ class TransformersEngine(Engine):
                 config.get("dtype") or config.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype")
                 or "float32"
             )
-        name = {"float": "float32", "half": "float16", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(
-            name, name
-        )
-        if name not in DTYPES:
-            raise ValueError(f"dtype {name!r} is not one of {', '.join(DTYPES)} or auto")
-        return getattr(torch, name)
+        if name not in DTYPE_ALIASES:  # the checkpoint's own spelling ("auto" was validated up front)
+            raise ValueError(f"dtype {name!r} is not one of float32, bfloat16, float16 or auto")
+        return getattr(torch, DTYPE_ALIASES[name])
 
     def platform(self) -> str:
         return next(self.model.parameters()).device.type
@@ -209,15 +207,3 @@ class TransformersEngine(Engine):
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         writer.add(index, prompt, prompt_ids, tokens, text)
 
-
-def _version_at_least(version: str, minimum: str) -> bool:
-    def parts(v: str) -> tuple[int, ...]:
-        out = []
-        for piece in v.split(".")[:3]:
-            digits = "".join(c for c in piece if c.isdigit())
-            if not digits:
-                break
-            out.append(int(digits))
-        return tuple(out)
-
-    return parts(version) >= parts(minimum)
