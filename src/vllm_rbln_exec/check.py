@@ -150,6 +150,13 @@ def load_saved(path: str | Path) -> tuple[dict[str, Any], NoiseFloor | None]:
         raise UsageError(f"{path} is not a vllm-rbln-exec report: {exc}") from exc
     if not isinstance(run, dict) or "summary" not in run or "comparisons" not in run:
         raise UsageError(f"{path} is not a vllm-rbln-exec report (no summary or comparisons)")
+    summary, comparisons = run["summary"], run["comparisons"]
+    if not isinstance(summary, dict) or not isinstance(comparisons, list) \
+            or not all(isinstance(c, dict) for c in comparisons):
+        raise UsageError(f"{path} is not a vllm-rbln-exec report (summary or comparisons of the wrong type)")
+    positions = summary.get("positions_compared")
+    if not isinstance(positions, int) or isinstance(positions, bool) or positions < 1 or not comparisons:
+        raise UsageError(f"{path} compares no positions ({positions!r}): there is nothing to judge")
     floor = noise_from_json(noise) if noise else noise_floor(run)
     return run, floor
 

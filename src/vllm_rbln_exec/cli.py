@@ -129,6 +129,15 @@ def run(
 ) -> None:
     """Run the parity check (the default command)."""
     if ctx.invoked_subcommand is not None:
+        # Options of the run placed before a subcommand would be parsed and then
+        # silently dropped: `--fail-on X compare RUN` must not pass unjudged.
+        misplaced = [name for name in _explicit(ctx) if name != "no_color"]
+        if misplaced:
+            flags = {param.name: param.opts[0] for param in ctx.command.params if param.opts}
+            names = ", ".join(flags.get(name, name) for name in misplaced)
+            raise typer.Exit(report_error(UsageError(
+                f"{names} belong(s) to the parity run and would be ignored before "
+                f"'{ctx.invoked_subcommand}'; give the subcommand's own options after its name"), no_color))
         return
     from .config import RunConfig
 
@@ -168,9 +177,11 @@ def execute(cfg) -> int:
             outcome = check_parity(cfg, view)
     except HarnessError as exc:
         return report_error(exc, cfg.no_color)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        from .worker.spawn import Terminated
+
         err_console.print("[bold red]interrupted:[/] workers were stopped")
-        return 130
+        return 143 if isinstance(exc, Terminated) else 130
     render_result(console, outcome.result, inspect_logits=cfg.inspect_logits, snippet=not cfg.no_snippet,
                   snippet_elems=cfg.snippet_elems)
     render_noise(console, outcome.noise)
@@ -353,8 +364,13 @@ def profile_summary_cmd(
 
 
 def main() -> None:
+    from .worker.spawn import Terminated, workers_end_on_sigterm
+
     try:
-        app(prog_name="vllm-rbln-exec")
+        with workers_end_on_sigterm():
+            app(prog_name="vllm-rbln-exec")
+    except Terminated:
+        sys.exit(143)
     except KeyboardInterrupt:
         sys.exit(130)
 

@@ -24,6 +24,8 @@ harness itself is imported only when a check runs.
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +114,10 @@ class ParityHarness:
         if "run_dir" not in opts:
             runs = config.getoption("--parity-runs-dir")
             base = Path(runs) if runs else self.tmp_path
-            opts["run_dir"] = str(base / f"{self.request.node.name}-{len(self.outcomes) + 1}".replace("/", "_"))
+            # the node name repeats across modules and sessions share --parity-runs-dir: add time and pid
+            stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+            name = f"{self.request.node.name}-{len(self.outcomes) + 1}-{stamp}".replace("/", "_")
+            opts["run_dir"] = str(base / name)
         return opts
 
     def check(self, **options: Any):
@@ -124,16 +129,18 @@ class ParityHarness:
         from .check import check_parity
         from .config import RunConfig
         from .errors import HarnessError
+        from .worker.spawn import workers_end_on_sigterm
 
         opts = self.options(**options)
         try:
-            cfg = RunConfig(**opts).validate()
+            cfg = RunConfig(**opts)
         except TypeError as exc:
             known = sorted(RunConfig.__dataclass_fields__)
             pytest.fail(f"parity.check: {exc}; options are the fields of RunConfig: {', '.join(known)}",
                         pytrace=False)
         try:
-            outcome = check_parity(cfg)
+            with workers_end_on_sigterm():
+                outcome = check_parity(cfg.validate())
         except HarnessError as exc:
             detail = f"\n{exc.detail}" if exc.detail else ""
             pytest.fail(f"parity.check could not run (exit {exc.exit_code}): {exc.message}{detail}", pytrace=False)

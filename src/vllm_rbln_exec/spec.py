@@ -313,7 +313,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as fh:
             return tomllib.load(fh)
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:  # TOML is UTF-8 by definition
         raise UsageError(f"{path} is not valid TOML: {exc}", option="--spec") from exc
     except OSError as exc:
         raise UsageError(f"cannot read spec file {path}: {exc}", option="--spec") from exc

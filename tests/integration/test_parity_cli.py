@@ -299,3 +299,28 @@ def test_hanging_worker_is_stopped_at_the_timeout(cli):
     assert res.returncode == 3
     assert "timed out after 4 s" in res.stderr
     assert _processes_mentioning(res.run_dir) == []
+
+
+def test_sigterm_stops_the_workers_and_exits_143(baseline, tmp_path):
+    # CI cancelling a job or `timeout` sends SIGTERM, which by default ends Python
+    # without unwinding: the workers, in their own sessions, would run on.
+    import os
+    import signal
+    import sys
+    import time
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm_rbln_exec", "--cache-dir", str(baseline["cache"]), "--run-dir", str(run_dir),
+         *BASE], cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not _processes_mentioning(run_dir / "reference"):
+        time.sleep(0.5)
+    assert _processes_mentioning(run_dir / "reference"), "the reference worker never started"
+    time.sleep(2)  # into the engine start
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert _processes_mentioning(run_dir) == []

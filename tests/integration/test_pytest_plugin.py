@@ -88,10 +88,14 @@ def test_plugin_turns_a_harness_error_into_a_clear_failure(pytester):
 
         def test_unknown_model(parity):
             parity.check(model="no-such-model", target="cpu")
+
+        def test_bad_value(parity):
+            parity.check(model="smollm2-135m", max_tokens=0)
     """)
     result = pytester.runpytest_subprocess(timeout=300)
-    result.assert_outcomes(failed=2)
+    result.assert_outcomes(failed=3)
     flat = " ".join(result.stdout.str().split())
     assert "options are the fields of RunConfig" in flat
     assert "parity.check could not run (exit 2)" in flat and "no-such-model" in flat
+    assert "max-tokens" in flat or "max_tokens" in flat
     assert "Traceback" not in flat

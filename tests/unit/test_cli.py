@@ -139,3 +139,37 @@ def test_help_mentions_exit_codes(cli_run):
     assert "Exit codes" in p.flat_out
     assert "2 bad usage" in p.flat_out
     assert "3 the harness could not run" in p.flat_out
+
+
+def test_run_options_before_a_subcommand_are_refused_not_dropped(cli_run):
+    report = cli_run.tmp_path / "r.json"
+    report.write_text("{}")
+    p = cli_run("--fail-on", "kl_mean>0", "--json", "x.json", "compare", str(report), cache=False)
+    assert p.returncode == 2, p.stderr
+    assert "--fail-on, --json belong(s) to the parity run" in p.flat_err and "'compare'" in p.flat_err
+    p = cli_run("--no-color", "models", cache=False)  # the one option both share is fine
+    assert p.returncode == 0, p.stderr
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"summary": {}, "comparisons": "x"}', "of the wrong type"),
+    ('{"summary": [], "comparisons": []}', "of the wrong type"),
+    ('{"summary": {}, "comparisons": []}', "compares no positions"),
+    ('{"summary": {"positions_compared": 0}, "comparisons": [{}]}', "compares no positions"),
+])
+def test_compare_refuses_a_malformed_or_empty_report(cli_run, content, message):
+    # an empty report must not be judged "PARITY HOLDS"
+    report = cli_run.tmp_path / "r.json"
+    report.write_text(content)
+    p = cli_run("compare", str(report), cache=False)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert message in p.flat_err and "PARITY HOLDS" not in p.flat_out
+
+
+def test_a_spec_that_is_not_utf8_is_a_usage_error(cli_run):
+    spec = cli_run.tmp_path / "bin.toml"
+    spec.write_bytes(b"\xff\xfe[x]\n")
+    p = cli_run("--spec", str(spec), "--target", "cpu", *ABSENT_MODEL)
+    assert p.returncode == 2, p.stderr
+    assert "is not valid TOML" in p.flat_err
+    assert_nothing_ran(cli_run.tmp_path)

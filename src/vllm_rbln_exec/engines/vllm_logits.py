@@ -132,6 +132,25 @@ class CaptureLogitsProcessor(LogitsProcessor):
         rows = sorted(i for i in self.slots if i < logits.shape[0])
         if not rows:
             return logits
+        slots = [self.slots[row] for row in rows]
+        writes = self.writer and any(
+            slot.rows is not None and len(slot.output) < slot.rows.shape[0] for slot in slots
+        )
+        if writes:
+            self._record(logits, rows, slots)
+        forced_rows, forced_tokens = [], []
+        for row, slot in zip(rows, slots):
+            t = len(slot.output)
+            if slot.force is not None and t < len(slot.force):
+                forced_rows.append(row)
+                forced_tokens.append(int(slot.force[t]))
+        if forced_rows:  # one masked fill and one scatter for the batch, not two small ops per row
+            index = torch.tensor(forced_rows, device=logits.device)
+            logits[index] = float("-inf")
+            logits[index, torch.tensor(forced_tokens, device=logits.device)] = 0.0
+        return logits
+
+    def _record(self, logits: torch.Tensor, rows: list[int], slots: list[_Slot]) -> None:
         if rows[-1] == len(rows) - 1:
             # Every request of the batch captures (the usual case): a view, no copy.
             # index_select is a parallel op; on a busy small CPU its thread start-up
@@ -142,23 +161,18 @@ class CaptureLogitsProcessor(LogitsProcessor):
         logprobs = torch.log_softmax(picked.to(torch.float32), dim=-1)
         topn_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         dense = None
-        for j, row in enumerate(rows):
-            slot = self.slots[row]
+        for j, slot in enumerate(slots):
             t = len(slot.output)
-            if slot.rows is not None and t < slot.rows.shape[0] and self.writer:
-                n = slot.spec.get("topn")
-                if n:
-                    if n not in topn_cache:
-                        vals, ids = torch.topk(logprobs, n, dim=-1)
-                        topn_cache[n] = (vals.cpu().numpy(), ids.to(torch.int32).cpu().numpy())
-                    slot.rows.write(t, topn_cache[n][0][j])
-                    slot.ids.write(t, topn_cache[n][1][j])
-                else:
-                    if dense is None:
-                        dense = logprobs.cpu().numpy()
-                    slot.rows.write(t, dense[j])
-            if slot.force is not None and t < len(slot.force):
-                token = int(slot.force[t])
-                logits[row].fill_(float("-inf"))
-                logits[row, token] = 0.0
-        return logits
+            if slot.rows is None or t >= slot.rows.shape[0]:
+                continue
+            n = slot.spec.get("topn")
+            if n:
+                if n not in topn_cache:
+                    vals, ids = torch.topk(logprobs, n, dim=-1)
+                    topn_cache[n] = (vals.cpu().numpy(), ids.to(torch.int32).cpu().numpy())
+                slot.rows.write(t, topn_cache[n][0][j])
+                slot.ids.write(t, topn_cache[n][1][j])
+            else:
+                if dense is None:
+                    dense = logprobs.cpu().numpy()
+                slot.rows.write(t, dense[j])

@@ -8,19 +8,21 @@ no engine process outlives the run. Never imports torch or vLLM.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..capture import write_json_atomic
 from ..errors import WorkerError
+from ..jsonio import write_json_atomic
 
 REQUEST = "request.json"
 RESULT = "result.json"
@@ -59,6 +61,30 @@ def log_tail(path: Path, lines: int = 40) -> str:
     except OSError:
         return ""
     return "\n".join(text.splitlines()[-lines:])
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a CI job cancelled, ``timeout``): unwinds like Ctrl-C, so every worker is stopped."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def workers_end_on_sigterm():
+    """While in the block, SIGTERM raises :class:`Terminated` instead of killing
+    Python outright: the default action skips every ``except``/``finally`` and
+    would leave the workers (and the engines on the device) running in their own
+    sessions. Outside the main thread, where handlers cannot be set, it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def start_worker(job: WorkerJob) -> WorkerHandle:
