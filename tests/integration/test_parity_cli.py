@@ -28,8 +28,9 @@ def _no_nan(name: str):
 
 
 def _processes_mentioning(path: Path) -> list[str]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if str(path) in line and "ps -eo" not in line]
+    # -ww: without it ps cuts lines at $COLUMNS (80 under pytest), cutting off the path
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if str(path) in line and "ps -ww" not in line]
 
 
 @pytest.fixture(scope="module")
@@ -310,17 +311,23 @@ def test_sigterm_stops_the_workers_and_exits_143(baseline, tmp_path):
     import time
 
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm_rbln_exec", "--cache-dir", str(baseline["cache"]), "--run-dir", str(run_dir),
-         *BASE], cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err_path = tmp_path / "stderr.txt"
+    with open(tmp_path / "stdout.txt", "w") as out, open(err_path, "w") as err_file:  # files: a pipe could fill
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vllm_rbln_exec", "--cache-dir", str(baseline["cache"]), "--run-dir", str(run_dir),
+             *BASE], cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=out, stderr=err_file)
+
+    def workers():  # the reference comes from the baseline's cache: the worker is the target's
+        return [line for line in _processes_mentioning(run_dir) if "vllm_rbln_exec.worker" in line]
+
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not _processes_mentioning(run_dir / "reference"):
+    while time.monotonic() < deadline and not workers():
         time.sleep(0.5)
-    assert _processes_mentioning(run_dir / "reference"), "the reference worker never started"
+    assert workers(), "no worker ever started"
     time.sleep(2)  # into the engine start
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    proc.wait(timeout=60)
+    err = err_path.read_text()
     assert proc.returncode == 143, err
     assert "interrupted" in err and "Traceback" not in err
     assert _processes_mentioning(run_dir) == []
