@@ -262,6 +262,9 @@ def _safetensors_header(path: Path) -> tuple[int, dict]:
 
 
 NON_TEXT_TOWERS = ("vision", "visual", "audio", "image")
+# In the folder name: a cut made under another rule (2: non-text towers kept whole)
+# is another folder, never silently reused.
+TRUNCATION_RULE = 2
 
 
 def _keep(key: str, n_layers: int) -> bool:
@@ -318,7 +321,7 @@ def truncate_model(src: Path, n_layers: int, models_dir: Path) -> Path:
         raise UsageError("--num-hidden-layers must be at least 1", option="--num-hidden-layers")
     if total and n_layers >= total:
         return src
-    dest = models_dir / "truncated" / f"{src.name}-{weights_fingerprint(src)[:12]}-L{n_layers}"
+    dest = models_dir / "truncated" / f"{src.name}-{weights_fingerprint(src)[:12]}-L{n_layers}-r{TRUNCATION_RULE}"
     if is_model_folder(dest):
         return dest
     with folder_lock(dest):
