@@ -148,7 +148,7 @@ def test_truncate_keeps_the_first_layers_byte_identical(tmp_path, checkpoint):
     dest = truncate_model(src, 2, models_dir)
 
     assert dest != src and dest.parent == models_dir / "truncated"
-    assert dest.name.endswith("-L2")
+    assert dest.name.endswith("-L2-r2")
     loaded = {}
     for shard in sorted(dest.glob("*.safetensors")):
         loaded.update(load_file(str(shard)))
