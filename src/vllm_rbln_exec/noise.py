@@ -46,7 +46,7 @@ MODES = (REPEATS, SELF)
 
 # Value of a metric when both captures are identical (for ``self`` mode).
 _AT_ONE = (
-    "top1_match", "topk_overlap", "topk_order_match", "min_pearson", "pearson", "finite_overlap",
+    "top1_match", "topk_overlap", "topk_order_match", "min_pearson", "pearson",
     "distribution.top1_rate", "distribution.jaccard_mean", "distribution.rank_agreement_mean",
     "distribution.ppl_ratio",
 )  # fmt: skip
@@ -122,12 +122,13 @@ def merge_noise(*floors: NoiseFloor) -> NoiseFloor:
         raise UsageError("nothing to merge: no noise floor given")
 
     def larger(spreads: list[MetricSpread | None]) -> MetricSpread:
+        # The floor with the larger noise, whole: pooling its values with another
+        # floor's would mix metric values (repeats) with distances from identity (self).
         present = [s for s in spreads if s is not None]
-        noises = [s.noise for s in present if s.noise is not None]
-        values = [v for s in present for v in s.values]
-        finite = [v for v in values if v is not None]
-        return MetricSpread(values=values, mean=float(np.mean(finite)) if finite else None,
-                            std=_std(finite), noise=max(noises) if noises else None)
+        measured = [s for s in present if s.noise is not None]
+        if not measured:
+            return present[0] if present else MetricSpread(values=[], mean=None, std=None, noise=None)
+        return max(measured, key=lambda s: s.noise)
 
     overall_paths = sorted({p for f in floors for p in f.overall})
     n_prompts = max(len(f.prompts) for f in floors)

@@ -430,6 +430,9 @@ def test_noise_json_round_trip_and_merge():
     assert merged.value("distribution.kl_mean") == max(floor.value("distribution.kl_mean"),
                                                        selfish.value("distribution.kl_mean"))
     assert merged.mode == "repeats+self" and merged.runs == 3
+    # the larger floor's spread whole: its values are never pooled with the other's
+    winner = max((floor, selfish), key=lambda f: f.value("distribution.kl_mean"))
+    assert merged.overall["distribution.kl_mean"] == winner.overall["distribution.kl_mean"]
     summaries_only = measure_noise([a["summary"], b["summary"]])
     assert summaries_only.prompts == [] and summaries_only.value("distribution.kl_mean", 0) is None
 
