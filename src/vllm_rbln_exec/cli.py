@@ -15,7 +15,8 @@ import typer
 from .errors import HarnessError, UsageError, WorkerError
 
 EXIT_CODES_HELP = """Exit codes: 0 the run finished (parity holds), 1 parity fails, 2 bad usage,
-3 the harness could not run (worker crash or timeout, missing model)."""
+3 the harness could not run (worker crash or timeout, missing model); 130 / 143 stopped by
+Ctrl-C / SIGTERM, with every worker ended."""
 
 app = typer.Typer(
     add_completion=False,
