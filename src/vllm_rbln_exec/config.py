@@ -8,6 +8,7 @@ the same checks. It also holds the built-in prompts. No engine code here.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,6 +159,10 @@ class RunConfig:
                               ("--markdown", self.markdown_out)):
             if value is not None and Path(value).is_dir():
                 raise UsageError(f"{option} {value} is a folder; give a file name", option=option)
+            blocked = _unwritable_place(Path(value)) if value is not None else None
+            if blocked is not None:  # found now, not after a run of many minutes whose verdict it would lose
+                raise UsageError(f"{option} {value} cannot be written: {blocked} is not a writable folder",
+                                 option=option)
         if self.max_tokens >= self.max_model_len:
             raise UsageError(
                 f"--max-tokens {self.max_tokens} leaves no room for the prompt in --max-model-len "
@@ -224,3 +229,11 @@ def read_prompts_file(path: str) -> list[str]:
     if not prompts or not all(isinstance(x, str) and x for x in prompts):
         raise UsageError(f"{p} holds no prompts (or a non-string one)", option="--prompts")
     return prompts
+
+
+def _unwritable_place(path: Path) -> Path | None:
+    """None if ``path`` could be created (its nearest existing ancestor is a writable folder), else that ancestor."""
+    place = path.absolute().parent
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    return None if place.is_dir() and os.access(place, os.W_OK | os.X_OK) else place

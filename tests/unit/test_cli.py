@@ -173,3 +173,12 @@ def test_a_spec_that_is_not_utf8_is_a_usage_error(cli_run):
     assert p.returncode == 2, p.stderr
     assert "is not valid TOML" in p.flat_err
     assert_nothing_ran(cli_run.tmp_path)
+
+
+def test_a_report_path_that_cannot_be_written_is_refused_before_the_run(cli_run):
+    blocker = cli_run.tmp_path / "a-file"
+    blocker.write_text("")
+    p = cli_run("--junit", str(blocker / "sub" / "r.xml"), "--target", "cpu", *ABSENT_MODEL)
+    assert p.returncode == 2, p.stderr
+    assert "--junit" in p.flat_err and "is not a writable folder" in p.flat_err
+    assert_nothing_ran(cli_run.tmp_path)
