@@ -49,20 +49,20 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from vllm_rbln_exec import __version__  # noqa: E402
-from vllm_rbln_exec.capture import (  # noqa: E402
+from vllm_rbln_exec.capture.store import (  # noqa: E402
     Q16_MAX_ERROR,
     Q16_RANGE,
     Capture,
     load_capture,
 )
-from vllm_rbln_exec.config import RunConfig  # noqa: E402
-from vllm_rbln_exec.devices import installed_version  # noqa: E402
 
 # imported up front: compare_prompt imports it (and scipy.stats) lazily, which is no metric time
-from vllm_rbln_exec.distribution import summarize_positions  # noqa: E402, F401
-from vllm_rbln_exec.jsonio import write_json_atomic  # noqa: E402
-from vllm_rbln_exec.metrics import compare_prompt, summarize  # noqa: E402
-from vllm_rbln_exec.run import ParityRun  # noqa: E402
+from vllm_rbln_exec.compare.distribution import summarize_positions  # noqa: E402, F401
+from vllm_rbln_exec.compare.metrics import compare_prompt, summarize  # noqa: E402
+from vllm_rbln_exec.core.jsonio import write_json_atomic  # noqa: E402
+from vllm_rbln_exec.pipeline.run import ParityRun  # noqa: E402
+from vllm_rbln_exec.setup.devices import installed_version  # noqa: E402
+from vllm_rbln_exec.setup.options import RunConfig  # noqa: E402
 from vllm_rbln_exec.worker.spawn import WorkerJob, run_worker  # noqa: E402
 
 BENCH_SCHEMA_VERSION = 2  # 2: rounds, median rows and ratio ranges

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from .errors import HarnessError, UsageError, WorkerError
+from .core.errors import HarnessError, UsageError, WorkerError
 
 EXIT_CODES_HELP = """Exit codes: 0 the run finished (parity holds), 1 parity fails, 2 bad usage,
 3 the harness could not run (worker crash or timeout, missing model); 130 / 143 stopped by
@@ -28,7 +28,7 @@ app = typer.Typer(
 
 
 def _prompts(values: list[str]) -> list[str]:
-    from .config import read_prompts_file
+    from .setup.options import read_prompts_file
 
     out: list[str] = []
     for value in values:
@@ -49,7 +49,7 @@ def _explicit(ctx: typer.Context) -> list[str]:
 
 
 def report_error(exc: HarnessError, no_color: bool = False) -> int:
-    from .report import make_console
+    from .outputs.terminal import make_console
 
     console = make_console(no_color=no_color, stderr=True)
     label = "usage error" if isinstance(exc, UsageError) else "error"
@@ -140,7 +140,7 @@ def run(
                 f"{names} belong(s) to the parity run and would be ignored before "
                 f"'{ctx.invoked_subcommand}'; give the subcommand's own options after its name"), no_color))
         return
-    from .config import RunConfig
+    from .setup.options import RunConfig
 
     try:
         cfg = RunConfig(
@@ -168,8 +168,8 @@ def run(
 
 
 def execute(cfg) -> int:
-    from .check import check_parity
-    from .report import ProgressView, make_console, render_noise, render_result, render_verdict
+    from .outputs.terminal import ProgressView, make_console, render_noise, render_result, render_verdict
+    from .pipeline.check import check_parity
 
     console = make_console(no_color=cfg.no_color)
     err_console = make_console(no_color=cfg.no_color, stderr=True)
@@ -205,8 +205,8 @@ def compare_cmd(
     """Re-render and re-judge a saved run with other tolerances (no model runs).
 
     Exit codes: 0 parity holds, 1 parity fails, 2 bad usage."""
-    from .check import GateOptions, rejudge, write_reports
-    from .report import make_console, render_noise, render_saved_summary, render_verdict
+    from .outputs.terminal import make_console, render_noise, render_saved_summary, render_verdict
+    from .pipeline.check import GateOptions, rejudge, write_reports
 
     try:
         outcome = rejudge(saved, GateOptions(fail_on=list(fail_on), spec=spec, use_defaults=not no_default_gates,
@@ -224,8 +224,8 @@ def compare_cmd(
 @app.command("devices")
 def devices_cmd(devices_file: str | None = typer.Option(None, "--devices")) -> None:
     """List the device profiles (shipped and from --devices FILE)."""
-    from .devices import load_profiles
-    from .report import make_console
+    from .outputs.terminal import make_console
+    from .setup.devices import load_profiles
 
     try:
         profiles = load_profiles(devices_file)
@@ -240,7 +240,7 @@ def devices_cmd(devices_file: str | None = typer.Option(None, "--devices")) -> N
 @app.command("models")
 def models_cmd() -> None:
     """List the model aliases."""
-    from .models import MODEL_ALIASES
+    from .setup.models import MODEL_ALIASES
 
     for a in MODEL_ALIASES.values():
         extra = " (needs --ep)" if a.needs_ep else ""
@@ -254,8 +254,8 @@ CACHE_DIR_OPTION = typer.Option("cache", "--cache-dir", help="The harness's cach
 
 def _with_cache(cache_dir: str, action) -> None:
     """Open the reference cache, run ``action(cache)``, map failures to exit codes."""
-    from .cache import ReferenceCache
-    from .capture import CaptureError
+    from .capture.cache import ReferenceCache
+    from .capture.store import CaptureError
 
     root = Path(cache_dir) / "references"
     try:
@@ -270,7 +270,7 @@ def _with_cache(cache_dir: str, action) -> None:
 @cache_app.command("ls")
 def cache_ls(cache_dir: str = CACHE_DIR_OPTION) -> None:
     """List cached references."""
-    from .report import make_console, render_cache_entries
+    from .outputs.terminal import make_console, render_cache_entries
 
     _with_cache(cache_dir, lambda cache: render_cache_entries(make_console(), cache.entries()))
 
@@ -329,7 +329,7 @@ def cache_import(files: list[str] = typer.Argument(..., help="Reference files (f
                  cache_dir: str = CACHE_DIR_OPTION) -> None:
     """Store reference files in the cache under the key their own metadata gives."""
 
-    from .capture import CaptureError
+    from .capture.store import CaptureError
 
     def do_import(cache) -> None:
         for f in files:
@@ -352,8 +352,8 @@ def profile_summary_cmd(
     no_color: bool = typer.Option(False, "--no-color"),
 ) -> None:
     """Top operators by self time and the speed of each side, from saved traces."""
-    from .profile import load_summaries, render_profile_summary
-    from .report import make_console
+    from .outputs.terminal import make_console
+    from .profiling.traces import load_summaries, render_profile_summary
 
     try:
         if top < 1:

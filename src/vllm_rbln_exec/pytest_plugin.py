@@ -58,7 +58,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _device_present(name: str) -> bool:
-    from .devices import gpu_visible, rbln_plugin_installed
+    from .setup.devices import gpu_visible, rbln_plugin_installed
 
     if name == "cpu":
         return True
@@ -126,9 +126,9 @@ class ParityHarness:
         A run the harness cannot carry out (missing model, worker crash, bad
         option) fails the test with the harness's message, not a traceback.
         """
-        from .check import check_parity
-        from .config import RunConfig
-        from .errors import HarnessError
+        from .core.errors import HarnessError
+        from .pipeline.check import check_parity
+        from .setup.options import RunConfig
         from .worker.spawn import workers_end_on_sigterm
 
         opts = self.options(**options)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_rbln_exec.profile import summarize_folder
+from vllm_rbln_exec.profiling.traces import summarize_folder
 
 pytestmark = pytest.mark.gpu
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vllm_rbln_exec.capture import load_capture
-from vllm_rbln_exec.tiny import make_tiny_model
+from vllm_rbln_exec.capture.store import load_capture
+from vllm_rbln_exec.setup.tiny import make_tiny_model
 from vllm_rbln_exec.worker.spawn import WorkerJob, run_worker
 
 pytestmark = pytest.mark.integration

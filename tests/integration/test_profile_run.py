@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from tests.helpers import make_cache_dir, run_cli
 
-from vllm_rbln_exec.capture import load_capture
+from vllm_rbln_exec.capture.store import load_capture
 
 pytestmark = pytest.mark.integration
 

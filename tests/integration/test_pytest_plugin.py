@@ -26,7 +26,7 @@ def _perturbed_model(dest: Path, cache: Path) -> Path:
     """A copy of the default model's 2-layer cut with noise in one MLP weight."""
     from safetensors.numpy import load_file, save_file
 
-    from vllm_rbln_exec.models import resolve_model, truncate_model
+    from vllm_rbln_exec.setup.models import resolve_model, truncate_model
 
     resolved = resolve_model("smollm2-135m", cache / "models")
     if resolved.needs_conversion:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vllm_rbln_exec.capture import FULL, TOPN, CaptureWriter, SideInfo
+from vllm_rbln_exec.capture.store import FULL, TOPN, CaptureWriter, SideInfo
 
 
 def write_small_capture(root: Path, mode: str = FULL, vocab: int = 8, seed: int = 0):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vllm_rbln_exec.cache import META_PREFIX, REF_PREFIX, ReferenceCache, cache_key
+from vllm_rbln_exec.capture.cache import META_PREFIX, REF_PREFIX, ReferenceCache, cache_key
 
 BASE_FIELDS = {
     "model": "smollm2-135m",

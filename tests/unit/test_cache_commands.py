@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from vllm_rbln_exec.cache import ReferenceCache, cache_key
-from vllm_rbln_exec.capture import FULL, CaptureWriter, SideInfo, pack_capture, unpack_capture
+from vllm_rbln_exec.capture.cache import ReferenceCache, cache_key
+from vllm_rbln_exec.capture.store import FULL, CaptureWriter, SideInfo, pack_capture, unpack_capture
 
 
 def make_reference_file(tmp_path, name: str, model: str, seed: int):

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from vllm_rbln_exec.devices import USER_FILE_ENV
+from vllm_rbln_exec.setup.devices import USER_FILE_ENV
 
 ABSENT_MODEL = ["--model", "llama3-8b"]
 

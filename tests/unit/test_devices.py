@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from vllm_rbln_exec import devices
-from vllm_rbln_exec.devices import (
+from vllm_rbln_exec.core.errors import EXIT_USAGE, UsageError
+from vllm_rbln_exec.setup import devices
+from vllm_rbln_exec.setup.devices import (
     USER_FILE_ENV,
     DeviceProfile,
     get_profile,
@@ -15,7 +16,6 @@ from vllm_rbln_exec.devices import (
     load_profiles,
     resolve_auto_target,
 )
-from vllm_rbln_exec.errors import EXIT_USAGE, UsageError
 
 BASE_ENV = {
     "PATH": "/usr/bin:/bin",

@@ -1,4 +1,4 @@
-"""Hand-checkable cases for vllm_rbln_exec.distribution."""
+"""Hand-checkable cases for vllm_rbln_exec.compare.distribution."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from vllm_rbln_exec import distribution as dist
-from vllm_rbln_exec.distribution import (
+from vllm_rbln_exec.compare import distribution as dist
+from vllm_rbln_exec.compare.distribution import (
     PositionStats,
     divergence_point,
     position_stats,

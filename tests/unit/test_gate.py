@@ -1,4 +1,4 @@
-"""Hand-checkable cases for vllm_rbln_exec.gate (tolerances, argmax rule, defaults, judge) and noise."""
+"""Hand-checkable cases for vllm_rbln_exec.verdict.gates (tolerances, argmax rule, defaults, judge) and noise."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from vllm_rbln_exec.errors import EXIT_OK, EXIT_PARITY_FAILED, UsageError
-from vllm_rbln_exec.gate import (
+from vllm_rbln_exec.compare.metrics import compare_prompt, summarize
+from vllm_rbln_exec.core.errors import EXIT_OK, EXIT_PARITY_FAILED, UsageError
+from vllm_rbln_exec.verdict.gates import (
     DISTRIBUTION_FIELDS,
     NOT_METRICS,
     PROMPT_FIELDS,
@@ -24,8 +25,7 @@ from vllm_rbln_exec.gate import (
     resolve_metric,
     run_dtypes,
 )
-from vllm_rbln_exec.metrics import compare_prompt, summarize
-from vllm_rbln_exec.noise import measure_noise, merge_noise, noise_from_json, noise_to_json
+from vllm_rbln_exec.verdict.noise import measure_noise, merge_noise, noise_from_json, noise_to_json
 
 LN2 = math.log(2.0)
 # Four-token distributions whose KL and margins are easy to do by hand.

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vllm_rbln_exec.jsonio import strict_json, write_json_atomic
+from vllm_rbln_exec.core.jsonio import strict_json, write_json_atomic
 
 
 def test_strict_json_keeps_plain_values_and_nulls_non_finite_ones():

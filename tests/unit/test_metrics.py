@@ -1,4 +1,4 @@
-"""Hand-checkable cases for vllm_rbln_exec.metrics (compare_prompt, summarize and helpers)."""
+"""Hand-checkable cases for vllm_rbln_exec.compare.metrics (compare_prompt, summarize and helpers)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from vllm_rbln_exec.metrics import (
+from vllm_rbln_exec.compare.metrics import (
     PromptComparison,
     compare_prompt,
     first_divergence,

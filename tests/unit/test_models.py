@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from vllm_rbln_exec.errors import EXIT_HARNESS, HarnessError, UsageError
-from vllm_rbln_exec.models import MODEL_ALIASES, resolve_model, truncate_model
+from vllm_rbln_exec.core.errors import EXIT_HARNESS, HarnessError, UsageError
+from vllm_rbln_exec.setup.models import MODEL_ALIASES, resolve_model, truncate_model
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The CI report files (vllm_rbln_exec.outputs): strict combined JSON, JUnit XML, markdown summary."""
+"""The CI report files (vllm_rbln_exec.outputs.files): strict combined JSON, JUnit XML, markdown summary."""
 
 from __future__ import annotations
 
@@ -9,10 +9,8 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 
-from vllm_rbln_exec.gate import ArgmaxGate, judge, parse_gate
-from vllm_rbln_exec.metrics import compare_prompt, summarize
-from vllm_rbln_exec.noise import measure_noise
-from vllm_rbln_exec.outputs import (
+from vllm_rbln_exec.compare.metrics import compare_prompt, summarize
+from vllm_rbln_exec.outputs.files import (
     PARITY_REPORT_KIND,
     load_report,
     markdown_summary,
@@ -20,6 +18,8 @@ from vllm_rbln_exec.outputs import (
     write_junit,
     write_markdown,
 )
+from vllm_rbln_exec.verdict.gates import ArgmaxGate, judge, parse_gate
+from vllm_rbln_exec.verdict.noise import measure_noise
 
 SURE = [0.5, 0.25, 0.125, 0.125]
 SWAPPED = [0.25, 0.5, 0.125, 0.125]  # KL(SURE || SWAPPED) = 0.25 ln 2 = 0.1733, confident argmax flip

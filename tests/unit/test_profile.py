@@ -1,4 +1,4 @@
-"""Trace parsing and self-time aggregation (vllm_rbln_exec.profile) on small hand-written traces,
+"""Trace parsing and self-time aggregation (vllm_rbln_exec.profiling.traces) on small hand-written traces,
 the profile-summary command on saved folders, and the profiling options' checks."""
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from vllm_rbln_exec.config import RunConfig
-from vllm_rbln_exec.errors import UsageError
-from vllm_rbln_exec.profile import (
+from vllm_rbln_exec.core.errors import UsageError
+from vllm_rbln_exec.profiling.traces import (
     META,
     ProfileError,
     aggregate_events,
@@ -26,6 +25,7 @@ from vllm_rbln_exec.profile import (
     speed_row_from_timings,
     summarize_folder,
 )
+from vllm_rbln_exec.setup.options import RunConfig
 
 
 def X(name, ts, dur, cat="cpu_op", tid=1, pid=7):
@@ -256,7 +256,7 @@ def test_run_report_renders_tables_and_survives_a_broken_trace(tmp_path):
 
     from rich.console import Console
 
-    from vllm_rbln_exec.profile import render_run_profile
+    from vllm_rbln_exec.profiling.traces import render_run_profile
 
     good = _trace_folder(tmp_path, "target_m_20250101-000000")
     broken = tmp_path / "reference_m_20250101-000000"

@@ -1,4 +1,4 @@
-"""Parity spec files: format, precedence, sources and the errors they give (vllm_rbln_exec.spec)."""
+"""Parity spec files: format, precedence, sources and the errors they give (vllm_rbln_exec.verdict.spec)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import textwrap
 
 import pytest
 
-from vllm_rbln_exec.errors import UsageError
-from vllm_rbln_exec.gate import ArgmaxGate, MetricGate
-from vllm_rbln_exec.spec import ParitySpec, gates_for_run, load_spec, parse_spec, resolve_gates
+from vllm_rbln_exec.core.errors import UsageError
+from vllm_rbln_exec.verdict.gates import ArgmaxGate, MetricGate
+from vllm_rbln_exec.verdict.spec import ParitySpec, gates_for_run, load_spec, parse_spec, resolve_gates
 
 SPEC = """
 fail-on = ["kl_mean>1e-3", "prompt:kl_max>0.5"]

@@ -7,10 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from vllm_rbln_exec import capture as cap
-from vllm_rbln_exec import distribution as dist
-from vllm_rbln_exec import metrics
-from vllm_rbln_exec.capture import (
+from vllm_rbln_exec.capture import store as cap
+from vllm_rbln_exec.capture.store import (
     TOKENS,
     CaptureError,
     CaptureWriter,
@@ -21,6 +19,8 @@ from vllm_rbln_exec.capture import (
     quantize_q16,
     unpack_capture,
 )
+from vllm_rbln_exec.compare import distribution as dist
+from vllm_rbln_exec.compare import metrics
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:

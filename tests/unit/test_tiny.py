@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_rbln_exec.tiny import make_tiny_model
+from vllm_rbln_exec.setup.tiny import make_tiny_model
 
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -106,7 +106,7 @@ def test_next_token_distributions_are_peaked(tiny):
 def test_making_it_does_not_import_torch(tmp_path):
     code = (
         "import sys\n"
-        "from vllm_rbln_exec.tiny import make_tiny_model\n"
+        "from vllm_rbln_exec.setup.tiny import make_tiny_model\n"
         f"make_tiny_model({str(tmp_path / 'm')!r}, vocab_size=2000)\n"
         "heavy = [m for m in ('torch', 'vllm', 'transformers') if m in sys.modules]\n"
         "assert not heavy, heavy\n"

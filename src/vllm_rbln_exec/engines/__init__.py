@@ -4,12 +4,12 @@ Looked up by name from lazy ``"module:Class"`` entries, so nothing heavy is
 imported until a worker builds one. Every engine implements ``base.Engine``.
 """
 
-from ..registry import LazyRegistry
+from ..core.registry import LazyRegistry
 
 ENGINES = LazyRegistry(
     "engine",
     {
         "vllm": "vllm_rbln_exec.engines.vllm_engine:VllmEngine",
-        "transformers": "vllm_rbln_exec.engines.hf_engine:TransformersEngine",
+        "transformers": "vllm_rbln_exec.engines.transformers_engine:TransformersEngine",
     },
 )

@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
-from ..capture import CaptureWriter
+from ..capture.store import CaptureWriter
 
 Emit = Callable[..., None]
 
@@ -55,7 +55,7 @@ class Engine(ABC):
     # process, right for engines that compute here; an engine whose model runs
     # elsewhere (vLLM's engine core) overrides both.
     def start_profile(self) -> None:
-        from ..worker.profiling import TorchProfileSession
+        from ..profiling.session import TorchProfileSession
 
         self._profile_session = TorchProfileSession(self.request["profile"], self.request.get("torch_device"))
         self._profile_session.start()

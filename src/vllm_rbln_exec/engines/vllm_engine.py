@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..capture import CaptureWriter
+from ..capture.store import CaptureWriter
 from .base import Engine
 
 PROCESSOR = "vllm_rbln_exec.engines.vllm_logits:CaptureLogitsProcessor"
@@ -63,7 +63,7 @@ class VllmEngine(Engine):
         if r.get("gpu_memory_utilization"):
             kwargs["gpu_memory_utilization"] = r["gpu_memory_utilization"]
         if r.get("profile"):
-            from ..worker.profiling import vllm_profiler_kwargs
+            from ..profiling.session import vllm_profiler_kwargs
 
             kwargs.update(vllm_profiler_kwargs(r["profile"], LLM))
         kwargs.update(r.get("engine_kwargs") or {})
@@ -86,7 +86,7 @@ class VllmEngine(Engine):
         return len(self.tokenizer)
 
     def start_profile(self) -> None:
-        from ..worker.profiling import vllm_start_profile
+        from ..profiling.session import vllm_start_profile
 
         vllm_start_profile(self.llm, self.request["profile"])
 

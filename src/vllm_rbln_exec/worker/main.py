@@ -22,8 +22,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from ..capture import FULL, TOKENS, TOPN, CaptureWriter, SideInfo
-from ..jsonio import write_json_atomic
+from ..capture.store import FULL, TOKENS, TOPN, CaptureWriter, SideInfo
+from ..core.jsonio import write_json_atomic
 from .spawn import EVENTS, RESULT
 
 EXIT_FAILED = 1
@@ -114,7 +114,7 @@ def task_capture(request: dict[str, Any], emit: Events) -> dict[str, Any]:
         capture = writer.finish(store=request.get("store", "fp32"))
         result = {"capture": str(capture_dir), "platform": platform, "vocab_size": capture.vocab_size}
         if profile:
-            from .profiling import write_profile_meta
+            from ..profiling.session import write_profile_meta
 
             result["profile"] = write_profile_meta(profile, {
                 "side": info.side, "device": info.device, "engine": info.engine, "platform": platform,
@@ -131,7 +131,7 @@ def task_capture(request: dict[str, Any], emit: Events) -> dict[str, Any]:
 
 
 def task_convert_gguf(request: dict[str, Any], emit: Events) -> dict[str, Any]:
-    from ..models import folder_lock, is_model_folder
+    from ..setup.models import folder_lock, is_model_folder
 
     gguf = Path(request["gguf_file"])
     dest = Path(request["dest"])

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import WorkerError
-from ..jsonio import write_json_atomic
+from ..core.errors import WorkerError
+from ..core.jsonio import write_json_atomic
 
 REQUEST = "request.json"
 RESULT = "result.json"

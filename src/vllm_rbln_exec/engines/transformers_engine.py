@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from ..capture import CaptureWriter
-from ..gate import DTYPE_ALIASES
+from ..capture.store import CaptureWriter
+from ..verdict.gates import DTYPE_ALIASES
 from .base import Engine
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .jsonio import write_json_atomic
+from ..core.jsonio import write_json_atomic
 
 # 2: q16 records carry the range their levels span (version 1 did not, and its
 # builds used two different ranges, so its q16 files cannot be decoded safely).

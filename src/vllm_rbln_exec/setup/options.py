@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
+from ..core.errors import UsageError
 
 BUILTIN_PROMPTS = [
     "The capital of France is",
@@ -137,7 +137,7 @@ class RunConfig:
         for option, engine in (("--reference-engine", self.reference_engine),
                                ("--target-engine", self.target_engine)):
             if engine not in ENGINES:
-                from .registry import suggest
+                from ..core.registry import suggest
 
                 raise UsageError(suggest("engine", engine, ENGINES), option=option)
         choices = (("--align", self.align, ALIGN_MODES), ("--capture", self.capture, CAPTURE_MODES),

@@ -1,7 +1,7 @@
 """Machine-readable reports of a judged run: combined JSON, JUnit XML, a markdown summary.
 
 This module owns the three CI-facing files written from a report dict
-(``RunResult.to_json()``), its :class:`~vllm_rbln_exec.gate.Verdict` and an
+(``RunResult.to_json()``), its :class:`~vllm_rbln_exec.verdict.gates.Verdict` and an
 optional noise floor. It formats only: it must not compute metrics, judge gates
 (``gate``), render the terminal report (``report``), or import torch or vLLM.
 
@@ -21,9 +21,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .gate import OVERALL, PROMPT, Verdict, metric_value
-from .jsonio import strict_json, write_text_atomic
-from .noise import NoiseFloor, noise_to_json
+from ..core.jsonio import strict_json, write_text_atomic
+from ..verdict.gates import OVERALL, PROMPT, Verdict, metric_value
+from ..verdict.noise import NoiseFloor, noise_to_json
 
 PARITY_REPORT_SCHEMA_VERSION = 1
 PARITY_REPORT_KIND = "vllm-rbln-exec/parity-report"
@@ -161,7 +161,7 @@ def write_markdown(path: str | Path, run_json: dict[str, Any], verdict: Verdict,
 def markdown_summary(run_json: dict[str, Any], verdict: Verdict, noise: NoiseFloor | dict | None = None) -> str:
     """A short PR comment: verdict, setup, key metrics, prompts, violations, worst positions."""
     if isinstance(noise, dict):
-        from .noise import noise_from_json
+        from ..verdict.noise import noise_from_json
 
         noise = noise_from_json(noise)
     summary = run_json.get("summary") or {}

@@ -18,11 +18,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .cache import ReferenceCache, cache_key
-from .capture import Capture, CaptureError, load_capture, pack_capture, unpack_capture
-from .config import RunConfig
-from .devices import (
+from .. import __version__
+from ..capture.cache import ReferenceCache, cache_key
+from ..capture.store import Capture, CaptureError, load_capture, pack_capture, unpack_capture
+from ..compare.metrics import PromptComparison, RunSummary, compare_prompt, summarize
+from ..core.errors import HarnessError, UsageError
+from ..core.jsonio import write_json_atomic
+from ..profiling.traces import profile_request, profile_stamp
+from ..setup.devices import (
     DeviceProfile,
     get_profile,
     installed_version,
@@ -30,10 +33,7 @@ from .devices import (
     resolve_auto_target,
     vllm_known_env_vars,
 )
-from .errors import HarnessError, UsageError
-from .jsonio import write_json_atomic
-from .metrics import PromptComparison, RunSummary, compare_prompt, summarize
-from .models import (
+from ..setup.models import (
     ResolvedModel,
     read_config,
     resolve_model,
@@ -42,8 +42,8 @@ from .models import (
     truncate_model,
     weights_fingerprint,
 )
-from .profile import profile_request, profile_stamp
-from .worker.spawn import WorkerJob, run_worker, start_worker, wait_workers
+from ..setup.options import RunConfig
+from ..worker.spawn import WorkerJob, run_worker, start_worker, wait_workers
 
 REPORT_SCHEMA_VERSION = 1
 REFERENCE_DEVICE = "cpu"
@@ -148,7 +148,7 @@ class ParityRun:
                               "(--ep) enabled on the target")
         if resolved.tiny is not None:
             self.progress("model", f"making the tiny model {resolved.alias.name}", {})
-            from .tiny import make_tiny_model
+            from ..setup.tiny import make_tiny_model
 
             make_tiny_model(resolved.path, **resolved.tiny)
         if resolved.needs_conversion:

@@ -43,8 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
-from .gate import (
+from ..core.errors import UsageError
+from .gates import (
     OVERALL,
     PROMPT,
     ArgmaxGate,

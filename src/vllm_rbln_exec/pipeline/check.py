@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig
-from .errors import UsageError
-from .gate import Verdict, judge, parse_gates
-from .noise import NoiseFloor, measure_noise, merge_noise, noise_from_json
-from .spec import ParitySpec, gates_for_run, load_spec
+from ..core.errors import UsageError
+from ..setup.options import RunConfig
+from ..verdict.gates import Verdict, judge, parse_gates
+from ..verdict.noise import NoiseFloor, measure_noise, merge_noise, noise_from_json
+from ..verdict.spec import ParitySpec, gates_for_run, load_spec
 
 PARITY_FILE = "parity.json"  # the combined report every run folder gets
 
@@ -99,7 +99,7 @@ def judge_run(run: dict[str, Any], options: GateOptions, spec: ParitySpec | None
 
 def write_reports(outcome: ParityOutcome, json_out: str | None = None, junit_out: str | None = None,
                   markdown_out: str | None = None, run_folder: Path | None = None) -> dict[str, str]:
-    from .outputs import write_json, write_junit, write_markdown
+    from ..outputs.files import write_json, write_junit, write_markdown
 
     files: dict[str, str] = {}
     if run_folder is not None and run_folder.is_dir():
@@ -133,7 +133,7 @@ def check_parity(cfg: RunConfig, progress=None) -> ParityOutcome:
 
 def load_saved(path: str | Path) -> tuple[dict[str, Any], NoiseFloor | None]:
     """A saved run from a run folder (its parity.json or report.json) or a JSON report file."""
-    from .outputs import load_report
+    from ..outputs.files import load_report
 
     path = Path(path)
     if path.is_dir():

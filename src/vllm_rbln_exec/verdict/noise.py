@@ -35,9 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UsageError
-from .gate import OVERALL, PROMPT, metric_paths, metric_value
-from .jsonio import strict_json
+from ..core.errors import UsageError
+from ..core.jsonio import strict_json
+from .gates import OVERALL, PROMPT, metric_paths, metric_value
 
 NOISE_SCHEMA_VERSION = 1
 REPEATS = "repeats"

@@ -36,8 +36,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .errors import EXIT_OK, EXIT_PARITY_FAILED, UsageError
-from .jsonio import strict_json
+from ..core.errors import EXIT_OK, EXIT_PARITY_FAILED, UsageError
+from ..core.jsonio import strict_json
 
 VERDICT_SCHEMA_VERSION = 1
 OVERALL = "overall"

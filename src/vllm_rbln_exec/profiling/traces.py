@@ -22,7 +22,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
+from ..core.errors import UsageError
 
 META = "profile.json"  # what the worker knew about the profiled generation
 SIDES = ("reference", "target")

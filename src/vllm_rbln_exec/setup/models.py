@@ -22,8 +22,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import HarnessError, UsageError
-from .registry import suggest
+from ..core.errors import HarnessError, UsageError
+from ..core.registry import suggest
 
 
 @dataclass(frozen=True)

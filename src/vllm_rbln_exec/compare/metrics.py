@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .jsonio import strict_json
+from ..core.jsonio import strict_json
 
 PEARSON_PASS = 0.99
 

@@ -6,7 +6,7 @@ profiles where vLLM's model runner lives, also in another process; and
 ``torch.profiler`` directly for engines that run in the worker's own process
 (transformers). Both write chrome traces into ``request["profile"]["dir"]``; the
 worker then notes what it measured in ``profile.json`` beside them. Reading the
-traces is ``vllm_rbln_exec.profile``'s job, not this module's; nothing here
+traces is ``vllm_rbln_exec.profiling.traces``'s job, not this module's; nothing here
 touches the capture.
 """
 
@@ -17,8 +17,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..jsonio import write_json_atomic
-from ..profile import META, find_trace_files
+from ..core.jsonio import write_json_atomic
+from .traces import META, find_trace_files
 
 # Older vLLM (before ProfilerConfig) read these when its workers started.
 LEGACY_ENV = {

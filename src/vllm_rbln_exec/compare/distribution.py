@@ -4,7 +4,7 @@ This module owns the per-position statistics of two log-probability rows that
 saw the same context (KL, top-1 agreement, Δp of the reference token, top-K
 overlap, perplexity of the reference tokens) and their aggregation over a run.
 It works on arrays already in memory and must not touch engines, processes,
-files or the element-wise metrics in :mod:`vllm_rbln_exec.metrics`; callers
+files or the element-wise metrics in :mod:`vllm_rbln_exec.compare.metrics`; callers
 decide which positions are aligned (see that module's docstring) and pass only
 those rows here.
 
@@ -36,7 +36,7 @@ import numpy as np
 from scipy import stats as sstats
 from scipy.special import logsumexp
 
-from .jsonio import strict_json
+from ..core.jsonio import strict_json
 from .metrics import Scratch, map_row_blocks, topk_ids
 
 MASS_TOLERANCE = 1e-3

@@ -239,7 +239,7 @@ def make_tiny_model(
     """
     dest = Path(dest).absolute()
     params = {
-        "generator": "vllm_rbln_exec.tiny",
+        "generator": "vllm_rbln_exec.setup.tiny",
         "format_version": FORMAT_VERSION,
         "vocab_size": vocab_size,
         "seed": seed,
@@ -311,7 +311,7 @@ def make_tiny_model(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vllm_rbln_exec.tiny",
+    parser = argparse.ArgumentParser(prog="python -m vllm_rbln_exec.setup.tiny",
                                      description="Make the seeded random-weight tiny Llama model folder.")
     parser.add_argument("dest", type=Path)
     parser.add_argument("--vocab-size", type=int, default=128256)

@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from .metrics import PromptComparison
+from ..compare.metrics import PromptComparison
 
 
 def make_console(no_color: bool = False, stderr: bool = False) -> Console:
@@ -264,7 +264,7 @@ def render_result(console: Console, result, inspect_logits: bool = True, snippet
             render_prompt(console, c, snippet, snippet_elems)
     render_summary(console, result)
     render_distribution(console, result)
-    from .profile import render_run_profile
+    from ..profiling.traces import render_run_profile
 
     render_run_profile(console, result)
     console.print(f"run folder   {escape(result.run_dir)}")

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .capture import Capture, CaptureError, pack_capture, unpack_capture
+from .store import Capture, CaptureError, pack_capture, unpack_capture
 
 KEY_VERSION = 1
 META_PREFIX = "meta:"

@@ -23,8 +23,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
-from .registry import suggest
+from ..core.errors import UsageError
+from ..core.registry import suggest
 
 USER_FILE_ENV = "VLLM_RBLN_EXEC_DEVICES"
 PARALLEL_KINDS = ("tp", "pp", "dp", "ep")
