@@ -2,7 +2,7 @@
 """Capture benchmark: what full-vocabulary logprobs cost next to plain greedy generation.
 
 For each model, one worker process per measurement, started through the
-harness's own machinery (``run.ParityRun`` builds the request and environment of
+harness's own pipeline steps (``pipeline.captures.plan_side`` builds the request and environment of
 the CPU reference side, ``worker.spawn.run_worker`` runs it), so what is timed is
 what a parity run executes:
 
@@ -35,6 +35,7 @@ import platform
 import shutil
 import sys
 import time
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -60,9 +61,14 @@ from vllm_rbln_exec.capture.store import (  # noqa: E402
 from vllm_rbln_exec.compare.distribution import summarize_positions  # noqa: E402, F401
 from vllm_rbln_exec.compare.metrics import compare_prompt, summarize  # noqa: E402
 from vllm_rbln_exec.core.jsonio import write_json_atomic  # noqa: E402
-from vllm_rbln_exec.pipeline.run import ParityRun  # noqa: E402
+from vllm_rbln_exec.pipeline.captures import SidePlan, plan_side  # noqa: E402
+from vllm_rbln_exec.pipeline.context import RunContext  # noqa: E402
+from vllm_rbln_exec.pipeline.models import prepare_models  # noqa: E402
+from vllm_rbln_exec.pipeline.run import compare  # noqa: E402
+from vllm_rbln_exec.pipeline.sides import resolve_devices, resolve_sides  # noqa: E402
 from vllm_rbln_exec.setup.devices import installed_version  # noqa: E402
-from vllm_rbln_exec.setup.options import RunConfig  # noqa: E402
+from vllm_rbln_exec.setup.options import RunOptions, build_options  # noqa: E402
+from vllm_rbln_exec.setup.request import capture_task  # noqa: E402
 from vllm_rbln_exec.worker.spawn import WorkerJob, run_worker  # noqa: E402
 
 BENCH_SCHEMA_VERSION = 2  # 2: rounds, median rows and ratio ranges
@@ -117,16 +123,14 @@ def capture_bytes(capture: Capture) -> tuple[int, int]:
     return size, entries
 
 
-def measure_variant(run: ParityRun, profile, model_path: Path, prompts: list[str], variant: str,
-                    folder: Path, env: dict[str, str], env_record: dict[str, Any], log) -> tuple[dict, Capture]:
+def measure_variant(ctx: RunContext, plan: SidePlan, variant: str, folder: Path, log) -> tuple[dict, Capture]:
     capture_mode, store = VARIANTS[variant]
-    request = run.side_request("reference", profile, model_path, prompts)
-    request.update(capture=capture_mode, store=store, env_record=env_record)
-    request["settings"].update(capture=capture_mode, store=store)
+    request = replace(plan.request, capture=capture_mode, store=store,
+                      settings={**plan.request.settings, "capture": capture_mode, "store": store})
     log(f"  {variant}: starting a worker")
     t0 = time.perf_counter()
-    result = run_worker(WorkerJob(side=f"bench-{variant}", task="capture", request=request, env=env,
-                                  folder=folder, timeout=run.cfg.timeout))
+    result = run_worker(WorkerJob(task=capture_task(f"bench-{variant}", folder, request), env=plan.env,
+                                  timeout=ctx.timeout))
     wall = time.perf_counter() - t0
     capture = load_capture(Path(result["capture"]), verify_arrays=True)
     t = capture.info.timings
@@ -157,10 +161,10 @@ def measure_variant(run: ParityRun, profile, model_path: Path, prompts: list[str
     return row, capture
 
 
-def compare_captures(run: ParityRun, reference: Capture, target: Capture) -> dict[str, Any]:
+def compare_captures(options: RunOptions, reference: Capture, target: Capture) -> dict[str, Any]:
     """The run's own comparison (arrays read from disk, q16 decoded, metrics), timed."""
     t0 = time.perf_counter()
-    comparisons = run.compare(reference, target)
+    comparisons = compare(options, reference, target)
     seconds = time.perf_counter() - t0
     summary = summarize(comparisons)
     extra = {}
@@ -194,14 +198,17 @@ def q16_range_error(reference: Capture, target: Capture) -> float:
 
 
 def bench_model(name: str, args, out_root: Path, log) -> dict[str, Any]:
-    cfg = RunConfig(model=name, target="cpu", max_tokens=args.tokens, num_prompts=args.prompts,
-                    cache_dir=args.cache_dir, timeout=args.timeout, kv_cache_gib=args.kv_cache_gib)
-    run = ParityRun(cfg)
-    profile, _ = run.resolve_devices()
-    _, model_path = run.prepare_model(name)
-    prompts = cfg.resolved_prompts()
-    # the reference side's environment and compile cache: the one a parity run warms
-    env, env_record = run.side_env("reference", profile)
+    options = build_options(model=name, target="cpu", max_tokens=args.tokens, num_prompts=args.prompts,
+                            cache_dir=args.cache_dir, timeout=args.timeout, kv_cache_gib=args.kv_cache_gib)
+    # the same steps as a parity run: devices, models, sides, and the reference side's request and environment
+    # (its compile cache is the one a parity run warms)
+    ctx = RunContext.create(options.cache_dir, options.devices_file, options.capture.timeout)
+    devices = resolve_devices(ctx, options)
+    models = prepare_models(ctx, name, None, None)
+    sides = resolve_sides(ctx, options, devices, models)
+    prompts = list(options.capture.prompts)
+    plan = plan_side(ctx, options, sides.reference, models, options.capture.prompts)
+    model_path = models.reference_path
     rounds: list[dict[str, dict]] = []
     captures: dict[str, Capture] = {}
     log(f"[bold]{name}[/bold]: {len(prompts)} prompts x {args.tokens} tokens, {args.rounds} round(s)")
@@ -209,8 +216,7 @@ def bench_model(name: str, args, out_root: Path, log) -> dict[str, Any]:
         measured: dict[str, dict] = {}
         for variant in args.variants:
             folder = out_root / name / f"r{r}" / variant
-            measured[variant], capture = measure_variant(
-                run, profile, model_path, prompts, variant, folder, env, env_record, log)
+            measured[variant], capture = measure_variant(ctx, plan, variant, folder, log)
             if r == args.rounds - 1:
                 captures[variant] = capture  # the last round's captures are compared
             elif not args.keep:
@@ -221,7 +227,7 @@ def bench_model(name: str, args, out_root: Path, log) -> dict[str, Any]:
     if "api" in captures:
         for variant in ("fast", "fast-q16"):
             if variant in captures:
-                comparisons[f"{variant} vs api"] = compare_captures(run, captures["api"], captures[variant])
+                comparisons[f"{variant} vs api"] = compare_captures(options, captures["api"], captures[variant])
     if "plain" in captures:
         for variant, capture in captures.items():
             if variant != "plain":

@@ -1,4 +1,4 @@
-"""The command line: parse options into a RunConfig and call the library.
+"""The command line: parse options into frozen records (``setup.options``) and make one library call.
 
 Thin on purpose: no engine, metric or rendering logic lives here, and nothing
 heavy is imported (torch and vLLM load only in worker processes). Errors
@@ -25,20 +25,6 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
     help="Compare next-token logprobs of a target device against a CPU reference.\n\n" + EXIT_CODES_HELP,
 )
-
-
-def _prompts(values: list[str]) -> list[str]:
-    from .setup.options import read_prompts_file
-
-    out: list[str] = []
-    for value in values:
-        if value.startswith("@"):
-            out += read_prompts_file(value[1:])
-        elif value.endswith((".txt", ".jsonl", ".json")) and Path(value).is_file():
-            out += read_prompts_file(value)
-        else:
-            out.append(value)
-    return out
 
 
 def _explicit(ctx: typer.Context) -> list[str]:
@@ -114,8 +100,10 @@ def run(
     target_engine: str = typer.Option("vllm", "--target-engine", help="vllm|transformers"),
     reference_dtype: str | None = typer.Option(None, "--reference-dtype", help="auto|float32|bfloat16|float16 (default: the profile's)."),
     target_dtype: str | None = typer.Option(None, "--target-dtype", help="auto|float32|bfloat16|float16 (default: the profile's)."),
-    reference_device: str | None = typer.Option(None, "--reference-device", help="torch device of a transformers reference (default cpu)."),
+    reference_device: str | None = typer.Option(None, "--reference-device", help="Device profile of the reference (default cpu), e.g. cuda or cuda:1 (a torch device index for the transformers engine)."),
     target_device: str | None = typer.Option(None, "--target-device", help="torch device of a transformers target (default: the profile's)."),
+    reference_args: str | None = typer.Option(None, "--reference-args", help="Engine arguments of the reference as a JSON object (or @FILE): vLLM EngineArgs fields, or transformers from_pretrained keywords. Recorded in the report and the cache key."),
+    target_args: str | None = typer.Option(None, "--target-args", help="Engine arguments of the target as a JSON object (or @FILE), e.g. '{\"enable_prefix_caching\": true}'."),
     target_model: str | None = typer.Option(None, "--target-model", help="Run the target on another checkpoint of the same model (quantized, converted)."),
     reference_file: str | None = typer.Option(None, "--reference", help="Compare against a saved reference file instead of running a reference worker."),
     save_reference: str | None = typer.Option(None, "--save-reference", help="Write the reference capture to FILE (portable)."),
@@ -140,51 +128,35 @@ def run(
                 f"{names} belong(s) to the parity run and would be ignored before "
                 f"'{ctx.invoked_subcommand}'; give the subcommand's own options after its name"), no_color))
         return
-    from .setup.options import RunConfig
+    from .setup.options import build_options
 
+    flat = {name: value for name, value in ctx.params.items()}
     try:
-        cfg = RunConfig(
-            model=model, target=target, max_model_len=max_model_len, num_hidden_layers=num_hidden_layers,
-            trust_remote_code=trust_remote_code, tp=tp, pp=pp, dp=dp, ep=ep, batch=batch,
-            max_tokens=max_tokens, max_batched=max_batched, prompts=_prompts(prompts),
-            num_prompts=num_prompts, logprobs=logprobs, max_logprobs_cap=max_logprobs_cap,
-            inspect_logits=inspect_logits, topk=topk, block_size_cpu=block_size_cpu,
-            block_size_rbln=block_size_rbln, block=block, no_color=no_color, no_snippet=no_snippet,
-            snippet_elems=snippet_elems, use_cache=use_cache, require_cache=require_cache, profile=profile,
-            profile_side=profile_side, profile_memory=profile_memory, profile_shapes=profile_shapes,
-            profile_stack=profile_stack, profile_dir=profile_dir, eps=eps,
-            devices_file=devices_file, cache_dir=cache_dir, run_dir=run_dir, timeout=timeout,
-            kv_cache_gib=kv_cache_gib, align=align, tie_margin=tie_margin, capture=capture, store=store,
-            reference_engine=reference_engine, target_engine=target_engine, reference_dtype=reference_dtype,
-            target_dtype=target_dtype, reference_device=reference_device, target_device=target_device,
-            target_model=target_model, reference_file=reference_file, save_reference=save_reference,
-            fail_on=list(fail_on), spec=spec, no_default_gates=no_default_gates, near_ties_fail=near_ties_fail,
-            repeat=repeat, json_out=json_out, junit_out=junit_out, markdown_out=markdown_out,
-            explicit=_explicit(ctx),
-        ).validate()
+        options = build_options(explicit=frozenset(_explicit(ctx)), **flat)
     except HarnessError as exc:
         raise typer.Exit(report_error(exc, no_color))
-    raise typer.Exit(execute(cfg))
+    raise typer.Exit(execute(options))
 
 
-def execute(cfg) -> int:
-    from .outputs.terminal import ProgressView, make_console, render_noise, render_result, render_verdict
+def execute(options) -> int:
+    """Run, judge and print; the exit code of the run."""
+    from .outputs.terminal import ProgressView, make_console, render_noise, render_run, render_verdict
     from .pipeline.check import check_parity
 
-    console = make_console(no_color=cfg.no_color)
-    err_console = make_console(no_color=cfg.no_color, stderr=True)
+    no_color = options.display.no_color
+    console = make_console(no_color=no_color)
+    err_console = make_console(no_color=no_color, stderr=True)
     try:
         with ProgressView(err_console) as view:
-            outcome = check_parity(cfg, view)
+            outcome = check_parity(options, view)
     except HarnessError as exc:
-        return report_error(exc, cfg.no_color)
+        return report_error(exc, no_color)
     except KeyboardInterrupt as exc:
         from .worker.spawn import Terminated
 
         err_console.print("[bold red]interrupted:[/] workers were stopped")
         return 143 if isinstance(exc, Terminated) else 130
-    render_result(console, outcome.result, inspect_logits=cfg.inspect_logits, snippet=not cfg.no_snippet,
-                  snippet_elems=cfg.snippet_elems)
+    render_run(console, outcome.run, options.display)
     render_noise(console, outcome.noise)
     render_verdict(console, outcome.verdict, outcome.files)
     return outcome.exit_code
@@ -200,22 +172,26 @@ def compare_cmd(
     json_out: str | None = typer.Option(None, "--json"),
     junit_out: str | None = typer.Option(None, "--junit"),
     markdown_out: str | None = typer.Option(None, "--markdown"),
+    inspect_logits: bool = typer.Option(True, "--inspect-logits/--no-inspect-logits", help="Per-prompt details, as in the run."),
+    no_snippet: bool = typer.Option(False, "--no-snippet", help="Hide the head…tail snippet of the logprob vectors."),
     no_color: bool = typer.Option(False, "--no-color"),
 ) -> None:
     """Re-render and re-judge a saved run with other tolerances (no model runs).
 
     Exit codes: 0 parity holds, 1 parity fails, 2 bad usage."""
-    from .outputs.terminal import make_console, render_noise, render_saved_summary, render_verdict
-    from .pipeline.check import GateOptions, rejudge, write_reports
+    from .outputs.terminal import make_console, render_noise, render_run, render_verdict
+    from .pipeline.check import rejudge, write_reports
+    from .setup.options import DisplayOptions, GateOptions
 
     try:
-        outcome = rejudge(saved, GateOptions(fail_on=list(fail_on), spec=spec, use_defaults=not no_default_gates,
+        outcome = rejudge(saved, GateOptions(fail_on=tuple(fail_on), spec=spec, use_defaults=not no_default_gates,
                                              near_ties_fail=near_ties_fail))
         write_reports(outcome, json_out, junit_out, markdown_out)
     except HarnessError as exc:
         raise typer.Exit(report_error(exc, no_color))
     console = make_console(no_color=no_color)
-    render_saved_summary(console, outcome.run)
+    render_run(console, outcome.run, DisplayOptions(no_color=no_color, inspect_logits=inspect_logits,
+                                                    snippet=not no_snippet))
     render_noise(console, outcome.noise)
     render_verdict(console, outcome.verdict, outcome.files)
     raise typer.Exit(outcome.exit_code)
@@ -352,8 +328,9 @@ def profile_summary_cmd(
     no_color: bool = typer.Option(False, "--no-color"),
 ) -> None:
     """Top operators by self time and the speed of each side, from saved traces."""
+    from .outputs.profile_tables import render_profile_summary
     from .outputs.terminal import make_console
-    from .profiling.traces import load_summaries, render_profile_summary
+    from .profiling.traces import load_summaries
 
     try:
         if top < 1:

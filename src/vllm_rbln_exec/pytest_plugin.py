@@ -5,7 +5,7 @@ is enough. It gives:
 
 * the ``parity`` fixture: ``parity.check(model=..., target=..., **options)``
   runs one judged parity check (``check.check_parity``) with any option of a
-  run (the field names of ``RunConfig``) and returns a ``ParityOutcome``;
+  run (the flat option names of ``setup.options.FLAT_DEFAULTS``) and returns a ``ParityOutcome``;
   ``.assert_ok()`` fails the test with every violation, each naming the prompt,
   position, metric, value and tolerance;
 * the ``parity`` marker, default options for the checks of one test
@@ -128,19 +128,17 @@ class ParityHarness:
         """
         from .core.errors import HarnessError
         from .pipeline.check import check_parity
-        from .setup.options import RunConfig
+        from .setup.options import build_options
         from .worker.spawn import workers_end_on_sigterm
 
         opts = self.options(**options)
         try:
-            cfg = RunConfig(**opts)
-        except TypeError as exc:
-            known = sorted(RunConfig.__dataclass_fields__)
-            pytest.fail(f"parity.check: {exc}; options are the fields of RunConfig: {', '.join(known)}",
-                        pytrace=False)
+            run_options = build_options(**opts)
+        except HarnessError as exc:
+            pytest.fail(f"parity.check: {exc.message}", pytrace=False)
         try:
             with workers_end_on_sigterm():
-                outcome = check_parity(cfg.validate())
+                outcome = check_parity(run_options)
         except HarnessError as exc:
             detail = f"\n{exc.detail}" if exc.detail else ""
             pytest.fail(f"parity.check could not run (exit {exc.exit_code}): {exc.message}{detail}", pytrace=False)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from vllm_rbln_exec.core.errors import UsageError
+from vllm_rbln_exec.profiling.request import profile_request
 from vllm_rbln_exec.profiling.traces import (
     META,
     ProfileError,
@@ -20,12 +21,11 @@ from vllm_rbln_exec.profiling.traces import (
     find_trace_files,
     load_summaries,
     load_trace_events,
-    profile_request,
     resolve_trace_folders,
     speed_row_from_timings,
     summarize_folder,
 )
-from vllm_rbln_exec.setup.options import RunConfig
+from vllm_rbln_exec.setup.options import build_options
 
 
 def X(name, ts, dur, cat="cpu_op", tid=1, pid=7):
@@ -169,7 +169,10 @@ def test_resolve_trace_folders(tmp_path):
     run.mkdir()
     (run / "report.json").write_text(json.dumps({"sides": {
         "reference": {"profile": None}, "target": {"profile": {"dir": str(tgt), "traces": []}}}}))
-    assert resolve_trace_folders(run) == [tgt]
+    assert resolve_trace_folders(run) == [tgt]  # a schema-1 run folder
+    (run / "parity.json").write_text(json.dumps({"run": {"sides": {
+        "reference": {"profile": {"dir": str(ref), "traces": []}}, "target": {"profile": None}}}}))
+    assert resolve_trace_folders(run) == [ref]  # parity.json wins
     assert [s.folder for s in load_summaries(root)] == [ref, tgt]
 
 
@@ -190,17 +193,22 @@ def test_an_unprofiled_run_folder_is_refused(tmp_path):
         resolve_trace_folders(tmp_path)
 
 
+def _request(options, side, model, stamp):
+    p = options.profile
+    return profile_request(p.sides, p.dir, side, model, p.memory, p.shapes, p.stack, stamp)
+
+
 def test_profile_request_and_options():
-    cfg = RunConfig(target="cpu", profile=True, profile_dir="somewhere", profile_shapes=True).validate()
-    assert cfg.profiled_sides() == ("reference", "target")
-    req = profile_request(cfg, "target", "org/My Model", "20250101-000000")
-    assert Path(req["dir"]).is_absolute()
-    assert Path(req["dir"]).name == "target_My_Model_20250101-000000"
-    assert req == {**req, "prefix": "target", "shapes": True, "memory": False, "stack": False}
-    only = RunConfig(target="cpu", profile_side="target").validate()
-    assert only.profiled_sides() == ("target",)
-    assert profile_request(only, "reference", "m", "s") is None
-    assert profile_request(RunConfig(target="cpu").validate(), "target", "m", "s") is None
+    options = build_options(target="cpu", profile=True, profile_dir="somewhere", profile_shapes=True)
+    assert options.profile.sides == ("reference", "target")
+    req = _request(options, "target", "org/My Model", "20250101-000000")
+    assert Path(req.dir).is_absolute()
+    assert Path(req.dir).name == "target_My_Model_20250101-000000"
+    assert (req.prefix, req.shapes, req.memory, req.stack) == ("target", True, False, False)
+    only = build_options(target="cpu", profile_side="target")
+    assert only.profile.sides == ("target",)
+    assert _request(only, "reference", "m", "s") is None
+    assert _request(build_options(target="cpu"), "target", "m", "s") is None
 
 
 @pytest.mark.parametrize("kwargs, option", [
@@ -210,7 +218,7 @@ def test_profile_request_and_options():
 ])
 def test_bad_profiling_options(kwargs, option):
     with pytest.raises(UsageError) as info:
-        RunConfig(target="cpu", **kwargs).validate()
+        build_options(target="cpu", **kwargs)
     assert info.value.option == option
 
 
@@ -252,11 +260,10 @@ def test_profile_summary_bad_dir_exits_2(tmp_path):
 
 def test_run_report_renders_tables_and_survives_a_broken_trace(tmp_path):
     import io
-    from types import SimpleNamespace
 
     from rich.console import Console
 
-    from vllm_rbln_exec.profiling.traces import render_run_profile
+    from vllm_rbln_exec.outputs.profile_tables import render_run_profile
 
     good = _trace_folder(tmp_path, "target_m_20250101-000000")
     broken = tmp_path / "reference_m_20250101-000000"
@@ -264,11 +271,11 @@ def test_run_report_renders_tables_and_survives_a_broken_trace(tmp_path):
     (broken / "r.pt.trace.json.gz").write_bytes(b"\x1f\x8b not gzip")
 
     def side(name, profile, wall):
-        return SimpleNamespace(engine="vllm", platform="cpu", source="worker", profile=profile,
-                               timings={"capture_total_s": wall, "generated_tokens": 32.0})
+        return {"engine": "vllm", "platform": "cpu", "source": "worker", "profile": profile,
+                "timings": {"capture_total_s": wall, "generated_tokens": 32.0}}
 
-    result = SimpleNamespace(sides={"reference": side("reference", {"dir": str(broken)}, 1.0),
-                                    "target": side("target", {"dir": str(good)}, 3.0)})
+    result = {"sides": {"reference": side("reference", {"dir": str(broken)}, 1.0),
+                        "target": side("target", {"dir": str(good)}, 3.0)}}
     buf = io.StringIO()
     render_run_profile(Console(file=buf, width=200, no_color=True), result, top=4)
     out = buf.getvalue()
@@ -277,7 +284,7 @@ def test_run_report_renders_tables_and_survives_a_broken_trace(tmp_path):
     assert "× reference" in out and "3.00" in out and "32.0" in out  # 3x the wall time, 32 tokens/s on the reference
 
     buf = io.StringIO()
-    render_run_profile(Console(file=buf, width=200), SimpleNamespace(sides={"target": side("target", None, 1.0)}))
+    render_run_profile(Console(file=buf, width=200), {"sides": {"target": side("target", None, 1.0)}})
     assert buf.getvalue() == ""  # nothing profiled, nothing printed
 
 

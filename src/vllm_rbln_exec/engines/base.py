@@ -1,6 +1,6 @@
 """The engine contract every backend implements (runs inside a worker only).
 
-An engine is built from the worker's plain-data request, started once, asked to
+An engine is built from the worker's typed ``CaptureRequest``, started once, asked to
 capture greedy logprobs for a list of prompts into a ``CaptureWriter``, and
 closed. ``force`` (one token list per prompt) feeds the target the reference's
 tokens step by step instead of its own argmax (teacher forcing).
@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..capture.store import CaptureWriter
+from ..setup.request import CaptureRequest
 
 Emit = Callable[..., None]
 
@@ -20,7 +21,7 @@ Emit = Callable[..., None]
 class Engine(ABC):
     name = "engine"
 
-    def __init__(self, request: dict[str, Any], emit: Emit):
+    def __init__(self, request: CaptureRequest, emit: Emit):
         self.request = request
         self.emit = emit
 
@@ -50,14 +51,27 @@ class Engine(ABC):
         """Greedy generation of ``max_tokens`` per prompt, EOS ignored, with logprobs
         at every generated position written to ``writer`` in prompt order."""
 
-    # Profiling: ``request["profile"]`` ({"dir", "prefix", "memory", "shapes", "stack"})
+    def effective_settings(self) -> dict[str, Any]:
+        """What decides this side's numbers beyond its dtype (recorded in the capture and the report).
+
+        The default reads torch's float32 matmul settings, which engines in this process obey."""
+        import torch
+
+        out: dict[str, Any] = {"float32_matmul_precision": torch.get_float32_matmul_precision()}
+        if torch.cuda.is_available():
+            out["cuda_matmul_allow_tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
+            out["cudnn_allow_tf32"] = bool(torch.backends.cudnn.allow_tf32)
+            out["gpu"] = torch.cuda.get_device_name(0)
+        return out
+
+    # Profiling: ``request.profile`` (a ``ProfileRequest``)
     # says where traces go. This default runs torch.profiler in the worker's own
     # process, right for engines that compute here; an engine whose model runs
     # elsewhere (vLLM's engine core) overrides both.
     def start_profile(self) -> None:
         from ..profiling.session import TorchProfileSession
 
-        self._profile_session = TorchProfileSession(self.request["profile"], self.request.get("torch_device"))
+        self._profile_session = TorchProfileSession(self.request.profile, self.request.side.torch_device)
         self._profile_session.start()
 
     def stop_profile(self) -> None:

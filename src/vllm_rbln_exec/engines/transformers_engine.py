@@ -1,6 +1,6 @@
 """Hugging Face transformers (eager attention) as a capture engine; workers only.
 
-The model runs on ``request["torch_device"]`` (``cpu``, ``cuda``, ``cuda:1``,
+The model runs on the side's ``torch_device`` (``cpu``, ``cuda``, ``cuda:1``,
 or any device type torch knows) and is driven by hand: the prompt is prefilled
 once, then one token per step goes through the decode path with the KV cache
 (``DynamicCache``), EOS ignored. At each step the last position's logits are
@@ -44,14 +44,12 @@ class TransformersEngine(Engine):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         transformers.logging.set_verbosity_error()
-        r = self.request
-        model_path = str(r["model"])
-        trust = bool(r.get("trust_remote_code"))
-        self.device = torch.device(r.get("torch_device") or "cpu")
-        self.dtype = self._resolve_dtype(r.get("dtype") or "auto", model_path, self.device.type)
-        self.tokenizer = AutoTokenizer.from_pretrained(
-            str(r.get("tokenizer") or model_path), local_files_only=True, trust_remote_code=trust
-        )
+        side = self.request.side
+        model_path = side.checkpoint
+        trust = bool(self.request.trust_remote_code)
+        self.device = torch.device(side.torch_device or "cpu")
+        self.dtype = self._resolve_dtype(side.dtype or "auto", model_path, self.device.type)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True, trust_remote_code=trust)
         from packaging.version import Version  # a dependency of transformers
 
         dtype_kw = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
@@ -63,6 +61,8 @@ class TransformersEngine(Engine):
         }
         if self.device.type == "cuda":  # straight onto the GPU, no full copy in host memory
             kwargs["device_map"] = {"": str(self.device)}
+        kwargs.update(side.engine_args)  # --X-args: from_pretrained keywords (checked before the worker started)
+        self.kwargs = kwargs
         self.model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
         if self.device.type != "cuda":
             self.model.to(self.device)
@@ -106,6 +106,12 @@ class TransformersEngine(Engine):
     def tokenizer_vocab_size(self) -> int:
         return len(self.tokenizer)
 
+    def effective_settings(self) -> dict[str, Any]:
+        """What decides the numbers here: the dtype the weights were loaded in, the attention code, matmul precision."""
+        return {**super().effective_settings(), "torch_dtype": str(self.dtype).removeprefix("torch."),
+                "attn_implementation": getattr(self.model.config, "_attn_implementation", None),
+                "from_pretrained": {k: v for k, v in self.kwargs.items() if isinstance(v, (str, int, float, bool))}}
+
     def close(self) -> None:
         model = getattr(self, "model", None)
         if model is None:
@@ -124,7 +130,7 @@ class TransformersEngine(Engine):
         writer: CaptureWriter,
         force: list[list[int]] | None = None,
     ) -> None:
-        # One prompt at a time, deliberately, although request["batch"] is known:
+        # One prompt at a time, deliberately, although request.batch is known:
         # batching moves the numbers. A left-padded batch (attention mask, position
         # ids from the mask) runs every matmul with other shapes: prefill over the
         # longest prompt, decode as a [B, H] GEMM where one sequence takes the GEMV
@@ -146,17 +152,17 @@ class TransformersEngine(Engine):
         import torch
 
         r = self.request
-        topn = None if int(r["logprobs"]) == -1 else int(r["logprobs"])
-        plain = r.get("capture") == "plain"  # the benchmark's baseline: tokens only
+        topn = None if int(r.logprobs) == -1 else int(r.logprobs)
+        plain = r.capture == "plain"  # the benchmark's baseline: tokens only
         if plain and forced is not None:
             raise ValueError("capture 'plain' cannot force tokens (as with vLLM, where it runs no logits processor)")
-        max_tokens = int(r["max_tokens"])
+        max_tokens = int(r.max_tokens)
         # Same tokenization as vLLM: the tokenizer's defaults (add_special_tokens=True).
         prompt_ids = [int(t) for t in self.tokenizer(prompt)["input_ids"]]
         if max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
         steps = max_tokens
-        max_len = r.get("max_model_len")
+        max_len = r.max_model_len
         if max_len:
             if len(prompt_ids) >= int(max_len):
                 raise ValueError(

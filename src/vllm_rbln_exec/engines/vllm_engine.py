@@ -34,42 +34,65 @@ class VllmEngine(Engine):
     def start(self) -> None:
         from vllm import LLM
 
-        r = self.request
-        full = r["logprobs"] == -1
-        max_logprobs = r.get("max_logprobs_cap") or (-1 if full else r["logprobs"])
-        kwargs: dict[str, Any] = dict(
-            model=r["model"],
-            tokenizer=r.get("tokenizer") or r["model"],
-            dtype=r.get("dtype") or "auto",
-            max_model_len=r["max_model_len"],
-            trust_remote_code=bool(r.get("trust_remote_code")),
-            tensor_parallel_size=r.get("tp", 1),
-            pipeline_parallel_size=r.get("pp", 1),
-            max_num_seqs=r.get("batch", 4),
-            max_logprobs=max_logprobs,
-            # plain: vLLM exactly as it runs without this harness
-            logits_processors=[] if r.get("capture") == "plain" else [PROCESSOR],
-            seed=r.get("seed", 0),
-            enforce_eager=bool(r.get("enforce_eager", False)),
-        )
-        if r.get("dp", 1) > 1:
-            kwargs["data_parallel_size"] = r["dp"]
-        if r.get("ep"):
-            kwargs["enable_expert_parallel"] = True
-        if r.get("max_batched"):
-            kwargs["max_num_batched_tokens"] = r["max_batched"]
-        if r.get("block_size"):
-            kwargs["block_size"] = r["block_size"]
-        if r.get("gpu_memory_utilization"):
-            kwargs["gpu_memory_utilization"] = r["gpu_memory_utilization"]
-        if r.get("profile"):
-            from ..profiling.session import vllm_profiler_kwargs
-
-            kwargs.update(vllm_profiler_kwargs(r["profile"], LLM))
-        kwargs.update(r.get("engine_kwargs") or {})
-        self.llm = LLM(**kwargs)
+        self.kwargs = self.engine_kwargs(LLM)
+        self.llm = LLM(**self.kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
+
+    def engine_kwargs(self, llm_cls) -> dict[str, Any]:
+        """``vllm.LLM`` keywords: what the harness sets, then the profile's defaults, then the side's own args."""
+        r = self.request
+        side = r.side
+        full = r.logprobs == -1
+        kwargs: dict[str, Any] = dict(
+            model=side.checkpoint,
+            tokenizer=side.checkpoint,
+            dtype=side.dtype or "auto",
+            max_model_len=r.max_model_len,
+            trust_remote_code=bool(r.trust_remote_code),
+            tensor_parallel_size=side.parallel.tp,
+            pipeline_parallel_size=side.parallel.pp,
+            max_num_seqs=r.batch,
+            max_logprobs=r.max_logprobs_cap or (-1 if full else r.logprobs),
+            # plain: vLLM exactly as it runs without this harness
+            logits_processors=[] if r.capture == "plain" else [PROCESSOR],
+            seed=r.seed,
+        )
+        if side.parallel.dp > 1:
+            kwargs["data_parallel_size"] = side.parallel.dp
+        if side.parallel.ep:
+            kwargs["enable_expert_parallel"] = True
+        if r.max_batched:
+            kwargs["max_num_batched_tokens"] = r.max_batched
+        if side.block_size:
+            kwargs["block_size"] = side.block_size
+        if r.profile:
+            from ..profiling.session import vllm_profiler_kwargs
+
+            kwargs.update(vllm_profiler_kwargs(r.profile, llm_cls))
+        kwargs.update(side.effective_engine_args())
+        return kwargs
+
+    def effective_settings(self) -> dict[str, Any]:
+        """What decides the numbers: vLLM's resolved attention backend, compilation and CUDA graphs, KV-cache dtype."""
+        out = {**super().effective_settings(),
+               "engine_args": {k: v for k, v in self.kwargs.items()
+                               if k not in ("logits_processors", "profiler_config") and _plain(v)}}
+        config = getattr(self.llm.llm_engine, "vllm_config", None)
+        if config is None:
+            return out
+        model_config = getattr(config, "model_config", None)
+        cache_config = getattr(config, "cache_config", None)
+        compilation = getattr(config, "compilation_config", None)
+        out.update({
+            "model_dtype": str(getattr(model_config, "dtype", "")).removeprefix("torch.") or None,
+            "enforce_eager": getattr(model_config, "enforce_eager", None),
+            "kv_cache_dtype": getattr(cache_config, "cache_dtype", None),
+            "compilation_mode": str(getattr(compilation, "mode", getattr(compilation, "level", None))),
+            "cudagraph_mode": str(getattr(compilation, "cudagraph_mode", None)),
+            "attention_backend": _attention_backend(config),
+        })
+        return out
 
     def platform(self) -> str:
         from vllm.platforms import current_platform
@@ -88,7 +111,7 @@ class VllmEngine(Engine):
     def start_profile(self) -> None:
         from ..profiling.session import vllm_start_profile
 
-        vllm_start_profile(self.llm, self.request["profile"])
+        vllm_start_profile(self.llm, self.request.profile)
 
     def stop_profile(self) -> None:
         self.llm.stop_profile()
@@ -107,7 +130,7 @@ class VllmEngine(Engine):
 
         kwargs: dict[str, Any] = dict(
             temperature=0.0,
-            max_tokens=self.request["max_tokens"],
+            max_tokens=self.request.max_tokens,
             ignore_eos=True,
             detokenize=False,
             extra_args={"vre": extra} if extra else None,
@@ -123,14 +146,14 @@ class VllmEngine(Engine):
         force: list[list[int]] | None = None,
     ) -> None:
         r = self.request
-        topn = None if r["logprobs"] == -1 else int(r["logprobs"])
-        mode = r.get("capture", "fast")
+        topn = None if r.logprobs == -1 else int(r.logprobs)
+        mode = r.capture
         fast = mode == "fast"
         plain = mode == "plain"
         if plain and force is not None:
             raise ValueError("capture 'plain' registers no logits processor, so it cannot force tokens")
-        batch = max(1, int(r.get("batch", 4)))
-        max_tokens = int(r["max_tokens"])
+        batch = max(1, int(r.batch))
+        max_tokens = int(r.max_tokens)
         done = 0
         for start in range(0, len(prompts), batch):
             group = list(range(start, min(start + batch, len(prompts))))
@@ -143,7 +166,7 @@ class VllmEngine(Engine):
                     extra.update(file=str(lp_path), ids_file=str(ids_path) if ids_path else None, topn=topn)
                 if force is not None:
                     extra["force"] = [int(t) for t in force[i]]
-                params.append(self._sampling_params(extra or None, None if fast or plain else r["logprobs"]))
+                params.append(self._sampling_params(extra or None, None if fast or plain else r.logprobs))
             t0 = time.perf_counter()
             outputs = self.llm.generate([prompts[i] for i in group], params, use_tqdm=False)
             writer.add_time("generate_s", time.perf_counter() - t0)
@@ -160,6 +183,22 @@ class VllmEngine(Engine):
             writer.add_time("collect_s", time.perf_counter() - t0)
             done += len(group)
             self.emit("generate", f"{done}/{len(prompts)} prompts", done=done, total=len(prompts))
+
+
+def _plain(value: Any) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool, list, dict))
+
+
+def _attention_backend(config) -> str | None:
+    """The attention backend vLLM resolved, where the installed version records it (None: unknown)."""
+    for holder, attr in ((getattr(config, "attention_config", None), "backend"),
+                         (getattr(config, "model_config", None), "attention_backend")):
+        value = getattr(holder, attr, None) if holder is not None else None
+        if value is not None:
+            return str(value)
+    import os
+
+    return os.environ.get("VLLM_ATTENTION_BACKEND")
 
 
 def flat_to_arrays(flat, vocab_size: int, topn: int | None) -> tuple[np.ndarray, np.ndarray | None]:

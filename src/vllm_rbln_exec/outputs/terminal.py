@@ -1,12 +1,14 @@
-"""Rendering a RunResult: the terminal report (rich) and progress display.
+"""The terminal report (rich) of a run's saved form, and the progress display.
 
-Reads results, never computes metrics or runs anything. The shape follows the
+Renders ``RunResult.to_json()``, so a live run and ``compare RUN`` print the
+same sections. Reads results, never computes metrics or runs anything. The shape follows the
 original tool: run header, per-prompt blocks (with ``--inspect-logits``), and a
 summary table over all prompts.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,9 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from ..compare.metrics import PromptComparison
+from ..compare.metrics import PEARSON_PASS
+from ..setup.options import DisplayOptions
+from .profile_tables import render_run_profile
 
 
 def make_console(no_color: bool = False, stderr: bool = False) -> Console:
@@ -50,130 +54,149 @@ def _mark(ok: bool) -> Text:
     return Text("PASS", style="bold green") if ok else Text("FAIL", style="bold red")
 
 
-def render_header(console: Console, result) -> None:
-    s = result.settings
-    vocab = result.comparisons[0].vocab_size if result.comparisons else "?"
-    logprobs = f"full vocabulary ({vocab})" if s["logprobs"] == -1 else f"top {s['logprobs']}"
+def render_header(console: Console, run: dict[str, Any]) -> None:
+    s = run.get("settings") or {}
+    comparisons = run.get("comparisons") or []
+    vocab = comparisons[0].get("vocab_size") if comparisons else "?"
+    logprobs = f"full vocabulary ({vocab})" if s.get("logprobs", -1) == -1 else f"top {s.get('logprobs')}"
     console.rule("[bold]vllm-rbln-exec parity run")
-    console.print(f"model        {escape(result.model)}  ({escape(result.model_path)})")
+    console.print(f"model        {escape(str(run.get('model')))}  ({escape(str(run.get('model_path')))})")
     console.print(
-        f"parallelism  tp={s['tp']} pp={s['pp']} dp={s['dp']} ep={'on' if s['ep'] else 'off'} (target)"
-        f"   layers={s['num_hidden_layers'] or 'all'}   max-model-len={s['max_model_len']}"
+        f"parallelism  tp={s.get('tp', 1)} pp={s.get('pp', 1)} dp={s.get('dp', 1)} ep={'on' if s.get('ep') else 'off'}"
+        f" (target)   layers={s.get('num_hidden_layers') or 'all'}   max-model-len={s.get('max_model_len')}"
     )
-    console.print(f"max tokens   {s['max_tokens']}   logprobs {logprobs}   prompts {len(result.prompts)}"
-                  f"   batch {s['batch']}")
-    table = Table(show_edge=False, box=None, pad_edge=False)
-    for col in ("side", "device", "platform", "engine", "dtype", "time", "source"):
-        table.add_column(col)
-    for side in ("reference", "target"):
-        r = result.sides[side]
-        table.add_row(
-            side,
-            r.device,
-            r.platform,
-            f"{r.engine} {r.engine_version}",
-            r.dtype,
-            f"{r.elapsed_s:.1f} s",
-            r.source,
-        )
-    console.print(table)
-    for note in result.notes:
+    console.print(f"max tokens   {s.get('max_tokens')}   logprobs {logprobs}   prompts {len(run.get('prompts') or [])}"
+                  f"   batch {s.get('batch')}")
+    render_sides(console, run)
+    for note in run.get("notes") or []:
         console.print(f"[yellow]note:[/] {escape(note)}")
 
 
-def render_prompt(console: Console, c: PromptComparison, snippet: bool, snippet_elems: int) -> None:
-    console.rule(f"Prompt {c.index}: {escape(_short(c.prompt))!s}", align="left")
-    same = "equal" if c.texts_equal else "[red]different[/]"
+def render_sides(console: Console, run: dict[str, Any]) -> None:
+    """Both sides, what differs between them, and the engine settings each reported."""
+    table = Table(show_edge=False, box=None, pad_edge=False)
+    for col in ("side", "device", "platform", "engine", "dtype", "time", "source"):
+        table.add_column(col)
+    sides = run.get("sides") or {}
+    for name in ("reference", "target"):
+        r = sides.get(name) or {}
+        table.add_row(name, str(r.get("device", "?")), str(r.get("platform", "?")),
+                      f"{r.get('engine', '?')} {r.get('engine_version', '')}".strip(), str(r.get("dtype", "?")),
+                      f"{float(r.get('elapsed_s') or 0.0):.1f} s", str(r.get("source", "?")))
+    console.print(table)
+    differences = (run.get("resolved") or {}).get("differences") or []
+    if differences:
+        shown = "; ".join(f"{what}: {_brief(a)} vs {_brief(b)}" for what, a, b in differences)
+        console.print(f"differs      {escape(shown)}  (reference vs target)")
+    for name in ("reference", "target"):
+        r = sides.get(name) or {}
+        if r.get("engine_args"):
+            console.print(f"{name:<12} engine args {escape(_brief(r['engine_args'], 100))}")
+        effective = {k: v for k, v in (r.get("effective") or {}).items() if k != "engine_args" and v is not None}
+        if effective:
+            console.print(f"[dim]{name:<12} in force: {escape(_brief(effective, 110))}[/]")
+
+
+def _brief(value: Any, width: int = 40) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def render_prompt(console: Console, c: dict[str, Any], snippet: bool, snippet_elems: int) -> None:
+    console.rule(f"Prompt {c['index']}: {escape(_short(c['prompt']))!s}", align="left")
+    same = "equal" if c.get("texts_equal") else "[red]different[/]"
     console.print(
-        f"generated    target {len(c.target_text)} chars / {c.target_tokens} tokens, "
-        f"reference {len(c.reference_text)} chars / {c.reference_tokens} tokens: {same}"
+        f"generated    target {len(c.get('target_text') or '')} chars / {c.get('target_tokens')} tokens, "
+        f"reference {len(c.get('reference_text') or '')} chars / {c.get('reference_tokens')} tokens: {same}"
     )
-    if c.first_divergence is not None:
-        console.print(f"divergence   tokens first differ at position {c.first_divergence}; "
-                      f"compared positions 0..{c.positions_compared - 1}")
+    if c.get("first_divergence") is not None:
+        console.print(f"divergence   tokens first differ at position {c['first_divergence']}; "
+                      f"compared positions 0..{c['positions_compared'] - 1}")
     else:
-        console.print(f"divergence   none; compared all {c.positions_compared} positions")
-    console.print(f"outliers     {c.outliers} entries with |Δ| >= {c.eps}")
-    console.print(f"vocab        {c.vocab_size}   finite overlap {fmt(c.finite_overlap * 100 if not math.isnan(c.finite_overlap) else c.finite_overlap, 2)}%")
-    line = Text(f"max|Δ| {fmt(c.max_abs_diff)}   mean|Δ| {fmt(c.mean_abs_diff)}   pearson {fmt(c.pearson, 6)} ")
-    line.append_text(_mark(c.pearson_ok))
+        console.print(f"divergence   none; compared all {c.get('positions_compared')} positions")
+    console.print(f"outliers     {c.get('outliers')} entries with |Δ| >= {c.get('eps')}")
+    overlap = c.get("finite_overlap")
+    console.print(f"vocab        {c.get('vocab_size')}   finite overlap {fmt(overlap * 100 if overlap is not None else None, 2)}%")
+    pearson = c.get("pearson")
+    line = Text(f"max|Δ| {fmt(c.get('max_abs_diff'))}   mean|Δ| {fmt(c.get('mean_abs_diff'))}   pearson {fmt(pearson, 6)} ")
+    line.append_text(_mark(pearson is not None and pearson >= PEARSON_PASS))
     console.print(line)
-    console.print(f"top-{c.topk}        overlap {fmt(c.topk_overlap, 3)}   same order {fmt(c.topk_order_match, 3)}"
-                  f"   top-1 agreement {fmt(c.top1_match, 3)}")
-    d = c.distribution or {}
+    console.print(f"top-{c.get('topk')}        overlap {fmt(c.get('topk_overlap'), 3)}   same order "
+                  f"{fmt(c.get('topk_order_match'), 3)}   top-1 agreement {fmt(c.get('top1_match'), 3)}")
+    _render_prompt_distribution(console, c)
+    for note in c.get("notes") or []:
+        console.print(f"[yellow]note:[/] {escape(note)}")
+    if snippet and c.get("snippet"):
+        _render_snippet(console, c, snippet_elems)
+    if c.get("first_position_topk"):
+        _render_first_topk(console, c["first_position_topk"])
+
+
+def _render_prompt_distribution(console: Console, c: dict[str, Any]) -> None:
+    d = c.get("distribution") or {}
     if d.get("positions"):
         console.print(
             f"KL(ref‖tgt)  mean {fmt(d.get('kl_mean'))} ± {fmt(d.get('kl_sem'))}   p99 {fmt(d.get('kl_p99'))}"
             f"   max {fmt(d.get('kl_max'))}   top-1 rate {fmt(d.get('top1_rate'), 3)} ± {fmt(d.get('top1_se'), 3)}"
             f"   Δp rms {fmt(d.get('dp_rms'))}   ppl ratio {fmt(d.get('ppl_ratio'), 5)}"
         )
-    div = c.argmax_divergence
-    if c.aligned:
-        if div is None:
-            console.print("argmax       the target's argmax is the reference token at every position")
+    if not c.get("aligned"):
+        return
+    div = c.get("argmax_divergence")
+    if div is None:
+        console.print("argmax       the target's argmax is the reference token at every position")
+        return
+    style = "yellow" if div["kind"] == "near-tie" else "red"
+    console.print(
+        f"argmax       [{style}]first differs at position {div['position']} ({div['kind']}: reference "
+        f"margin {fmt(div['margin'], 3)} nats)[/]: reference token {div['reference_token']}, "
+        f"target argmax {div['target_token']}"
+    )
+
+
+def _render_snippet(console: Console, c: dict[str, Any], snippet_elems: int) -> None:
+    for side in ("target", "reference"):
+        vals = c["snippet"][side]
+        if len(vals) >= 2 * snippet_elems and c.get("vocab_size", 0) > 2 * snippet_elems:
+            head = ", ".join(fmt(v, 3) for v in vals[:snippet_elems])
+            tail = ", ".join(fmt(v, 3) for v in vals[-snippet_elems:])
+            console.print(f"{side:<12} pos 0 [{head}, …, {tail}]")
         else:
-            style = "yellow" if div["kind"] == "near-tie" else "red"
-            console.print(
-                f"argmax       [{style}]first differs at position {div['position']} ({div['kind']}: reference "
-                f"margin {fmt(div['margin'], 3)} nats)[/]: reference token {div['reference_token']}, "
-                f"target argmax {div['target_token']}"
-            )
-    for note in c.notes:
-        console.print(f"[yellow]note:[/] {escape(note)}")
-    if snippet and c.snippet:
-        for side in ("target", "reference"):
-            vals = c.snippet[side]
-            if len(vals) >= 2 * snippet_elems and c.vocab_size > 2 * snippet_elems:
-                head = ", ".join(fmt(v, 3) for v in vals[:snippet_elems])
-                tail = ", ".join(fmt(v, 3) for v in vals[-snippet_elems:])
-                console.print(f"{side:<12} pos 0 [{head}, …, {tail}]")
-            else:
-                console.print(f"{side:<12} pos 0 [{', '.join(fmt(v, 3) for v in vals)}]")
-    if c.first_position_topk is not None:
-        tk = c.first_position_topk
-        table = Table(title=f"top-{len(tk.reference_ids)} at position 0", title_justify="left")
-        for col in ("rank", "target idx", "target val", "reference idx", "reference val"):
-            table.add_column(col, justify="right")
-        for rank, (ti, tv, ri, rv) in enumerate(
-            zip(tk.target_ids, tk.target_vals, tk.reference_ids, tk.reference_vals), 1
-        ):
-            style = None if ti == ri else "yellow"
-            table.add_row(str(rank), str(ti), fmt(tv), str(ri), fmt(rv), style=style)
-        console.print(table)
+            console.print(f"{side:<12} pos 0 [{', '.join(fmt(v, 3) for v in vals)}]")
 
 
-def render_summary(console: Console, result) -> None:
+def _render_first_topk(console: Console, tk: dict[str, Any]) -> None:
+    table = Table(title=f"top-{len(tk['reference_ids'])} at position 0", title_justify="left")
+    for col in ("rank", "target idx", "target val", "reference idx", "reference val"):
+        table.add_column(col, justify="right")
+    rows = zip(tk["target_ids"], tk["target_vals"], tk["reference_ids"], tk["reference_vals"])
+    for rank, (ti, tv, ri, rv) in enumerate(rows, 1):
+        table.add_row(str(rank), str(ti), fmt(tv), str(ri), fmt(rv), style=None if ti == ri else "yellow")
+    console.print(table)
+
+
+def render_summary(console: Console, run: dict[str, Any]) -> None:
     table = Table(title="summary over all prompts", title_justify="left")
     cols = ("prompt", "positions", "tokens equal", "1st diverge", "max|Δ|", "mean|Δ|", "pearson",
-            "outliers", "top-1", "top-k overlap")
+            "outliers", "top-1", "top-k overlap", "KL mean", "KL max")
     for col in cols:
         table.add_column(col, justify="right")
-    for c in result.comparisons:
+    for c in run.get("comparisons") or []:
+        pearson, d = c.get("pearson"), c.get("distribution") or {}
         table.add_row(
-            str(c.index),
-            str(c.positions_compared),
-            "yes" if c.tokens_equal else "[red]no[/]",
-            fmt(c.first_divergence),
-            fmt(c.max_abs_diff),
-            fmt(c.mean_abs_diff),
-            Text(fmt(c.pearson, 6), style="green" if c.pearson_ok else "red"),
-            str(c.outliers),
-            fmt(c.top1_match, 3),
-            fmt(c.topk_overlap, 3),
+            str(c.get("index")), str(c.get("positions_compared")), "yes" if c.get("tokens_equal") else "[red]no[/]",
+            fmt(c.get("first_divergence")), fmt(c.get("max_abs_diff")), fmt(c.get("mean_abs_diff")),
+            Text(fmt(pearson, 6), style="green" if pearson is not None and pearson >= PEARSON_PASS else "red"),
+            str(c.get("outliers")), fmt(c.get("top1_match"), 3), fmt(c.get("topk_overlap"), 3),
+            fmt(d.get("kl_mean")), fmt(d.get("kl_max")),
         )
-    s = result.summary
+    s = run.get("summary") or {}
+    d = s.get("distribution") or {}
     table.add_row(
-        "all",
-        str(s.positions_compared),
-        f"{s.tokens_equal}/{s.prompts}",
-        fmt(s.earliest_divergence),
-        fmt(s.max_abs_diff),
-        fmt(s.mean_abs_diff),
-        fmt(s.min_pearson, 6),
-        str(s.outliers),
-        fmt(s.top1_match, 3),
-        fmt(s.topk_overlap, 3),
-        style="bold",
+        "all", str(s.get("positions_compared")), f"{s.get('tokens_equal')}/{s.get('prompts')}",
+        fmt(s.get("earliest_divergence")), fmt(s.get("max_abs_diff")), fmt(s.get("mean_abs_diff")),
+        fmt(s.get("min_pearson"), 6), str(s.get("outliers")), fmt(s.get("top1_match"), 3),
+        fmt(s.get("topk_overlap"), 3), fmt(d.get("kl_mean")), fmt(d.get("kl_max")), style="bold",
     )
     console.print(table)
 
@@ -196,12 +219,13 @@ class TokenText:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
 
-def render_distribution(console: Console, result, tokens: TokenText | None = None) -> None:
-    d = result.summary.distribution or {}
+def render_distribution(console: Console, run: dict[str, Any], tokens: TokenText | None = None) -> None:
+    summary = run.get("summary") or {}
+    d = summary.get("distribution") or {}
     if not d.get("positions"):
         return
     table = Table(title=f"distribution over {d['positions']} positions "
-                        f"({'teacher-forced' if result.settings.get('align') == 'forced' else 'free-running'})",
+                        f"({'teacher-forced' if (run.get('settings') or {}).get('align') == 'forced' else 'free-running'})",
                   title_justify="left")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -218,8 +242,8 @@ def render_distribution(console: Console, result, tokens: TokenText | None = Non
     ]
     if d.get("kl_nonfinite"):
         rows.append(("positions with infinite KL", str(d["kl_nonfinite"])))
-    s = result.summary
-    rows.append(("prompts whose argmax left the reference", f"{s.argmax_divergences} ({s.disagreements} not near-ties)"))
+    rows.append(("prompts whose argmax left the reference",
+                 f"{summary.get('argmax_divergences')} ({summary.get('disagreements')} not near-ties)"))
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
@@ -230,44 +254,47 @@ def render_distribution(console: Console, result, tokens: TokenText | None = Non
         buckets.add_row(b["range"], str(b["count"]), fmt(b.get("kl_mean")), fmt(b.get("kl_max")),
                         fmt(b.get("top1_rate"), 3))
     console.print(buckets)
-    worst = [(c, w) for c in result.comparisons for w in c.worst_positions]
+    render_worst(console, run, tokens)
+
+
+def render_worst(console: Console, run: dict[str, Any], tokens: TokenText | None = None) -> None:
+    worst = [(c, w) for c in run.get("comparisons") or [] for w in c.get("worst_positions") or []]
     worst.sort(key=lambda cw: -(cw[1]["kl"] if cw[1]["kl"] is not None and math.isfinite(cw[1]["kl"]) else math.inf))
     if not worst:
         return
-    tokens = tokens or TokenText(result.model_path)
+    tokens = tokens or TokenText(str(run.get("model_path") or ""))
     table = Table(title="worst positions by KL", title_justify="left")
     for col in ("prompt", "pos", "KL", "p(top-1)", "context → reference | target", "reference top", "target top"):
         table.add_column(col, justify="right" if col in ("prompt", "pos", "KL", "p(top-1)") else "left")
     for c, w in worst[:5]:
         pos = w["position"]
-        ref_ids = _reference_tokens(result, c.index)
+        ref_ids = _reference_tokens(run, c["index"])
         context = tokens(ref_ids[max(0, pos - 8):pos])
         cell = f"…{_short(context, 40)} → {tokens([w['reference_token']])!r} | {tokens([w['target_argmax']])!r}"
         table.add_row(
-            str(c.index), str(pos), fmt(w["kl"]), fmt(w["reference_top1_prob"], 3), escape(cell),
+            str(c["index"]), str(pos), fmt(w["kl"]), fmt(w["reference_top1_prob"], 3), escape(cell),
             escape(", ".join(f"{tokens([i])!r} {fmt(v, 2)}" for i, v in w["reference_topk"][:3])),
             escape(", ".join(f"{tokens([i])!r} {fmt(v, 2)}" for i, v in w["target_topk"][:3])),
         )
     console.print(table)
 
 
-def _reference_tokens(result, index: int) -> list[int]:
-    tokens = getattr(result, "reference_tokens", None)
-    return list(tokens[index]) if tokens else []
+def _reference_tokens(run: dict[str, Any], index: int) -> list[int]:
+    tokens = run.get("reference_tokens")
+    return list(tokens[index]) if tokens and index < len(tokens) else []
 
 
-def render_result(console: Console, result, inspect_logits: bool = True, snippet: bool = True,
-                  snippet_elems: int = 5) -> None:
-    render_header(console, result)
-    if inspect_logits:
-        for c in result.comparisons:
-            render_prompt(console, c, snippet, snippet_elems)
-    render_summary(console, result)
-    render_distribution(console, result)
-    from ..profiling.traces import render_run_profile
-
-    render_run_profile(console, result)
-    console.print(f"run folder   {escape(result.run_dir)}")
+def render_run(console: Console, run: dict[str, Any], display: DisplayOptions | None = None) -> None:
+    """Every section of a run's report, from its saved form: the same for a live run and ``compare RUN``."""
+    display = display or DisplayOptions()
+    render_header(console, run)
+    if display.inspect_logits:
+        for c in run.get("comparisons") or []:
+            render_prompt(console, c, display.snippet, display.snippet_elems)
+    render_summary(console, run)
+    render_distribution(console, run)
+    render_run_profile(console, run)
+    console.print(f"run folder   {escape(str(run.get('run_dir')))}")
 
 
 class ProgressView:
@@ -350,30 +377,3 @@ def render_verdict(console: Console, verdict, files: dict[str, str] | None = Non
         console.print(Text(f"  ! {w}", style="yellow"))
     for name, path in (files or {}).items():
         console.print(f"{name:<9} {path}", markup=False, highlight=False)
-
-
-def render_saved_summary(console: Console, run: dict[str, Any]) -> None:
-    """The summary of a saved report (``compare``): the same columns as a live run, from JSON."""
-    sides = run.get("sides") or {}
-    console.print(Text(f"saved run {run.get('run_dir', '?')}", style="bold"))
-    console.print(f"model {run.get('model')}  target {run.get('target')}", markup=False, highlight=False)
-    for name in ("reference", "target"):
-        side = sides.get(name) or {}
-        console.print(f"  {name:<9} {side.get('engine', '?')} {side.get('engine_version', '')} on "
-                      f"{side.get('platform', '?')} ({side.get('dtype', '?')}), from {side.get('source', '?')}",
-                      markup=False, highlight=False)
-    table = Table(title="summary over all prompts", title_justify="left")
-    for col in ("prompt", "positions", "tokens equal", "max|Δ|", "mean|Δ|", "pearson", "KL mean", "KL max",
-                "top-1"):
-        table.add_column(col, justify="right")
-    for c in run.get("comparisons") or []:
-        d = c.get("distribution") or {}
-        table.add_row(str(c.get("index")), str(c.get("positions_compared")), "yes" if c.get("tokens_equal") else "no",
-                      fmt(c.get("max_abs_diff")), fmt(c.get("mean_abs_diff")), fmt(c.get("pearson"), 6),
-                      fmt(d.get("kl_mean"), 6), fmt(d.get("kl_max"), 6), fmt(c.get("top1_match"), 3))
-    s = run.get("summary") or {}
-    d = s.get("distribution") or {}
-    table.add_row("all", str(s.get("positions_compared")), f"{s.get('tokens_equal')}/{s.get('prompts')}",
-                  fmt(s.get("max_abs_diff")), fmt(s.get("mean_abs_diff")), fmt(s.get("min_pearson"), 6),
-                  fmt(d.get("kl_mean"), 6), fmt(d.get("kl_max"), 6), fmt(s.get("top1_match"), 3), style="bold")
-    console.print(table)

@@ -1,6 +1,6 @@
 """A parity check: one run, judged, written out. The library entry of the CLI and the pytest plugin.
 
-``check_parity(cfg)`` runs the comparison (``run``), measures the noise floor
+``check_parity(options)`` runs the comparison (``run``), measures the noise floor
 from repeats when asked (``noise``), resolves the tolerances of the run's model
 and dtype pair (``spec``: built-in defaults, spec file, command line), judges
 the report (``gate``) and writes the requested report files (``outputs``).
@@ -16,32 +16,20 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import UsageError
-from ..setup.options import RunConfig
+from ..outputs.files import load_report, write_json, write_junit, write_markdown
+from ..setup.options import GateOptions, RunOptions
 from ..verdict.gates import Verdict, judge, parse_gates
 from ..verdict.noise import NoiseFloor, measure_noise, merge_noise, noise_from_json
 from ..verdict.spec import ParitySpec, gates_for_run, load_spec
+from .run import run_parity
 
 PARITY_FILE = "parity.json"  # the combined report every run folder gets
 
 
-@dataclass
-class GateOptions:
-    """What decides the verdict, apart from the run itself."""
-
-    fail_on: list[str] = field(default_factory=list)
-    spec: str | None = None
-    use_defaults: bool = True
-    near_ties_fail: bool | None = None
-
-    @classmethod
-    def from_config(cls, cfg: RunConfig) -> GateOptions:
-        return cls(fail_on=list(cfg.fail_on), spec=cfg.spec, use_defaults=not cfg.no_default_gates,
-                   near_ties_fail=cfg.near_ties_fail)
-
-    def load(self) -> ParitySpec:
-        """Check the tolerances and read the spec up front, so a typo costs no engine start."""
-        parse_gates(self.fail_on)
-        return load_spec(self.spec)
+def load_gates(options: GateOptions) -> ParitySpec:
+    """Check the tolerances and read the spec up front, so a typo costs no engine start."""
+    parse_gates(list(options.fail_on))
+    return load_spec(options.spec)
 
 
 @dataclass
@@ -91,16 +79,14 @@ def noise_floor(run: dict[str, Any]) -> NoiseFloor | None:
 
 def judge_run(run: dict[str, Any], options: GateOptions, spec: ParitySpec | None = None,
               noise: NoiseFloor | None = None) -> Verdict:
-    spec = spec if spec is not None else options.load()
-    gates = gates_for_run(run, spec, options.fail_on, use_defaults=options.use_defaults,
+    spec = spec if spec is not None else load_gates(options)
+    gates = gates_for_run(run, spec, list(options.fail_on), use_defaults=options.use_defaults,
                           near_ties_fail=options.near_ties_fail)
     return judge(run, gates, noise)
 
 
 def write_reports(outcome: ParityOutcome, json_out: str | None = None, junit_out: str | None = None,
                   markdown_out: str | None = None, run_folder: Path | None = None) -> dict[str, str]:
-    from ..outputs.files import write_json, write_junit, write_markdown
-
     files: dict[str, str] = {}
     if run_folder is not None and run_folder.is_dir():
         files["parity"] = str(write_json(run_folder / PARITY_FILE, outcome.run, outcome.verdict, outcome.noise))
@@ -117,24 +103,20 @@ def write_reports(outcome: ParityOutcome, json_out: str | None = None, junit_out
     return files
 
 
-def check_parity(cfg: RunConfig, progress=None) -> ParityOutcome:
-    """Run, judge and write: what `vllm-rbln-exec` does."""
-    from .run import run_parity
-
-    options = GateOptions.from_config(cfg)
-    spec = options.load()
-    result = run_parity(cfg, progress)
+def check_parity(options: RunOptions, progress=None) -> ParityOutcome:
+    """Run, judge and write: what `vllm-rbln-exec` does. The run folder gets one ``parity.json``."""
+    spec = load_gates(options.gates)
+    result = run_parity(options, progress)
     run = result.to_json()
     noise = noise_floor(run)
-    outcome = ParityOutcome(run=run, verdict=judge_run(run, options, spec, noise), noise=noise, result=result)
-    write_reports(outcome, cfg.json_out, cfg.junit_out, cfg.markdown_out, Path(result.run_dir))
+    outcome = ParityOutcome(run=run, verdict=judge_run(run, options.gates, spec, noise), noise=noise, result=result)
+    out = options.outputs
+    write_reports(outcome, out.json, out.junit, out.markdown, Path(result.run_dir))
     return outcome
 
 
 def load_saved(path: str | Path) -> tuple[dict[str, Any], NoiseFloor | None]:
     """A saved run from a run folder (its parity.json or report.json) or a JSON report file."""
-    from ..outputs.files import load_report
-
     path = Path(path)
     if path.is_dir():
         candidates = [path / PARITY_FILE, path / "report.json"]

@@ -4,7 +4,7 @@ Two ways in: vLLM's own profiler configuration (``profiler_config`` on
 ``vllm.LLM``, or the ``VLLM_TORCH_PROFILER_*`` variables of older vLLM), which
 profiles where vLLM's model runner lives, also in another process; and
 ``torch.profiler`` directly for engines that run in the worker's own process
-(transformers). Both write chrome traces into ``request["profile"]["dir"]``; the
+(transformers). Both write chrome traces into ``ProfileRequest.dir``; the
 worker then notes what it measured in ``profile.json`` beside them. Reading the
 traces is ``vllm_rbln_exec.profiling.traces``'s job, not this module's; nothing here
 touches the capture.
@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ..core.jsonio import write_json_atomic
-from .traces import META, find_trace_files
+from .request import META, ProfileRequest
+from .traces import find_trace_files
 
 # Older vLLM (before ProfilerConfig) read these when its workers started.
 LEGACY_ENV = {
@@ -29,32 +30,32 @@ LEGACY_ENV = {
 }
 
 
-def vllm_profiler_kwargs(options: dict[str, Any], llm_cls) -> dict[str, Any]:
+def vllm_profiler_kwargs(options: ProfileRequest, llm_cls) -> dict[str, Any]:
     """Keyword arguments for ``vllm.LLM`` that make its workers record torch traces.
 
     The activities are left to vLLM: CPU on a CPU platform, CPU and CUDA on a GPU."""
-    folder = Path(options["dir"])  # made by whoever writes the first trace: a failed start leaves nothing
+    folder = Path(options.dir)  # made by whoever writes the first trace: a failed start leaves nothing
     if "profiler_config" in inspect.signature(llm_cls.__init__).parameters:
         return {"profiler_config": {
             "profiler": "torch",
             "torch_profiler_dir": str(folder),
-            "torch_profiler_record_shapes": bool(options.get("shapes")),
-            "torch_profiler_with_memory": bool(options.get("memory")),
-            "torch_profiler_with_stack": bool(options.get("stack")),
+            "torch_profiler_record_shapes": bool(options.shapes),
+            "torch_profiler_with_memory": bool(options.memory),
+            "torch_profiler_with_stack": bool(options.stack),
             "torch_profiler_use_gzip": True,
         }}
     # vLLM reads its variables lazily, so setting them before the engine starts is
     # enough; engine processes it spawns inherit them.
     os.environ[LEGACY_ENV["dir"]] = str(folder)
     for key in ("shapes", "memory", "stack"):
-        os.environ[LEGACY_ENV[key]] = "1" if options.get(key) else "0"
+        os.environ[LEGACY_ENV[key]] = "1" if getattr(options, key) else "0"
     return {}
 
 
-def vllm_start_profile(llm, options: dict[str, Any]) -> None:
+def vllm_start_profile(llm, options: ProfileRequest) -> None:
     params = inspect.signature(llm.start_profile).parameters
     if "profile_prefix" in params:
-        llm.start_profile(profile_prefix=options.get("prefix") or None)
+        llm.start_profile(profile_prefix=options.prefix or None)
     else:
         llm.start_profile()
 
@@ -62,7 +63,7 @@ def vllm_start_profile(llm, options: dict[str, Any]) -> None:
 class TorchProfileSession:
     """``torch.profiler`` around code that runs in this process."""
 
-    def __init__(self, options: dict[str, Any], torch_device: str | None = None):
+    def __init__(self, options: ProfileRequest, torch_device: str | None = None):
         self.options = options
         self.device_type = (torch_device or "cpu").split(":")[0]
         self.profiler = None
@@ -76,9 +77,9 @@ class TorchProfileSession:
             activities.append(ProfilerActivity.CUDA)
         self.profiler = profile(
             activities=activities,
-            record_shapes=bool(self.options.get("shapes")),
-            profile_memory=bool(self.options.get("memory")),
-            with_stack=bool(self.options.get("stack")),
+            record_shapes=bool(self.options.shapes),
+            profile_memory=bool(self.options.memory),
+            with_stack=bool(self.options.stack),
         )
         self.profiler.start()
 
@@ -91,19 +92,19 @@ class TorchProfileSession:
             torch.cuda.synchronize()  # kernels still queued would miss the trace
         profiler, self.profiler = self.profiler, None
         profiler.stop()
-        folder = Path(self.options["dir"])
+        folder = Path(self.options.dir)
         folder.mkdir(parents=True, exist_ok=True)
-        name = f"{self.options.get('prefix') or 'worker'}_{self.device_type}.{os.getpid()}.pt.trace.json.gz"
+        name = f"{self.options.prefix or 'worker'}_{self.device_type}.{os.getpid()}.pt.trace.json.gz"
         path = folder / name
         profiler.export_chrome_trace(str(path))
         return path
 
 
-def write_profile_meta(options: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
+def write_profile_meta(options: ProfileRequest, info: dict[str, Any]) -> dict[str, Any]:
     """Note what was profiled beside the traces; returns what the worker's result names."""
-    folder = Path(options["dir"])
+    folder = Path(options.dir)
     traces = [p.name for p in find_trace_files(folder)]
-    meta = {**info, "options": {k: bool(options.get(k)) for k in ("memory", "shapes", "stack")}, "traces": traces}
+    meta = {**info, "options": {k: bool(getattr(options, k)) for k in ("memory", "shapes", "stack")}, "traces": traces}
     folder.mkdir(parents=True, exist_ok=True)
     write_json_atomic(folder / META, meta)
     return {"dir": str(folder), "traces": traces}

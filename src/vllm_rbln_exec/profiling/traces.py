@@ -14,17 +14,16 @@ from __future__ import annotations
 import gzip
 import json
 import math
-import os
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from ..core.errors import UsageError
+from .request import META
 
-META = "profile.json"  # what the worker knew about the profiled generation
+RUN_FILES = ("parity.json", "report.json")  # a run folder's report (report.json: schema 1, before parity.json)
+
 SIDES = ("reference", "target")
 DEFAULT_TOP = 15
 
@@ -42,32 +41,6 @@ class ProfileError(UsageError):
 
     def __init__(self, message: str):
         super().__init__(message, option="DIR")
-
-
-# -- where traces go ------------------------------------------------------------------
-def safe_name(text: str, limit: int = 60) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(str(text)).name)[:limit] or "model"
-
-
-def profile_stamp(now: datetime | None = None) -> str:
-    return (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
-
-
-def trace_folder(root: str | Path, side: str, model: str, stamp: str) -> Path:
-    """``root/<side>_<model>_<stamp>``, absolute (workers run in their own folder),
-    with the main process id appended when an earlier run of the same second took it."""
-    base = Path(root).expanduser().resolve() / f"{side}_{safe_name(model)}_{stamp}"
-    if base.exists() and any(base.iterdir()):
-        return base.with_name(f"{base.name}-{os.getpid()}")
-    return base
-
-
-def profile_request(cfg, side: str, model: str, stamp: str) -> dict[str, Any] | None:
-    """The plain-data ``request["profile"]`` a worker reads; None when ``side`` is not profiled."""
-    if side not in cfg.profiled_sides():
-        return None
-    return {"dir": str(trace_folder(cfg.profile_dir, side, model, stamp)), "prefix": side,
-            "memory": bool(cfg.profile_memory), "shapes": bool(cfg.profile_shapes), "stack": bool(cfg.profile_stack)}
 
 
 def is_trace_file(path: Path) -> bool:
@@ -238,16 +211,17 @@ def summarize_folder(folder: str | Path) -> ProfileSummary:
 
 def resolve_trace_folders(path: str | Path) -> list[Path]:
     """Trace folders under DIR: DIR itself, its subfolders (the ``profile/`` root),
-    or the folders a run's ``report.json`` names."""
+    or the folders a run folder's ``parity.json`` (``report.json`` before schema 2) names."""
     root = Path(path)
     if not root.exists():
         raise ProfileError(f"{root} does not exist")
     if root.is_file():
         raise ProfileError(f"{root} is a file; give a trace folder, the profile/ folder or a run folder")
-    report = root / "report.json"
-    if report.is_file():
+    report = next((root / n for n in RUN_FILES if (root / n).is_file()), None)
+    if report is not None:
         try:
-            sides = json.loads(report.read_text()).get("sides", {})
+            data = json.loads(report.read_text())
+            sides = (data.get("run") if report.name == RUN_FILES[0] else data).get("sides", {})
         except (OSError, ValueError, AttributeError) as exc:
             raise ProfileError(f"{report} cannot be read: {exc}") from exc
         named = [Path(s["profile"]["dir"]) for s in sides.values()
@@ -300,127 +274,19 @@ def speed_row_from_timings(label: str, timings: dict[str, Any], profiled: bool, 
     return SpeedRow(label, num("capture_total_s"), num("generated_tokens"), profiled, source)
 
 
-def speed_rows_from_result(result) -> list[SpeedRow]:
+def speed_rows_from_run(run: dict[str, Any]) -> list[SpeedRow]:
+    """Speed rows from a run's saved form (its ``sides``)."""
     rows = []
+    sides = run.get("sides") or {}
     for side in SIDES:
-        r = result.sides.get(side)
-        if r is None:
+        r = sides.get(side)
+        if not r:
             continue
-        rows.append(speed_row_from_timings(f"{side} ({r.engine} {r.platform})", r.timings,
-                                           bool(getattr(r, "profile", None)), r.source))
+        rows.append(speed_row_from_timings(f"{side} ({r.get('engine')} {r.get('platform')})", r.get("timings") or {},
+                                           bool(r.get("profile")), r.get("source", "worker")))
     return rows
 
 
 def speed_rows_from_summaries(summaries: list[ProfileSummary]) -> list[SpeedRow]:
     return [speed_row_from_timings(s.label, s.meta.get("timings") or {}, True, s.folder.name)
             for s in summaries if s.meta.get("timings")]
-
-
-# -- rendering --------------------------------------------------------------------------------------
-def _ms(us: float) -> str:
-    return f"{us / 1000:.3f}"
-
-
-def _busy(us: float, span_us: float) -> str:
-    # kernels on several streams can overlap, so this is an upper bound on the busy share
-    return f"{min(100.0, 100 * us / span_us):.1f}%" if span_us > 0 else "-"
-
-
-def _cut(name: str, n: int = 72) -> str:
-    return name if len(name) <= n else name[: n - 1] + "…"
-
-
-def render_op_tables(console, summary: ProfileSummary, top: int = DEFAULT_TOP) -> None:
-    from rich.markup import escape
-    from rich.table import Table
-
-    st = summary.stats
-    console.print(f"[bold]{escape(summary.label)}[/]  {escape(str(summary.folder))}", markup=True, highlight=False)
-    console.print("  traces: " + ", ".join(p.name for p in summary.files), markup=False, highlight=False)
-    host_total = st.host_self_us
-    # headings as lines, not table titles: rich wraps a title to its table's width
-    console.print(f"{summary.label}: top {min(top, len(st.host))} of {len(st.host)} CPU ops by self time "
-                  f"(self CPU total {_ms(host_total)} ms over a {_ms(st.span_us)} ms trace)",
-                  markup=False, highlight=False)
-    table = Table()
-    for col, justify in (("op", "left"), ("calls", "right"), ("self ms", "right"), ("self %", "right"),
-                         ("total ms", "right"), ("avg self µs", "right")):
-        table.add_column(col, justify=justify)
-    for s in st.top("host", top):
-        table.add_row(_cut(s.name), str(s.calls), _ms(s.self_us),
-                      f"{100 * s.self_us / host_total:.1f}" if host_total else "-", _ms(s.total_us),
-                      f"{s.self_us / s.calls:.1f}")
-    console.print(table)
-    if st.device:
-        device_total = st.device_us
-        console.print(f"{summary.label}: top {min(top, len(st.device))} of {len(st.device)} device kernels "
-                      f"by time (device total {_ms(device_total)} ms, busy {_busy(device_total, st.span_us)} "
-                      "of the trace)", markup=False, highlight=False)
-        table = Table()
-        for col, justify in (("kernel", "left"), ("calls", "right"), ("device ms", "right"), ("%", "right"),
-                             ("avg µs", "right")):
-            table.add_column(col, justify=justify)
-        for s in st.top("device", top):
-            table.add_row(_cut(s.name), str(s.calls), _ms(s.self_us),
-                          f"{100 * s.self_us / device_total:.1f}" if device_total else "-",
-                          f"{s.self_us / s.calls:.1f}")
-        console.print(table)
-
-
-def render_speed_table(console, rows: list[SpeedRow]) -> None:
-    from rich.table import Table
-
-    if not rows:
-        return
-    console.print("speed of the measured generation (wall time and generated tokens over all prompts)",
-                  markup=False, highlight=False)
-    base_row = next((r for r in rows if r.label.startswith("reference")), rows[0])
-    base = base_row.wall_s
-    table = Table()
-    for col in ("side", "profiled", "wall s", "tokens", "tokens/s", "ms/token",
-                "× reference" if base_row.label.startswith("reference") else "× first"):
-        table.add_column(col, justify="left" if col in ("side", "profiled") else "right")
-
-    def f(v: float | None, digits: int = 3) -> str:
-        return "-" if v is None else f"{v:.{digits}f}"
-
-    for r in rows:
-        ratio = r.wall_s / base if r.wall_s and base else None
-        profiled = "yes" if r.profiled else "no"
-        if r.source in ("cache", "file"):
-            profiled += f" ({r.source}: timed when captured)"
-        table.add_row(_cut(r.label, 48), profiled, f(r.wall_s), f(r.tokens, 0), f(r.tokens_per_s, 1),
-                      f(r.ms_per_token, 2), f(ratio, 2))
-    console.print(table)
-    if len({r.profiled for r in rows}) > 1:
-        console.print("[yellow]note:[/] one side ran under the profiler and the other did not; "
-                      "the profiler's overhead is in the profiled side's time", markup=True)
-
-
-def render_profile_summary(console, summaries: list[ProfileSummary], top: int = DEFAULT_TOP) -> None:
-    """The ``profile-summary`` command: op tables from saved traces, then the speeds the workers noted."""
-    console.rule("[bold]profile")
-    for summary in summaries:
-        render_op_tables(console, summary, top)
-    render_speed_table(console, speed_rows_from_summaries(summaries))
-
-
-def render_run_profile(console, result, top: int = DEFAULT_TOP) -> None:
-    """The profile section of a run's report; nothing when no side was profiled.
-
-    A trace that cannot be read is reported and skipped: the parity result stands."""
-    profiled = [(side, result.sides[side].profile) for side in SIDES
-                if side in result.sides and getattr(result.sides[side], "profile", None)]
-    if not profiled:
-        return
-    console.rule("[bold]profile of the measured generation")
-    for side, info in profiled:
-        try:
-            summary = summarize_folder(info["dir"])
-        except ProfileError as exc:
-            console.print(f"[yellow]note:[/] {side}: {exc.message}", markup=True, highlight=False)
-            continue
-        render_op_tables(console, summary, top)
-    render_speed_table(console, speed_rows_from_result(result))
-    console.print("open a trace in https://ui.perfetto.dev or chrome://tracing; "
-                  "tables again: vllm-rbln-exec profile-summary DIR", highlight=False)

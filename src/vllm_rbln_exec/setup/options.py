@@ -1,239 +1,242 @@
-"""Run settings: one object that the CLI fills and the library reads.
+"""What the user asked for: small frozen records, built and checked once from flat option values.
 
-``RunConfig`` holds every option of a parity run, validated here (not in the
-CLI) so the library can be driven from Python and from the pytest plugin with
-the same checks. It also holds the built-in prompts. No engine code here.
+The CLI, the pytest plugin and the benchmark all call :func:`build_options`
+with the same flat names (``FLAT_DEFAULTS``), so one set of checks serves all
+three. The records are never mutated: what a run decides on its own (a device
+for ``--target auto``, expert parallelism for a MoE model, settings adopted
+from a reference file) goes into the resolved sides and the report's
+``resolved`` record, next to these options. Nothing here starts an engine,
+reads a model or imports torch or vLLM.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from ..core.errors import UsageError
+from .checks import check_flat, profiled_sides
+from .prompts import builtin_prompts, expand_prompt_args
 
-BUILTIN_PROMPTS = [
-    "The capital of France is",
-    "Explain in one paragraph why the sky is blue.",
-    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
-    "Translate to German: The weather is nice today and we are going for a walk.",
-    "List three prime numbers greater than one hundred:",
-    "Once upon a time, in a village at the edge of a great forest,",
-    "Q: What is 17 multiplied by 23?\nA:",
-    "The three laws of thermodynamics can be summarised as follows:",
-    "Write a haiku about a graphics card running out of memory.",
-    "In machine learning, the softmax function",
-    "import numpy as np\n\n# compute the mean of each column of a matrix\n",
-    "Summarise the plot of Romeo and Juliet in two sentences.",
-    "The difference between a list and a tuple in Python is",
-    "Rebellions, Ascend, Gaudi and CUDA are all names of",
-    "A recipe for pancakes needs the following ingredients:",
-    "SELECT name, COUNT(*) FROM orders GROUP BY",
-]
+REFERENCE, TARGET = "reference", "target"
 
-ENGINES = ("vllm", "transformers")
-ALIGN_MODES = ("forced", "free")
-CAPTURE_MODES = ("fast", "api")
-STORES = ("q16", "fp32")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-PROFILE_SIDES = ("reference", "target")
+# Every flat option name with its default: the vocabulary of the CLI, the pytest plugin and the benchmark.
+FLAT_DEFAULTS: dict[str, Any] = {
+    "model": "smollm2-135m", "target": "auto", "max_model_len": 2048, "num_hidden_layers": None,
+    "trust_remote_code": False, "tp": 1, "pp": 1, "dp": 1, "ep": False, "batch": 4, "max_tokens": 32,
+    "max_batched": None, "prompts": (), "num_prompts": 4, "logprobs": -1, "max_logprobs_cap": None,
+    "inspect_logits": True, "topk": 5, "block_size_cpu": 128, "block_size_rbln": 8192, "block": None,
+    "no_color": False, "no_snippet": False, "snippet_elems": 5, "use_cache": False, "require_cache": False,
+    "profile": False, "profile_side": None, "profile_memory": False, "profile_shapes": False,
+    "profile_stack": False, "profile_dir": "profile", "eps": 0.5, "reference_engine": "vllm",
+    "target_engine": "vllm", "reference_dtype": None, "target_dtype": None, "reference_device": None,
+    "target_device": None, "reference_args": None, "target_args": None, "target_model": None,
+    "align": "forced", "tie_margin": 0.5, "capture": "fast", "store": "q16", "fail_on": (), "spec": None,
+    "no_default_gates": False, "near_ties_fail": None, "repeat": 1, "json_out": None, "junit_out": None,
+    "markdown_out": None, "reference_file": None, "save_reference": None, "devices_file": None,
+    "cache_dir": "cache", "runs_dir": "runs", "run_dir": None, "timeout": 1800.0, "kv_cache_gib": None,
+    "verbose": False,
+}  # fmt: skip
 
 
-@dataclass
-class RunConfig:
-    model: str = "smollm2-135m"
-    target: str = "auto"
-    max_model_len: int = 2048
-    num_hidden_layers: int | None = None
-    trust_remote_code: bool = False
+@dataclass(frozen=True)
+class SideOptions:
+    """One side as asked: ``device`` is a device profile name (None: the role's default), the rest overrides."""
+
+    role: str
+    device: str | None
+    engine: str
+    dtype: str | None
+    torch_device: str | None
+    checkpoint: str | None
+    engine_args: dict[str, Any] = field(default_factory=dict, hash=False)
+    block: int | None = None
+
+
+@dataclass(frozen=True)
+class Parallel:
     tp: int = 1
     pp: int = 1
     dp: int = 1
     ep: bool = False
-    batch: int = 4
-    max_tokens: int = 32
-    max_batched: int | None = None
-    prompts: list[str] = field(default_factory=list)
-    num_prompts: int = 4
-    logprobs: int = -1
-    max_logprobs_cap: int | None = None
-    inspect_logits: bool = True
-    topk: int = 5
-    block_size_cpu: int = 128
-    block_size_rbln: int = 8192
-    block: int | None = None
-    no_color: bool = False
-    no_snippet: bool = False
-    snippet_elems: int = 5
-    use_cache: bool = False
-    require_cache: bool = False  # CI: a missing reference is an error, never recomputed
-    profile: bool = False
-    profile_side: str | None = None  # reference|target: profile that side only (--profile: both)
-    profile_memory: bool = False
-    profile_shapes: bool = False
-    profile_stack: bool = False
-    profile_dir: str = "profile"
-    eps: float = 0.5
-    # beyond the original tool
-    reference_engine: str = "vllm"
-    target_engine: str = "vllm"
-    reference_dtype: str | None = None
-    target_dtype: str | None = None
-    reference_device: str | None = None  # torch device of a transformers reference (default: cpu)
-    target_device: str | None = None  # torch device of a transformers target (default: the profile's)
-    target_model: str | None = None
-    align: str = "forced"
-    tie_margin: float = 0.5
-    capture: str = "fast"
-    store: str = "q16"
-    # the verdict (see gate/spec/check)
-    fail_on: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class CaptureOptions:
+    prompts: tuple[str, ...]
+    max_tokens: int
+    batch: int
+    max_batched: int | None
+    logprobs: int
+    max_logprobs_cap: int | None
+    align: str
+    capture: str
+    store: str
+    max_model_len: int
+    trust_remote_code: bool
+    num_hidden_layers: int | None
+    block_size_cpu: int
+    block_size_rbln: int
+    kv_cache_gib: int | None
+    timeout: float
+
+
+@dataclass(frozen=True)
+class CompareOptions:
+    eps: float
+    topk: int
+    snippet_elems: int
+    tie_margin: float
+
+
+@dataclass(frozen=True)
+class GateOptions:
+    """What decides the verdict, apart from the run itself."""
+
+    fail_on: tuple[str, ...] = ()
     spec: str | None = None
-    no_default_gates: bool = False
+    use_defaults: bool = True
     near_ties_fail: bool | None = None
-    repeat: int = 1
-    json_out: str | None = None
-    junit_out: str | None = None
-    markdown_out: str | None = None
-    reference_file: str | None = None
-    save_reference: str | None = None
-    devices_file: str | None = None
-    cache_dir: str = "cache"
-    runs_dir: str = "runs"
-    run_dir: str | None = None
-    timeout: float = 1800.0
-    kv_cache_gib: int | None = None  # whole GiB: vLLM reads VLLM_CPU_KVCACHE_SPACE with int()
+
+
+@dataclass(frozen=True)
+class ReferenceOptions:
+    file: str | None
+    save: str | None
+    use_cache: bool
+    require_cache: bool
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    json: str | None
+    junit: str | None
+    markdown: str | None
+    run_dir: str | None
+    runs_dir: str
+
+
+@dataclass(frozen=True)
+class DisplayOptions:
+    no_color: bool = False
+    inspect_logits: bool = True
+    snippet: bool = True
+    snippet_elems: int = 5
     verbose: bool = False
-    explicit: list[str] = field(default_factory=list)  # options the user set (not defaults)
 
-    def validate(self) -> RunConfig:
-        def positive(name: str, value: int | float | None, allow_none: bool = False) -> None:
-            if value is None and allow_none:
-                return
-            if value is None or value < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be a positive number, got {value}",
-                                 option=f"--{name.replace('_', '-')}")
 
-        for name in ("max_model_len", "tp", "pp", "dp", "batch", "max_tokens", "num_prompts", "topk",
-                     "block_size_cpu", "block_size_rbln", "snippet_elems", "repeat"):
-            positive(name, getattr(self, name))
-        for name in ("num_hidden_layers", "max_batched", "block", "max_logprobs_cap", "kv_cache_gib"):
-            positive(name, getattr(self, name), allow_none=True)
-        if self.logprobs == 0 or self.logprobs < -1:
-            raise UsageError(f"--logprobs must be -1 (full vocabulary) or a positive N, got {self.logprobs}",
-                             option="--logprobs")
-        if self.max_logprobs_cap is not None and self.logprobs > self.max_logprobs_cap:
-            raise UsageError(
-                f"--logprobs {self.logprobs} exceeds --max-logprobs-cap {self.max_logprobs_cap}",
-                option="--logprobs",
-            )
-        if not self.eps > 0:
-            raise UsageError(f"--eps must be greater than 0, got {self.eps}", option="--eps")
-        if self.timeout <= 0:
-            raise UsageError("--timeout must be greater than 0", option="--timeout")
-        for option, engine in (("--reference-engine", self.reference_engine),
-                               ("--target-engine", self.target_engine)):
-            if engine not in ENGINES:
-                from ..core.registry import suggest
+@dataclass(frozen=True)
+class ProfileOptions:
+    sides: tuple[str, ...]
+    memory: bool
+    shapes: bool
+    stack: bool
+    dir: str
 
-                raise UsageError(suggest("engine", engine, ENGINES), option=option)
-        choices = (("--align", self.align, ALIGN_MODES), ("--capture", self.capture, CAPTURE_MODES),
-                   ("--store", self.store, STORES),
-                   ("--reference-dtype", self.reference_dtype, DTYPES), ("--target-dtype", self.target_dtype, DTYPES))
-        for option, value, allowed in choices:
-            if value is not None and value not in allowed:
-                raise UsageError(f"{option} must be one of {', '.join(allowed)}, got {value!r}", option=option)
-        if self.tie_margin < 0:
-            raise UsageError("--tie-margin must be 0 or more", option="--tie-margin")
-        self.validate_profiling()
-        if self.reference_file and not Path(self.reference_file).is_file():
-            raise UsageError(f"reference file {self.reference_file} does not exist", option="--reference")
-        if self.require_cache:
-            self.use_cache = True
-        if self.reference_file and self.save_reference:
-            raise UsageError("--reference and --save-reference cannot be combined", option="--save-reference")
-        for option, value in (("--json", self.json_out), ("--junit", self.junit_out),
-                              ("--markdown", self.markdown_out)):
-            if value is not None and Path(value).is_dir():
-                raise UsageError(f"{option} {value} is a folder; give a file name", option=option)
-            blocked = _unwritable_place(Path(value)) if value is not None else None
-            if blocked is not None:  # found now, not after a run of many minutes whose verdict it would lose
-                raise UsageError(f"{option} {value} cannot be written: {blocked} is not a writable folder",
-                                 option=option)
-        if self.max_tokens >= self.max_model_len:
-            raise UsageError(
-                f"--max-tokens {self.max_tokens} leaves no room for the prompt in --max-model-len "
-                f"{self.max_model_len}",
-                option="--max-tokens",
-            )
-        return self
 
-    def validate_profiling(self) -> None:
-        if self.profile_side is not None and self.profile_side not in PROFILE_SIDES:
-            raise UsageError(f"--profile-side must be one of {', '.join(PROFILE_SIDES)}, got {self.profile_side!r}",
-                             option="--profile-side")
-        if not self.profiled_sides():
-            for name in ("profile_memory", "profile_shapes", "profile_stack"):
-                if getattr(self, name):
-                    option = f"--{name.replace('_', '-')}"
-                    raise UsageError(f"{option} needs --profile or --profile-side", option=option)
-        if self.profile_side == "reference" and self.reference_file:
-            raise UsageError("--profile-side reference: with --reference FILE no reference worker runs",
-                             option="--profile-side")
-        if getattr(self, "require_cache", False) and "reference" in self.profiled_sides() \
-                and not self.reference_file:
-            raise UsageError("profiling the reference computes it, which --require-cache forbids; "
-                             "use --profile-side target", option="--profile-side" if self.profile_side else "--profile")
+@dataclass(frozen=True)
+class RunOptions:
+    model: str
+    reference: SideOptions
+    target: SideOptions
+    parallel: Parallel
+    capture: CaptureOptions
+    compare: CompareOptions
+    gates: GateOptions
+    reference_source: ReferenceOptions
+    outputs: OutputOptions
+    display: DisplayOptions
+    profile: ProfileOptions
+    repeat: int
+    cache_dir: str
+    devices_file: str | None
+    explicit: frozenset[str] = frozenset()
 
-    def profiled_sides(self) -> tuple[str, ...]:
-        """The sides whose generation runs under the profiler (--profile-side wins over --profile)."""
-        if self.profile_side:
-            return (self.profile_side,)
-        return PROFILE_SIDES if self.profile else ()
-
-    def resolved_prompts(self) -> list[str]:
-        """The prompts to run: given ones, else ``num_prompts`` built-ins (cycled)."""
-        if self.prompts:
-            return list(self.prompts)
-        n = self.num_prompts
-        return [BUILTIN_PROMPTS[i % len(BUILTIN_PROMPTS)] + ("" if i < len(BUILTIN_PROMPTS) else f" (#{i // len(BUILTIN_PROMPTS) + 1})")
-                for i in range(n)]
+    def side(self, role: str) -> SideOptions:
+        return self.reference if role == REFERENCE else self.target
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data["explicit"] = sorted(self.explicit)
+        return data
 
 
-def read_prompts_file(path: str) -> list[str]:
-    """Prompts from a file: ``.jsonl`` (strings or {"prompt": ...}), ``.json`` list, or one per line."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise UsageError(f"prompts file {p} does not exist", option="--prompts")
-    text = p.read_text()
-    try:
-        if p.suffix == ".json":
-            data = json.loads(text)
-            prompts = [d["prompt"] if isinstance(d, dict) else d for d in data]
-        elif p.suffix == ".jsonl":
-            prompts = []
-            for line in text.splitlines():
-                if line.strip():
-                    d = json.loads(line)
-                    prompts.append(d["prompt"] if isinstance(d, dict) else d)
-        else:
-            prompts = [line for line in text.splitlines() if line.strip()]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise UsageError(f"cannot read prompts from {p}: {exc}", option="--prompts") from exc
-    if not prompts or not all(isinstance(x, str) and x for x in prompts):
-        raise UsageError(f"{p} holds no prompts (or a non-string one)", option="--prompts")
-    return prompts
+def build_options(explicit: frozenset[str] | set[str] | None = None, **flat: Any) -> RunOptions:
+    """Flat option values (names of ``FLAT_DEFAULTS``) -> checked ``RunOptions``; UsageError on bad input."""
+    unknown = sorted(set(flat) - set(FLAT_DEFAULTS))
+    if unknown:
+        from ..core.registry import suggest
+
+        raise UsageError("; ".join(suggest("option", name, FLAT_DEFAULTS) for name in unknown))
+    v = {**FLAT_DEFAULTS, **flat}
+    check_flat(v)
+    return _records(v, frozenset(explicit if explicit is not None else flat))
 
 
-def _unwritable_place(path: Path) -> Path | None:
-    """None if ``path`` could be created (its nearest existing ancestor is a writable folder), else that ancestor."""
-    place = path.absolute().parent
-    while not place.exists() and place != place.parent:
-        place = place.parent
-    return None if place.is_dir() and os.access(place, os.W_OK | os.X_OK) else place
+def _records(v: dict[str, Any], explicit: frozenset[str]) -> RunOptions:
+    prompts = tuple(expand_prompt_args(list(v["prompts"]))) if v["prompts"] else tuple(builtin_prompts(v["num_prompts"]))
+    ref_device, ref_torch = _reference_device(v["reference_device"])
+    return RunOptions(
+        model=v["model"],
+        reference=SideOptions(REFERENCE, ref_device, v["reference_engine"], v["reference_dtype"], ref_torch,
+                              None, parse_engine_args(v["reference_args"], "--reference-args")),
+        target=SideOptions(TARGET, v["target"], v["target_engine"], v["target_dtype"], v["target_device"],
+                           v["target_model"], parse_engine_args(v["target_args"], "--target-args"), v["block"]),
+        parallel=Parallel(v["tp"], v["pp"], v["dp"], bool(v["ep"])),
+        capture=CaptureOptions(
+            prompts=prompts, max_tokens=v["max_tokens"], batch=v["batch"], max_batched=v["max_batched"],
+            logprobs=v["logprobs"], max_logprobs_cap=v["max_logprobs_cap"], align=v["align"], capture=v["capture"],
+            store=v["store"], max_model_len=v["max_model_len"], trust_remote_code=bool(v["trust_remote_code"]),
+            num_hidden_layers=v["num_hidden_layers"], block_size_cpu=v["block_size_cpu"],
+            block_size_rbln=v["block_size_rbln"], kv_cache_gib=v["kv_cache_gib"], timeout=float(v["timeout"])),
+        compare=CompareOptions(v["eps"], v["topk"], v["snippet_elems"], v["tie_margin"]),
+        gates=GateOptions(tuple(v["fail_on"]), v["spec"], not v["no_default_gates"], v["near_ties_fail"]),
+        reference_source=ReferenceOptions(v["reference_file"], v["save_reference"],
+                                          bool(v["use_cache"] or v["require_cache"]), bool(v["require_cache"])),
+        outputs=OutputOptions(v["json_out"], v["junit_out"], v["markdown_out"], v["run_dir"], v["runs_dir"]),
+        display=DisplayOptions(bool(v["no_color"]), bool(v["inspect_logits"]), not v["no_snippet"],
+                               v["snippet_elems"], bool(v["verbose"])),
+        profile=ProfileOptions(profiled_sides(v), bool(v["profile_memory"]), bool(v["profile_shapes"]),
+                               bool(v["profile_stack"]), v["profile_dir"]),
+        repeat=v["repeat"], cache_dir=v["cache_dir"], devices_file=v["devices_file"], explicit=explicit,
+    )
+
+
+def _reference_device(value: str | None) -> tuple[str | None, str | None]:
+    """``--reference-device``: a device profile name, or ``NAME:INDEX`` (profile NAME on that torch device)."""
+    if not value:
+        return None, None
+    name, _, index = value.partition(":")
+    return name, (value if index else None)
+
+
+def parse_engine_args(value: Any, option: str) -> dict[str, Any]:
+    """``--target-args``/``--reference-args``: a JSON object (or a dict from Python), keys are engine arguments."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        text = value
+        if value.startswith("@"):
+            path = Path(value[1:]).expanduser()
+            if not path.is_file():
+                raise UsageError(f"{option} file {path} does not exist", option=option)
+            text = path.read_text(encoding="utf-8", errors="replace")
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            raise UsageError(f"{option} must be a JSON object, e.g. '{{\"enable_prefix_caching\": true}}': {exc}",
+                             option=option) from exc
+    if not isinstance(value, dict) or not all(isinstance(k, str) and k for k in value):
+        raise UsageError(f"{option} must be a JSON object of engine arguments, got {type(value).__name__}",
+                         option=option)
+    return dict(value)
+
+
+def flat_option_names() -> list[str]:
+    return sorted(FLAT_DEFAULTS)
+
+
+def record_fields(record: Any) -> list[str]:
+    return [f.name for f in fields(record)]

@@ -24,6 +24,8 @@ from typing import Any
 
 from ..capture.store import FULL, TOKENS, TOPN, CaptureWriter, SideInfo
 from ..core.jsonio import write_json_atomic
+from ..core.records import RecordError
+from ..setup.request import CAPTURE, CONVERT, CaptureRequest, WorkerTask, read_task
 from .spawn import EVENTS, RESULT
 
 EXIT_FAILED = 1
@@ -49,80 +51,27 @@ class Events:
         print(f"[vllm-rbln-exec] {stage}: {message}", flush=True)
 
 
-def task_capture(request: dict[str, Any], emit: Events) -> dict[str, Any]:
+def task_capture(task: WorkerTask, emit: Events) -> dict[str, Any]:
     from ..engines import ENGINES
 
-    folder = Path(request["folder"])
-    capture_dir = folder / "capture"
-    engine_cls = ENGINES.load(request["engine"])
-    engine = engine_cls(request, emit)
+    request = task.capture
+    side = request.side
+    capture_dir = Path(task.folder) / "capture"
+    engine = ENGINES.load(side.engine)(request, emit)
     info = SideInfo(
-        side=request["side"],
-        device=request["device"],
-        engine=request["engine"],
-        dtype=str(request.get("dtype") or "auto"),
-        model=request["model_name"],
-        model_fingerprint=request.get("model_fingerprint", ""),
-        tokenizer_fingerprint=request.get("tokenizer_fingerprint", ""),
+        side=side.role if task.label in ("reference", "target") else task.label,
+        device=side.device,
+        engine=side.engine,
+        dtype=str(side.dtype or "auto"),
+        model=side.model_name,
+        model_fingerprint=request.model_fingerprint,
+        tokenizer_fingerprint=request.tokenizer_fingerprint,
         hostname=socket.gethostname(),
-        env=request.get("env_record", {}),
+        env=dict(request.env_record),
     )
     try:
-        emit("engine_start", f"starting {request['engine']} on {request['device']}")
-        t0 = time.perf_counter()
-        engine.start()
-        info.timings["engine_start_s"] = time.perf_counter() - t0
-        platform = engine.platform()
-        info.platform = platform
-        info.__dict__.update(engine.versions())
-        expected = request.get("expected_platform")
-        if expected and platform != expected:
-            raise TaskError(
-                f"asked for device {request['device']!r} (platform {expected!r}) but "
-                f"{request['engine']} ran on platform {platform!r}; is the device's plugin "
-                f"installed and visible in this environment?",
-                code=EXIT_PLATFORM,
-                kind="platform_mismatch",
-            )
-        emit("engine_ready", f"{request['engine']} ready on {platform} "
-             f"in {info.timings['engine_start_s']:.1f} s", platform=platform)
-        settings = dict(request.get("settings", {}))
-        settings["tokenizer_vocab_size"] = engine.tokenizer_vocab_size()
-        if request.get("capture") == "plain":  # benchmark baseline: tokens only
-            mode = TOKENS
-        else:
-            mode = FULL if request["logprobs"] == -1 else TOPN
-        writer = CaptureWriter(capture_dir, info, settings, mode)
-        prompts = request["prompts"]
-        emit("generate", f"0/{len(prompts)} prompts", done=0, total=len(prompts))
-        profile = request.get("profile") or None
-        if profile:
-            emit("profile", f"profiling the generation into {profile['dir']}")
-            engine.start_profile()
-            info.timings["profiled"] = 1.0  # these timings include the profiler's overhead
-        t0 = time.perf_counter()
-        try:
-            engine.generate_greedy_logprobs(prompts, writer, request.get("force"))
-        finally:
-            # the clock stops before the trace is written out: that is not generation
-            info.timings["capture_total_s"] = time.perf_counter() - t0
-            if profile:
-                t1 = time.perf_counter()
-                engine.stop_profile()
-                info.timings["profile_write_s"] = time.perf_counter() - t1
-        info.timings["generated_tokens"] = float(sum(len(r.token_ids) for r in writer.records.values()))
-        capture = writer.finish(store=request.get("store", "fp32"))
-        result = {"capture": str(capture_dir), "platform": platform, "vocab_size": capture.vocab_size}
-        if profile:
-            from ..profiling.session import write_profile_meta
-
-            result["profile"] = write_profile_meta(profile, {
-                "side": info.side, "device": info.device, "engine": info.engine, "platform": platform,
-                "engine_version": info.engine_version, "dtype": info.dtype, "model": info.model,
-                "prompts": len(prompts), "max_tokens": request.get("max_tokens"), "batch": request.get("batch"),
-                "timings": dict(info.timings), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            })
-        return result
+        platform = _start_engine(engine, request, info, emit)
+        return _capture(engine, request, info, capture_dir, platform, emit)
     finally:
         try:
             engine.close()
@@ -130,11 +79,75 @@ def task_capture(request: dict[str, Any], emit: Events) -> dict[str, Any]:
             traceback.print_exc()
 
 
-def task_convert_gguf(request: dict[str, Any], emit: Events) -> dict[str, Any]:
+def _start_engine(engine, request: CaptureRequest, info: SideInfo, emit: Events) -> str:
+    side = request.side
+    emit("engine_start", f"starting {side.engine} on {side.device}")
+    t0 = time.perf_counter()
+    engine.start()
+    info.timings["engine_start_s"] = time.perf_counter() - t0
+    platform = engine.platform()
+    info.platform = platform
+    info.__dict__.update(engine.versions())
+    if side.platform and platform != side.platform:
+        raise TaskError(
+            f"asked for device {side.device!r} (platform {side.platform!r}) but {side.engine} ran on platform "
+            f"{platform!r}; is the device's plugin installed and visible in this environment?",
+            code=EXIT_PLATFORM,
+            kind="platform_mismatch",
+        )
+    emit("engine_ready", f"{side.engine} ready on {platform} in {info.timings['engine_start_s']:.1f} s",
+         platform=platform)
+    return platform
+
+
+def _capture(engine, request: CaptureRequest, info: SideInfo, capture_dir: Path, platform: str,
+             emit: Events) -> dict[str, Any]:
+    settings = dict(request.settings)
+    settings["tokenizer_vocab_size"] = engine.tokenizer_vocab_size()
+    settings["effective"] = engine.effective_settings()
+    if request.capture == "plain":  # benchmark baseline: tokens only
+        mode = TOKENS
+    else:
+        mode = FULL if request.logprobs == -1 else TOPN
+    writer = CaptureWriter(capture_dir, info, settings, mode)
+    prompts = list(request.prompts)
+    emit("generate", f"0/{len(prompts)} prompts", done=0, total=len(prompts))
+    profile = request.profile
+    if profile:
+        emit("profile", f"profiling the generation into {profile.dir}")
+        engine.start_profile()
+        info.timings["profiled"] = 1.0  # these timings include the profiler's overhead
+    force = [list(t) for t in request.force] if request.force is not None else None
+    t0 = time.perf_counter()
+    try:
+        engine.generate_greedy_logprobs(prompts, writer, force)
+    finally:
+        # the clock stops before the trace is written out: that is not generation
+        info.timings["capture_total_s"] = time.perf_counter() - t0
+        if profile:
+            t1 = time.perf_counter()
+            engine.stop_profile()
+            info.timings["profile_write_s"] = time.perf_counter() - t1
+    info.timings["generated_tokens"] = float(sum(len(r.token_ids) for r in writer.records.values()))
+    capture = writer.finish(store=request.store)
+    result = {"capture": str(capture_dir), "platform": platform, "vocab_size": capture.vocab_size}
+    if profile:
+        from ..profiling.session import write_profile_meta
+
+        result["profile"] = write_profile_meta(profile, {
+            "side": info.side, "device": info.device, "engine": info.engine, "platform": platform,
+            "engine_version": info.engine_version, "dtype": info.dtype, "model": info.model,
+            "prompts": len(prompts), "max_tokens": request.max_tokens, "batch": request.batch,
+            "timings": dict(info.timings), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        })
+    return result
+
+
+def task_convert_gguf(task: WorkerTask, emit: Events) -> dict[str, Any]:
     from ..setup.models import folder_lock, is_model_folder
 
-    gguf = Path(request["gguf_file"])
-    dest = Path(request["dest"])
+    gguf = Path(task.convert.gguf_file)
+    dest = Path(task.convert.dest)
     with folder_lock(dest):
         if is_model_folder(dest):
             return {"path": str(dest), "converted": False}
@@ -170,18 +183,24 @@ def peak_rss() -> dict[str, float]:
     return {"peak_rss_mib": mib(resource.RUSAGE_SELF), "peak_rss_children_mib": mib(resource.RUSAGE_CHILDREN)}
 
 
-TASKS = {"capture": task_capture, "convert_gguf": task_convert_gguf}
+TASKS = {CAPTURE: task_capture, CONVERT: task_convert_gguf}
 
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m vllm_rbln_exec.worker REQUEST.json", file=sys.stderr)
         return 2
-    request = json.loads(Path(argv[0]).read_text())
-    folder = Path(request["folder"])
+    path = Path(argv[0])
+    folder = path.parent
+    try:
+        task = read_task(path)
+    except RecordError as exc:
+        write_json_atomic(folder / RESULT, {"ok": False, "kind": "bad_request", "error": str(exc)})
+        print(f"[vllm-rbln-exec] error: {exc}", flush=True)
+        return EXIT_FAILED
     emit = Events(folder)
     try:
-        result = TASKS[request["task"]](request, emit)
+        result = TASKS[task.task](task, emit)
         write_json_atomic(folder / RESULT, {"ok": True, **result, **peak_rss()})
         return 0
     except TaskError as exc:

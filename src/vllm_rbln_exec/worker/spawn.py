@@ -17,12 +17,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ..core.errors import WorkerError
 from ..core.jsonio import write_json_atomic
+from ..setup.request import WorkerTask
 
 REQUEST = "request.json"
 RESULT = "result.json"
@@ -31,15 +32,21 @@ LOG = "worker.log"
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 
-@dataclass
+@dataclass(frozen=True)
 class WorkerJob:
-    side: str
-    task: str
-    request: dict[str, Any]
+    """One worker to start: its typed task, the environment its device profile built, and its time limit."""
+
+    task: WorkerTask
     env: dict[str, str]
-    folder: Path
     timeout: float = 1800.0
-    label: str = ""
+
+    @property
+    def side(self) -> str:
+        return self.task.label
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.task.folder).resolve()
 
 
 @dataclass
@@ -88,12 +95,11 @@ def workers_end_on_sigterm():
 
 
 def start_worker(job: WorkerJob) -> WorkerHandle:
-    folder = job.folder = Path(job.folder).resolve()
+    folder = job.folder
     folder.mkdir(parents=True, exist_ok=True)
     for stale in (RESULT, EVENTS):
         (folder / stale).unlink(missing_ok=True)
-    request = {**job.request, "task": job.task, "side": job.side, "folder": str(folder)}
-    write_json_atomic(folder / REQUEST, request)
+    write_json_atomic(folder / REQUEST, replace(job.task, folder=str(folder)).to_json())
     env = dict(job.env)
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p

@@ -1,0 +1,45 @@
+"""Two captures compared prompt by prompt: the entry from captures to ``PromptComparison`` records.
+
+Checks that the captures can be compared (same mode, vocabulary and prompts)
+and hands each prompt's arrays to ``metrics.compare_prompt``. It reads
+captures; it must not judge, render or know where the captures came from.
+"""
+
+from __future__ import annotations
+
+from ..capture.store import Capture
+from ..core.errors import HarnessError
+from .metrics import PromptComparison, compare_prompt
+
+
+def compare_captures(reference: Capture, target: Capture, *, aligned: bool, eps: float, topk: int,
+                     snippet_elems: int, tie_margin: float) -> list[PromptComparison]:
+    """``aligned``: the target was teacher-forced on the reference's tokens, so every position compares."""
+    if reference.mode != target.mode:
+        raise HarnessError(f"the sides captured differently ({reference.mode} vs {target.mode})")
+    if reference.mode == "full" and reference.vocab_size != target.vocab_size:
+        raise HarnessError(f"vocabulary sizes differ: reference {reference.vocab_size}, target {target.vocab_size}")
+    vocab = reference.vocab_size or int(reference.settings.get("tokenizer_vocab_size", 0))
+    if reference.mode == "topn":
+        vocab = max(vocab, _max_id(reference) + 1, _max_id(target) + 1)
+    out = []
+    for i, (r, t) in enumerate(zip(reference.prompts, target.prompts)):
+        if r.prompt != t.prompt:
+            raise HarnessError(f"prompt {i} differs between the captures")
+        out.append(compare_prompt(
+            i, r.prompt,
+            {"token_ids": r.token_ids, "text": r.text, "logprobs": reference.logprobs(i), "ids": reference.top_ids(i)},
+            {"token_ids": t.token_ids, "text": t.text, "logprobs": target.logprobs(i), "ids": target.top_ids(i)},
+            vocab_size=vocab, eps=eps, topk=topk, snippet_elems=snippet_elems, aligned=aligned,
+            tie_margin=tie_margin,
+        ))
+    return out
+
+
+def _max_id(capture: Capture) -> int:
+    best = 0
+    for i in range(len(capture.prompts)):
+        ids = capture.top_ids(i)
+        if ids is not None and ids.size:
+            best = max(best, int(ids.max()))
+    return best

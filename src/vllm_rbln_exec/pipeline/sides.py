@@ -1,0 +1,78 @@
+"""Pipeline step: the two sides of the run, resolved from the options, the device profiles and the models.
+
+Decides what the user left open (the device behind ``--target auto``, expert
+parallelism for a mixture-of-experts model) and records each decision; checks
+engine names and engine arguments, all before any engine starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ..engines import ENGINES
+from ..setup.devices import DeviceProfile, get_profile, resolve_auto_target
+from ..setup.engine_args import check_engine_args
+from ..setup.models import read_config, text_config
+from ..setup.options import RunOptions
+from ..setup.sides import Side, resolve_side
+from .context import RunContext
+from .models import PreparedModels
+
+DEFAULT_REFERENCE_DEVICE = "cpu"
+
+
+@dataclass(frozen=True)
+class Devices:
+    """The device profile of each side, found before anything is loaded (a typo costs no model preparation)."""
+
+    reference: DeviceProfile
+    target: DeviceProfile
+    decisions: dict[str, Any] = field(default_factory=dict, hash=False)
+
+
+@dataclass(frozen=True)
+class ResolvedSides:
+    reference: Side
+    target: Side
+    decisions: dict[str, Any] = field(default_factory=dict, hash=False)  # what the run chose on its own
+
+
+def resolve_devices(ctx: RunContext, options: RunOptions) -> Devices:
+    decisions: dict[str, Any] = {}
+    target_name = options.target.device or "auto"
+    if target_name == "auto":
+        target_name, note = resolve_auto_target()
+        decisions["target_device"] = f"auto -> {target_name}"
+        if note:
+            ctx.note(note)
+    reference = get_profile(options.reference.device or DEFAULT_REFERENCE_DEVICE, ctx.profiles,
+                            option="--reference-device")
+    target = get_profile(target_name, ctx.profiles, option="--target")
+    p = options.parallel
+    target.check_parallel(tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep)
+    for side in (options.reference, options.target):
+        ENGINES.check(side.engine, option=f"--{side.role}-engine")
+        if side.engine == "vllm":  # transformers' arguments are checked against the model's config later
+            check_engine_args(side.engine, side.engine_args, side.role)
+    return Devices(reference, target, decisions)
+
+
+def resolve_sides(ctx: RunContext, options: RunOptions, devices: Devices, models: PreparedModels) -> ResolvedSides:
+    decisions = dict(devices.decisions)
+    parallel = options.parallel
+    alias = models.reference.alias
+    if alias is not None and alias.needs_ep and not parallel.ep:
+        parallel = replace(parallel, ep=True)
+        devices.target.check_parallel(ep=True)
+        decisions["ep"] = "on: mixture-of-experts model"
+        ctx.note(f"{alias.name} is a mixture-of-experts model: expert parallelism (--ep) enabled on the target")
+    ref_model, tgt_model = options.model, options.target.checkpoint or options.model
+    reference = resolve_side(options.reference, devices.reference, options.capture, str(models.reference_path),
+                             ref_model)
+    target = resolve_side(options.target, devices.target, options.capture, str(models.target_path), tgt_model,
+                          parallel)
+    for side, path in ((reference, models.reference_path), (target, models.target_path)):
+        if side.engine != "vllm":
+            check_engine_args(side.engine, side.engine_args, side.role, text_config(read_config(path)))
+    return ResolvedSides(reference, target, decisions)

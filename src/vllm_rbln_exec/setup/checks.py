@@ -1,0 +1,119 @@
+"""Checks of flat option values, before any record is built or any engine starts.
+
+Each check raises ``UsageError`` naming the option and the value. Owns value
+ranges, choices and combinations of options; it must not read models, start
+workers or import torch or vLLM.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import UsageError
+
+ALIGN_MODES = ("forced", "free")
+CAPTURE_MODES = ("fast", "api")
+STORES = ("q16", "fp32")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+PROFILE_SIDES = ("reference", "target")
+POSITIVE = ("max_model_len", "tp", "pp", "dp", "batch", "max_tokens", "num_prompts", "topk",
+            "block_size_cpu", "block_size_rbln", "snippet_elems", "repeat")
+POSITIVE_OR_NONE = ("num_hidden_layers", "max_batched", "block", "max_logprobs_cap", "kv_cache_gib")
+
+
+def check_flat(v: dict[str, Any]) -> None:
+    _check_numbers(v)
+    _check_choices(v)
+    _check_profiling(v)
+    _check_files(v)
+
+
+def _flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
+def _check_numbers(v: dict[str, Any]) -> None:
+    for name in POSITIVE + POSITIVE_OR_NONE:
+        value = v[name]
+        if value is None and name in POSITIVE_OR_NONE:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(f"{_flag(name)} must be a positive number, got {value}", option=_flag(name))
+    if v["logprobs"] == 0 or v["logprobs"] < -1:
+        raise UsageError(f"--logprobs must be -1 (full vocabulary) or a positive N, got {v['logprobs']}",
+                         option="--logprobs")
+    if v["max_logprobs_cap"] is not None and v["logprobs"] > v["max_logprobs_cap"]:
+        raise UsageError(f"--logprobs {v['logprobs']} exceeds --max-logprobs-cap {v['max_logprobs_cap']}",
+                         option="--logprobs")
+    if not v["eps"] > 0:
+        raise UsageError(f"--eps must be greater than 0, got {v['eps']}", option="--eps")
+    if not v["timeout"] > 0:
+        raise UsageError("--timeout must be greater than 0", option="--timeout")
+    if v["tie_margin"] < 0:
+        raise UsageError("--tie-margin must be 0 or more", option="--tie-margin")
+    if v["max_tokens"] >= v["max_model_len"]:
+        raise UsageError(f"--max-tokens {v['max_tokens']} leaves no room for the prompt in --max-model-len "
+                         f"{v['max_model_len']}", option="--max-tokens")
+
+
+def _check_choices(v: dict[str, Any]) -> None:
+    choices = (("align", ALIGN_MODES), ("capture", CAPTURE_MODES), ("store", STORES),
+               ("reference_dtype", DTYPES), ("target_dtype", DTYPES))
+    for name, allowed in choices:
+        value = v[name]
+        if value is not None and value not in allowed:
+            raise UsageError(f"{_flag(name)} must be one of {', '.join(allowed)}, got {value!r}", option=_flag(name))
+    for name in ("reference_engine", "target_engine", "target", "model"):
+        if not isinstance(v[name], str) or not v[name]:
+            raise UsageError(f"{_flag(name)} must name something, got {v[name]!r}", option=_flag(name))
+
+
+def _check_profiling(v: dict[str, Any]) -> None:
+    side = v["profile_side"]
+    if side is not None and side not in PROFILE_SIDES:
+        raise UsageError(f"--profile-side must be one of {', '.join(PROFILE_SIDES)}, got {side!r}",
+                         option="--profile-side")
+    sides = profiled_sides(v)
+    if not sides:
+        for name in ("profile_memory", "profile_shapes", "profile_stack"):
+            if v[name]:
+                raise UsageError(f"{_flag(name)} needs --profile or --profile-side", option=_flag(name))
+    if side == "reference" and v["reference_file"]:
+        raise UsageError("--profile-side reference: with --reference FILE no reference worker runs",
+                         option="--profile-side")
+    if v["require_cache"] and "reference" in sides and not v["reference_file"]:
+        raise UsageError("profiling the reference computes it, which --require-cache forbids; "
+                         "use --profile-side target", option="--profile-side" if side else "--profile")
+
+
+def _check_files(v: dict[str, Any]) -> None:
+    if v["reference_file"] and not Path(v["reference_file"]).is_file():
+        raise UsageError(f"reference file {v['reference_file']} does not exist", option="--reference")
+    if v["reference_file"] and v["save_reference"]:
+        raise UsageError("--reference and --save-reference cannot be combined", option="--save-reference")
+    for option, value in (("--json", v["json_out"]), ("--junit", v["junit_out"]), ("--markdown", v["markdown_out"]),
+                          ("--save-reference", v["save_reference"])):
+        if value is None:
+            continue
+        if Path(value).is_dir():
+            raise UsageError(f"{option} {value} is a folder; give a file name", option=option)
+        blocked = unwritable_place(Path(value))
+        if blocked is not None:  # found now, not after a run of many minutes whose verdict it would lose
+            raise UsageError(f"{option} {value} cannot be written: {blocked} is not a writable folder", option=option)
+
+
+def profiled_sides(v: dict[str, Any]) -> tuple[str, ...]:
+    """The sides whose generation runs under the profiler (--profile-side wins over --profile)."""
+    if v["profile_side"]:
+        return (v["profile_side"],)
+    return PROFILE_SIDES if v["profile"] else ()
+
+
+def unwritable_place(path: Path) -> Path | None:
+    """None if ``path`` could be created (its nearest existing ancestor is a writable folder), else that ancestor."""
+    place = path.absolute().parent
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    return None if place.is_dir() and os.access(place, os.W_OK | os.X_OK) else place

@@ -1,0 +1,93 @@
+"""The typed, versioned records that cross into a worker process, and back out of it.
+
+The parent builds a ``WorkerTask`` (a task name, its folder and a typed payload:
+``CaptureRequest`` built from a ``Side``, or ``ConvertRequest``), writes it as
+JSON, and the child reads it back through the same types (``read_task``); a
+file of another schema version, or with unknown or missing fields, is refused
+before any engine starts. This module owns those records only: it must not
+spawn processes, build engines or import torch or vLLM.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..core.records import RecordError, from_data, to_data
+from ..profiling.request import ProfileRequest
+from .sides import Side
+
+REQUEST_SCHEMA_VERSION = 1
+CAPTURE, CONVERT = "capture", "convert_gguf"
+
+
+@dataclass(frozen=True)
+class CaptureRequest:
+    """Capture greedy logprobs of ``prompts`` on ``side``; ``force`` feeds the reference's tokens (teacher forcing)."""
+
+    side: Side
+    prompts: tuple[str, ...]
+    max_tokens: int
+    batch: int
+    max_model_len: int
+    logprobs: int  # -1: the full vocabulary
+    capture: str  # fast | api | plain (plain: the benchmark's baseline, tokens only)
+    store: str
+    max_batched: int | None = None
+    max_logprobs_cap: int | None = None
+    trust_remote_code: bool = False
+    model_fingerprint: str = ""
+    tokenizer_fingerprint: str = ""
+    env_record: dict[str, Any] = field(default_factory=dict, hash=False)
+    settings: dict[str, Any] = field(default_factory=dict, hash=False)  # recorded in capture.json
+    profile: ProfileRequest | None = None
+    force: tuple[tuple[int, ...], ...] | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ConvertRequest:
+    """Turn a GGUF file into a model folder at ``dest`` (once; the folder lock makes concurrent runs wait)."""
+
+    gguf_file: str
+    dest: str
+
+
+@dataclass(frozen=True)
+class WorkerTask:
+    task: str  # capture | convert_gguf
+    label: str  # the side or job name shown in messages
+    folder: str
+    capture: CaptureRequest | None = None
+    convert: ConvertRequest | None = None
+    schema_version: int = REQUEST_SCHEMA_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return to_data(self)
+
+
+def capture_task(label: str, folder: Path | str, request: CaptureRequest) -> WorkerTask:
+    return WorkerTask(task=CAPTURE, label=label, folder=str(folder), capture=request)
+
+
+def convert_task(folder: Path | str, request: ConvertRequest) -> WorkerTask:
+    return WorkerTask(task=CONVERT, label="model-conversion", folder=str(folder), convert=request)
+
+
+def read_task(path: Path) -> WorkerTask:
+    """The task file a worker was started with; RecordError when it is not one this version can run."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise RecordError(f"cannot read the worker request {path}: {exc}") from exc
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    if version != REQUEST_SCHEMA_VERSION:
+        raise RecordError(f"worker request {path} has schema version {version!r}, this worker reads "
+                          f"{REQUEST_SCHEMA_VERSION}: the parent and the worker come from different installs")
+    task = from_data(WorkerTask, data)
+    payload = {CAPTURE: task.capture, CONVERT: task.convert}
+    if task.task not in payload or payload[task.task] is None:
+        raise RecordError(f"worker request {path}: task {task.task!r} without its payload")
+    return task
