@@ -22,7 +22,8 @@ class CliResult:
 
     @property
     def report(self) -> dict:
-        return json.loads((self.run_dir / "report.json").read_text())
+        """The run's saved form (``run`` of the folder's parity.json)."""
+        return json.loads((self.run_dir / "parity.json").read_text())["run"]
 
 
 def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -46,3 +47,27 @@ def make_cache_dir(root: Path) -> Path:
     if not link.exists():
         link.symlink_to(SHARED_MODELS, target_is_directory=True)
     return cache
+
+
+def capture_job(model: Path, folder: Path, engine: str, prompts: list[str], *, max_tokens: int, batch: int,
+                env: dict, capture: str = "fast", store: str = "fp32", logprobs: int = -1,
+                force: list[list[int]] | None = None, label: str = "target", timeout: float = 900,
+                max_model_len: int = 256, engine_args: dict | None = None):
+    """A worker job capturing ``prompts`` on the CPU with ``engine``, built through the same typed records as a run."""
+    from vllm_rbln_exec.setup.options import Parallel
+    from vllm_rbln_exec.setup.request import CaptureRequest, capture_task
+    from vllm_rbln_exec.setup.sides import Side
+    from vllm_rbln_exec.worker.spawn import WorkerJob
+
+    side = Side(role="target", device="cpu", platform="cpu", engine=engine, dtype="float32", checkpoint=str(model),
+                model_name="tiny", torch_device="cpu", parallel=Parallel(), block_size=128,
+                engine_args=dict(engine_args or {}),
+                profile_engine_args={"enforce_eager": True} if engine == "vllm" else {})
+    request = CaptureRequest(
+        side=side, prompts=tuple(prompts), max_tokens=max_tokens, batch=batch, max_model_len=max_model_len,
+        logprobs=logprobs, capture=capture, store=store,
+        settings={"dtype": "float32", "max_tokens": max_tokens, "logprobs": logprobs, "capture": capture,
+                  "store": store},
+        force=tuple(tuple(t) for t in force) if force is not None else None,
+    )
+    return WorkerJob(task=capture_task(label, folder, request), env=env, timeout=timeout)

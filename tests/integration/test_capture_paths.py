@@ -12,10 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tests.helpers import capture_job
 
 from vllm_rbln_exec.capture.store import TOKENS, CaptureError, load_capture
 from vllm_rbln_exec.setup.tiny import make_tiny_model
-from vllm_rbln_exec.worker.spawn import WorkerJob, run_worker
+from vllm_rbln_exec.worker.spawn import run_worker
 
 pytestmark = pytest.mark.integration
 
@@ -31,16 +32,9 @@ def tiny(tmp_path_factory) -> Path:
 
 
 def capture(tiny: Path, folder: Path, engine: str, mode: str):
-    request = {
-        "engine": engine, "device": "cpu", "expected_platform": "cpu", "torch_device": "cpu",
-        "model": str(tiny), "model_name": "tiny", "dtype": "float32", "max_model_len": 256,
-        "max_tokens": MAX_TOKENS, "logprobs": -1, "batch": 3, "block_size": 128,
-        "enforce_eager": engine == "vllm", "capture": mode, "store": "fp32", "prompts": PROMPTS, "profile": False,
-    }
-    request["settings"] = {k: request[k] for k in ("dtype", "max_tokens", "logprobs", "capture", "store")}
     env = {**os.environ, **(VLLM_ENV if engine == "vllm" else {})}
-    result = run_worker(WorkerJob(side=f"{engine}-{mode}", task="capture", request=request, env=env,
-                                  folder=folder, timeout=900))
+    result = run_worker(capture_job(tiny, folder, engine, PROMPTS, max_tokens=MAX_TOKENS, batch=3, env=env,
+                                    capture=mode, label=f"{engine}-{mode}"))
     assert result["peak_rss_mib"] > 0
     return load_capture(Path(result["capture"]), verify_arrays=True)
 

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tests.helpers import capture_job
 
 from vllm_rbln_exec.capture.store import load_capture
 from vllm_rbln_exec.setup.tiny import make_tiny_model
-from vllm_rbln_exec.worker.spawn import WorkerJob, run_worker
+from vllm_rbln_exec.worker.spawn import run_worker
 
 pytestmark = pytest.mark.integration
 
@@ -23,38 +24,10 @@ def tiny(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
-def request(tiny: Path, engine: str, **over) -> dict:
-    cpu_vllm = engine == "vllm"
-    r = {
-        "engine": engine,
-        "device": "cpu",
-        "expected_platform": "cpu",
-        "torch_device": "cpu",
-        "model": str(tiny),
-        "model_name": "tiny",
-        "dtype": "float32",
-        "max_model_len": 256,
-        "max_tokens": MAX_TOKENS,
-        "logprobs": -1,
-        "batch": 2,
-        "block_size": 128,
-        "enforce_eager": cpu_vllm,
-        "capture": "fast",
-        "prompts": PROMPTS,
-        "profile": False,
-    }
-    r.update(over)
-    r["settings"] = {k: r[k] for k in ("dtype", "max_model_len", "max_tokens", "logprobs", "batch", "block_size")}
-    return r
-
-
 def capture(tiny: Path, folder: Path, engine: str = "transformers", env_extra: dict | None = None, **over):
     env = dict(os.environ)
     env.update(env_extra or {})
-    result = run_worker(
-        WorkerJob(side="target", task="capture", request=request(tiny, engine, **over), env=env,
-                  folder=folder, timeout=900)
-    )
+    result = run_worker(capture_job(tiny, folder, engine, PROMPTS, max_tokens=MAX_TOKENS, batch=2, env=env, **over))
     assert result["platform"] == "cpu"
     return load_capture(Path(result["capture"]), verify_arrays=True)
 

@@ -42,7 +42,7 @@ def baseline(tmp_path_factory):
     proc = run_cli(["--cache-dir", str(cache), "--run-dir", str(run_dir), *BASE, "--use-cache",
                     "--save-reference", str(ref_file)], cwd=root)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    report = json.loads((run_dir / "report.json").read_text())
+    report = json.loads((run_dir / "parity.json").read_text())["run"]
     return {"root": root, "cache": cache, "run_dir": run_dir, "ref_file": ref_file, "report": report,
             "stdout": proc.stdout, "stderr": proc.stderr}
 
@@ -89,7 +89,7 @@ def test_second_run_with_cache_starts_no_reference_worker(baseline, tmp_path):
     proc = run_cli(["--cache-dir", str(baseline["cache"]), "--run-dir", str(run_dir), *BASE, "--use-cache",
                     "--no-inspect-logits"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    report = json.loads((run_dir / "report.json").read_text())
+    report = json.loads((run_dir / "parity.json").read_text())["run"]
     assert report["cache"]["hit"] is True
     assert report["sides"]["reference"]["source"] == "cache"
     assert not (run_dir / "reference" / "worker.log").exists()

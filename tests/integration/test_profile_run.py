@@ -38,7 +38,7 @@ def runs(tmp_path_factory):
         proc = run_cli(["--cache-dir", str(cache), "--run-dir", str(run_dir), *ARGS, *extra], cwd=root, env=ENV)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         out[name] = {"run_dir": run_dir, "stdout": proc.stdout, "stderr": proc.stderr,
-                     "report": json.loads((run_dir / "report.json").read_text())}
+                     "report": json.loads((run_dir / "parity.json").read_text())["run"]}
     return out
 
 

@@ -95,7 +95,7 @@ def test_plugin_turns_a_harness_error_into_a_clear_failure(pytester):
     result = pytester.runpytest_subprocess(timeout=300)
     result.assert_outcomes(failed=3)
     flat = " ".join(result.stdout.str().split())
-    assert "options are the fields of RunConfig" in flat
+    assert "unknown option 'no_such_option'" in flat
     assert "parity.check could not run (exit 2)" in flat and "no-such-model" in flat
     assert "max-tokens" in flat or "max_tokens" in flat
     assert "Traceback" not in flat

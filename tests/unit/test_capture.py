@@ -17,7 +17,9 @@ from vllm_rbln_exec.capture.store import (
     CaptureError,
     CaptureWriter,
     SideInfo,
+    file_digest,
     load_capture,
+    metadata_digest,
     pack_capture,
     unpack_capture,
 )
@@ -54,7 +56,7 @@ def test_writer_round_trip(tmp_path, make_capture, mode):
     assert loaded.prompts[0].token_ids == [4, 5, 6]
     assert loaded.prompts[1].prompt_token_ids == [7]
     assert loaded.prompts[1].text == " d e"
-    assert loaded.info.timings == {"generate": 1.5}
+    assert loaded.info.timings["generate"] == 1.5 and set(loaded.info.timings) == {"generate", "digest_s"}
     # the allocated prompt was cut to the 2 tokens generated
     assert loaded.logprobs(1).shape == (2, 8 if mode == FULL else 2)
     assert (loaded.prompts[1].ids_file is None) == (mode == FULL)
@@ -80,11 +82,21 @@ def test_unfinished_folder_raises(tmp_path):
         load_capture(tmp_path / "does-not-exist")
 
 
-def _edit_meta(root, edit) -> None:
-    """Rewrite a capture's metadata through ``edit(data)``, as a damaged or older file would read."""
+def _edit_meta(root, edit=None, sign: bool = True) -> None:
+    """Rewrite a capture's metadata through ``edit(data)``, as an older or foreign file would read.
+
+    ``sign``: the digests are made to match the edited content (and the arrays as they are now), so the
+    check under test is the one that fires; ``sign=False`` leaves them, as damage would."""
     meta = root / CAPTURE_JSON
     data = json.loads(meta.read_text())
-    edit(data)
+    if edit is not None:
+        edit(data)
+    if sign:
+        for record in data.get("prompts") or []:
+            if isinstance(record, dict) and isinstance(record.get("digests"), dict):
+                record["digests"] = {name: file_digest(root / name) for name in record["digests"]
+                                     if (root / name).exists()}
+        data["digest"] = metadata_digest(data)
     meta.write_text(json.dumps(data))
 
 
@@ -107,6 +119,7 @@ def test_malformed_metadata_raises(small_capture):
     data = capture.to_json()
     del data["prompts"]
     meta.write_text(json.dumps(data))
+    _edit_meta(capture.root)
     with pytest.raises(CaptureError, match="malformed"):
         load_capture(capture.root)
 
@@ -114,6 +127,7 @@ def test_malformed_metadata_raises(small_capture):
 def test_verify_arrays_catches_a_short_array(small_capture):
     capture, _ = small_capture
     np.save(capture.root / capture.prompts[0].logprobs_file, np.zeros((1, 8), dtype=np.float32))
+    _edit_meta(capture.root)
     load_capture(capture.root)  # metadata alone still loads
     with pytest.raises(CaptureError, match="does not match"):
         load_capture(capture.root, verify_arrays=True)
@@ -122,6 +136,7 @@ def test_verify_arrays_catches_a_short_array(small_capture):
 def test_verify_arrays_catches_a_wrong_vocab(small_capture):
     capture, _ = small_capture
     np.save(capture.root / capture.prompts[0].logprobs_file, np.zeros((3, 7), dtype=np.float32))
+    _edit_meta(capture.root)
     with pytest.raises(CaptureError, match="vocab"):
         load_capture(capture.root, verify_arrays=True)
 
@@ -129,6 +144,7 @@ def test_verify_arrays_catches_a_wrong_vocab(small_capture):
 def test_pickled_array_is_refused(small_capture):
     capture, _ = small_capture
     np.save(capture.root / capture.prompts[0].logprobs_file, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    _edit_meta(capture.root)
     with pytest.raises(CaptureError, match="cannot read"):
         load_capture(capture.root, verify_arrays=True)
 
@@ -323,6 +339,42 @@ def test_q16_levels_without_a_valid_range_are_refused(tmp_path, span):
         load_capture(capture.root, verify_arrays=True)
     with pytest.raises(CaptureError, match="without a valid range"):
         load_capture(capture.root).logprobs(0)
+
+
+def test_a_damaged_byte_in_the_middle_of_an_array_is_refused(small_capture):
+    capture, _ = small_capture
+    path = capture.root / capture.prompts[1].logprobs_file
+    blob = bytearray(path.read_bytes())
+    blob[len(blob) // 2 + 3] ^= 0x40  # one bit of array data, not the header
+    path.write_bytes(bytes(blob))
+    load_capture(capture.root)  # metadata alone still loads (the arrays are not read)
+    with pytest.raises(CaptureError, match=r"prompt 1 logprobs: digest mismatch"):
+        load_capture(capture.root, verify_arrays=True)
+
+
+def test_a_truncated_or_missing_array_is_refused(small_capture):
+    capture, _ = small_capture
+    path = capture.root / capture.prompts[0].logprobs_file
+    path.write_bytes(path.read_bytes()[:-5])
+    with pytest.raises(CaptureError, match=r"prompt 0 logprobs: digest mismatch"):
+        load_capture(capture.root, verify_arrays=True)
+    path.unlink()
+    with pytest.raises(CaptureError, match=r"prompt 0 logprobs: cannot read"):
+        load_capture(capture.root, verify_arrays=True)
+
+
+def test_edited_metadata_is_refused(small_capture):
+    capture, _ = small_capture
+    _edit_meta(capture.root, lambda data: data["prompts"][0].update(token_ids=[4, 5, 7]), sign=False)
+    with pytest.raises(CaptureError, match="metadata digest mismatch"):
+        load_capture(capture.root)
+
+
+def test_a_version_2_capture_without_digests_is_refused_with_advice(small_capture):
+    capture, _ = small_capture
+    _edit_meta(capture.root, lambda data: data.update(schema_version=2))
+    with pytest.raises(CaptureError, match="digests.*capture it again"):
+        load_capture(capture.root)
 
 
 def test_a_version_1_capture_is_refused_with_advice(small_capture):

@@ -204,9 +204,12 @@ def test_tokens_capture_round_trips_and_refuses_logprobs(tmp_path):
 def test_a_full_capture_without_its_logprobs_file_is_refused(tmp_path, make_capture):
     import json
 
+    from vllm_rbln_exec.capture.store import metadata_digest
+
     make_capture(tmp_path / "c")
     meta = json.loads((tmp_path / "c" / "capture.json").read_text())
     meta["prompts"][0]["logprobs_file"] = None
+    meta["digest"] = metadata_digest(meta)  # a well-formed file that says so, not a damaged one
     (tmp_path / "c" / "capture.json").write_text(json.dumps(meta))
     with pytest.raises(CaptureError, match="logprobs file"):
         load_capture(tmp_path / "c", verify_arrays=True)

@@ -254,60 +254,63 @@ def make_tiny_model(
     }
     if num_attention_heads % num_key_value_heads:
         raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
-
-    def existing() -> Path | None:
-        if not dest.exists():
-            return None
-        try:
-            found = json.loads((dest / MARKER).read_text())
-        except (OSError, ValueError):
-            found = None
-        if found == params and is_model_folder(dest):
-            return dest
-        raise FileExistsError(
-            f"{dest} exists and is not the tiny model asked for "
-            f"({'other parameters: ' + json.dumps(found) if found else 'no ' + MARKER + ' in it'}); "
-            "remove it or choose another folder"
-        )
-
-    if (done := existing()) is not None:
+    if (done := _existing(dest, params)) is not None:
         return done
     with folder_lock(dest):
-        if (done := existing()) is not None:
+        if (done := _existing(dest, params)) is not None:
             return done
         tmp = dest.with_name(f"{dest.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
-            from safetensors.numpy import save_file
-
-            rng = np.random.default_rng(seed)
-            weights = _weights(rng, vocab_size, hidden_size, num_hidden_layers, num_attention_heads,
-                               num_key_value_heads, head_dim, intermediate_size, logit_scale)
-            save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            del weights
-            _dump(tmp / "config.json", _config(vocab_size, hidden_size, num_hidden_layers, num_attention_heads,
-                                               num_key_value_heads, head_dim, intermediate_size,
-                                               max_position_embeddings))
-            _dump(tmp / "tokenizer.json", tokenizer_json(vocab_size, max_position_embeddings))
-            _check_tokenizer(tmp / "tokenizer.json", vocab_size)
-            _dump(tmp / "tokenizer_config.json", {
-                "tokenizer_class": "PreTrainedTokenizerFast",
-                "bos_token": BOS,
-                "eos_token": EOS,
-                "clean_up_tokenization_spaces": False,
-                "model_max_length": max_position_embeddings,
-                "model_input_names": ["input_ids", "attention_mask"],
-            })
-            _dump(tmp / "special_tokens_map.json", {"bos_token": BOS, "eos_token": EOS})
-            _dump(tmp / MARKER, params)
-            for item in tmp.iterdir():  # safetensors writes 0600; a shared model folder wants 0644
-                item.chmod(0o644)
+            _write_folder(tmp, params)
             os.replace(tmp, dest)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return dest
+
+
+def _existing(dest: Path, params: dict) -> Path | None:
+    """``dest`` when it already holds this tiny model, None when it does not exist; anything else is an error."""
+    if not dest.exists():
+        return None
+    try:
+        found = json.loads((dest / MARKER).read_text())
+    except (OSError, ValueError):
+        found = None
+    if found == params and is_model_folder(dest):
+        return dest
+    raise FileExistsError(
+        f"{dest} exists and is not the tiny model asked for "
+        f"({'other parameters: ' + json.dumps(found) if found else 'no ' + MARKER + ' in it'}); "
+        "remove it or choose another folder"
+    )
+
+
+def _write_folder(tmp: Path, p: dict) -> None:
+    from safetensors.numpy import save_file
+
+    shape = (p["vocab_size"], p["hidden_size"], p["num_hidden_layers"], p["num_attention_heads"],
+             p["num_key_value_heads"], p["head_dim"], p["intermediate_size"])
+    weights = _weights(np.random.default_rng(p["seed"]), *shape, p["logit_scale"])
+    save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    del weights
+    _dump(tmp / "config.json", _config(*shape, p["max_position_embeddings"]))
+    _dump(tmp / "tokenizer.json", tokenizer_json(p["vocab_size"], p["max_position_embeddings"]))
+    _check_tokenizer(tmp / "tokenizer.json", p["vocab_size"])
+    _dump(tmp / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": p["max_position_embeddings"],
+        "model_input_names": ["input_ids", "attention_mask"],
+    })
+    _dump(tmp / "special_tokens_map.json", {"bos_token": BOS, "eos_token": EOS})
+    _dump(tmp / MARKER, p)
+    for item in tmp.iterdir():  # safetensors writes 0600; a shared model folder wants 0644
+        item.chmod(0o644)
 
 
 def main(argv: list[str] | None = None) -> int:
