@@ -174,11 +174,12 @@ METRICS: tuple[Metric, ...] = (
     _prompt("finite_entries", "compared entries finite on both sides", position=WORST_ABS),
 )
 
-# Report fields that are not metrics: settings, identifiers, texts and nested records. Never gateable.
+# Report fields that are not metrics: settings, identifiers, texts and nested records (``position_stats``
+# is kept in memory only and written as null). Never gateable.
 NOT_METRICS = frozenset({
     "index", "vocab_size", "eps", "topk", "worst_position", "tie_margin", "kl_buckets", "aligned",
     "prompt", "reference_text", "target_text", "first_position_topk", "snippet", "notes", "distribution",
-    "argmax_divergence", "worst_positions",
+    "argmax_divergence", "worst_positions", "position_stats",
 })  # fmt: skip
 
 _BY_PATH = {(scope, m.path_in(scope)): m for m in METRICS for scope in m.scopes}
