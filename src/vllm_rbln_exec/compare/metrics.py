@@ -249,72 +249,24 @@ def compare_prompt(
         n_pos = available
     else:
         n_pos = min(div + 1, available)
+    ref_rows, tgt_rows = _dense_rows(index, reference, target, n_pos, vocab_size)
+
+    element = _elementwise_fields(ref_rows, tgt_rows, eps)
     notes: list[str] = []
-
-    ref_rows = to_dense(np.asarray(reference["logprobs"][:n_pos]), _ids(reference, n_pos), vocab_size)
-    tgt_rows = to_dense(np.asarray(target["logprobs"][:n_pos]), _ids(target, n_pos), vocab_size)
-    if ref_rows.shape[1] != tgt_rows.shape[1]:
-        raise ValueError(
-            f"prompt {index}: vocabulary sizes differ (reference {ref_rows.shape[1]}, "
-            f"target {tgt_rows.shape[1]})"
-        )
-
-    ew = elementwise(ref_rows, tgt_rows, eps)
-    finite_entries = ew.count
-    total = ref_rows.size
-    if finite_entries:
-        max_abs = ew.max_abs
-        mean_abs = ew.sum_abs / finite_entries
-        outliers = ew.outliers
-        worst = ew.worst
-        r = ew.pearson()
-    else:
-        max_abs = mean_abs = r = float("nan")
-        outliers = 0
-        worst = None
-        if n_pos:
-            notes.append("no entry is finite on both sides (disjoint top-N lists?)")
+    if n_pos and not element["finite_entries"]:
+        notes.append("no entry is finite on both sides (disjoint top-N lists?)")
     if n_pos == 0:
         notes.append("no comparable position (a side generated nothing)")
 
     overlap = order = top1 = float("nan")
-    first_topk = None
+    first_topk = ranked = None
     if n_pos:
-        # with top-N captures only N entries are real; the rest are -inf fillers
-        widths = [np.asarray(side["logprobs"]).shape[1] for side in (reference, target) if side.get("ids") is not None]
-        topk = min([topk, *widths])
-        # ranked once per side; every top-K below (and in the distribution stats) is a prefix
-        ranked = tuple(ranked_ids(rows, max(topk, 2)) for rows in (ref_rows, tgt_rows))
-        k = max(1, min(topk, ref_rows.shape[1]))
-        k_ref, k_tgt = ranked[0][:, :k], ranked[1][:, :k]
-        # |A ∩ B| per row without a Python loop over positions: sort and compare.
-        inter = (k_ref[:, :, None] == k_tgt[:, None, :]).any(axis=2).sum(axis=1)
-        overlap = float((inter / k).mean())
-        order = float((k_ref == k_tgt).all(axis=1).mean())
-        top1 = float((k_ref[:, 0] == k_tgt[:, 0]).mean())
-        first_topk = PositionTopK(
-            position=0,
-            target_ids=k_tgt[0].tolist(),
-            target_vals=tgt_rows[0, k_tgt[0]].tolist(),
-            reference_ids=k_ref[0].tolist(),
-            reference_vals=ref_rows[0, k_ref[0]].tolist(),
-        )
+        topk, ranked = _ranking(reference, target, ref_rows, tgt_rows, topk)
+        overlap, order, top1, first_topk = _topk_agreement(ref_rows, tgt_rows, ranked, topk)
 
     stats = position_stats(ref_rows, tgt_rows, np.asarray(ref_tokens[:n_pos], dtype=np.int64), topk, tie_margin,
-                           ranked=ranked if n_pos else None)
-    worst_list = []
-    if n_pos:
-        k_ref_w, k_tgt_w = (ids[:, : max(1, min(topk, 5))] for ids in ranked)
-        for pos in worst_positions(stats, n_worst):
-            worst_list.append({
-                "position": int(pos),
-                "kl": float(stats.kl[pos]),
-                "reference_token": int(stats.ref_tokens[pos]),
-                "target_argmax": int(stats.tgt_argmax[pos]),
-                "reference_top1_prob": float(stats.ref_top1_prob[pos]),
-                "reference_topk": [[int(i), float(ref_rows[pos, i])] for i in k_ref_w[pos]],
-                "target_topk": [[int(i), float(tgt_rows[pos, i])] for i in k_tgt_w[pos]],
-            })
+                           ranked=ranked)
+    worst_list = _worst_list(stats, ref_rows, tgt_rows, ranked, topk, n_worst) if n_pos else []
 
     snippet = {}
     if n_pos and snippet_elems > 0:
@@ -335,18 +287,12 @@ def compare_prompt(
         first_divergence=div,
         positions_compared=int(n_pos),
         vocab_size=int(ref_rows.shape[1]),
-        finite_overlap=float(finite_entries / total) if total else float("nan"),
-        finite_entries=finite_entries,
-        max_abs_diff=max_abs,
-        mean_abs_diff=mean_abs,
-        pearson=r,
-        outliers=outliers,
+        **element,
         eps=float(eps),
         topk=int(topk),
         topk_overlap=overlap,
         topk_order_match=order,
         top1_match=top1,
-        worst_position=worst,
         first_position_topk=first_topk,
         snippet=snippet,
         notes=notes,
@@ -356,6 +302,82 @@ def compare_prompt(
         worst_positions=worst_list,
         position_stats=stats,
     )
+
+
+def _dense_rows(index: int, reference: dict[str, Any], target: dict[str, Any], n_pos: int,
+                vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Both sides' first ``n_pos`` rows as dense [T, V]; ValueError when their vocabularies differ."""
+    ref_rows = to_dense(np.asarray(reference["logprobs"][:n_pos]), _ids(reference, n_pos), vocab_size)
+    tgt_rows = to_dense(np.asarray(target["logprobs"][:n_pos]), _ids(target, n_pos), vocab_size)
+    if ref_rows.shape[1] != tgt_rows.shape[1]:
+        raise ValueError(
+            f"prompt {index}: vocabulary sizes differ (reference {ref_rows.shape[1]}, "
+            f"target {tgt_rows.shape[1]})"
+        )
+    return ref_rows, tgt_rows
+
+
+def _elementwise_fields(ref_rows: np.ndarray, tgt_rows: np.ndarray, eps: float) -> dict[str, Any]:
+    """PromptComparison's element-wise fields, over the entries finite on both sides (NaN when none is)."""
+    ew = elementwise(ref_rows, tgt_rows, eps)
+    finite_entries, total = ew.count, ref_rows.size
+    out: dict[str, Any] = {
+        "finite_entries": finite_entries,
+        "finite_overlap": float(finite_entries / total) if total else float("nan"),
+    }
+    if finite_entries:
+        out.update(max_abs_diff=ew.max_abs, mean_abs_diff=ew.sum_abs / finite_entries, pearson=ew.pearson(),
+                   outliers=ew.outliers, worst_position=ew.worst)
+    else:
+        nan = float("nan")
+        out.update(max_abs_diff=nan, mean_abs_diff=nan, pearson=nan, outliers=0, worst_position=None)
+    return out
+
+
+def _ranking(reference: dict[str, Any], target: dict[str, Any], ref_rows: np.ndarray, tgt_rows: np.ndarray,
+             topk: int) -> tuple[int, tuple[np.ndarray, np.ndarray]]:
+    """The K actually compared and each side's ranked ids (at least 2 columns, for the margin)."""
+    # with top-N captures only N entries are real; the rest are -inf fillers
+    widths = [np.asarray(side["logprobs"]).shape[1] for side in (reference, target) if side.get("ids") is not None]
+    topk = min([topk, *widths])
+    # ranked once per side; every top-K below (and in the distribution stats) is a prefix
+    ref_ranked, tgt_ranked = (ranked_ids(rows, max(topk, 2)) for rows in (ref_rows, tgt_rows))
+    return topk, (ref_ranked, tgt_ranked)
+
+
+def _topk_agreement(ref_rows: np.ndarray, tgt_rows: np.ndarray, ranked: tuple[np.ndarray, np.ndarray],
+                    topk: int) -> tuple[float, float, float, PositionTopK]:
+    """(top-K overlap, top-K order match, top-1 match, both top-K at position 0) over the positions."""
+    k = max(1, min(topk, ref_rows.shape[1]))
+    k_ref, k_tgt = ranked[0][:, :k], ranked[1][:, :k]
+    # |A ∩ B| per row without a Python loop over positions: sort and compare.
+    inter = (k_ref[:, :, None] == k_tgt[:, None, :]).any(axis=2).sum(axis=1)
+    overlap = float((inter / k).mean())
+    order = float((k_ref == k_tgt).all(axis=1).mean())
+    top1 = float((k_ref[:, 0] == k_tgt[:, 0]).mean())
+    first_topk = PositionTopK(
+        position=0,
+        target_ids=k_tgt[0].tolist(),
+        target_vals=tgt_rows[0, k_tgt[0]].tolist(),
+        reference_ids=k_ref[0].tolist(),
+        reference_vals=ref_rows[0, k_ref[0]].tolist(),
+    )
+    return overlap, order, top1, first_topk
+
+
+def _worst_list(stats: Any, ref_rows: np.ndarray, tgt_rows: np.ndarray, ranked: tuple[np.ndarray, np.ndarray],
+                topk: int, n_worst: int) -> list[dict[str, Any]]:
+    """The ``n_worst`` largest-KL positions with both sides' top-5 (at most top-K) there."""
+    k_ref_w, k_tgt_w = (ids[:, : max(1, min(topk, 5))] for ids in ranked)
+    return [{
+        "position": int(pos),
+        "kl": float(stats.kl[pos]),
+        "reference_token": int(stats.ref_tokens[pos]),
+        "target_argmax": int(stats.tgt_argmax[pos]),
+        "reference_top1_prob": float(stats.ref_top1_prob[pos]),
+        "reference_topk": [[int(i), float(ref_rows[pos, i])] for i in k_ref_w[pos]],
+        "target_topk": [[int(i), float(tgt_rows[pos, i])] for i in k_tgt_w[pos]],
+    } for pos in worst_positions(stats, n_worst)]  # fmt: skip
 
 
 @dataclass
