@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from vllm_rbln_exec.compare import distribution as dist
+from vllm_rbln_exec.compare import kernels
 from vllm_rbln_exec.compare.distribution import (
     PositionStats,
     divergence_point,
@@ -177,7 +177,7 @@ def test_concat_and_chunking_match(monkeypatch):
     ref, tgt = rows(9, 30), rows(9, 30)
     tok = ref.argmax(axis=1)
     whole = position_stats(ref, tgt, tok, topk=4)
-    monkeypatch.setattr(dist, "_CHUNK_ELEMS", 64)  # two rows per block
+    monkeypatch.setattr(kernels, "BLOCK_ELEMS", 64)  # two rows per block
     chunked = position_stats(ref, tgt, tok, topk=4)
     parts = [position_stats(ref[:4], tgt[:4], tok[:4], topk=4), position_stats(ref[4:], tgt[4:], tok[4:], topk=4)]
     joined = PositionStats.concat(parts)

@@ -8,23 +8,20 @@ import math
 import numpy as np
 import pytest
 
-from vllm_rbln_exec.compare.metrics import compare_prompt, summarize
-from vllm_rbln_exec.core.errors import EXIT_OK, EXIT_PARITY_FAILED, UsageError
-from vllm_rbln_exec.verdict.gates import (
-    DISTRIBUTION_FIELDS,
+from vllm_rbln_exec.compare.catalogue import (
     NOT_METRICS,
-    PROMPT_FIELDS,
-    SUMMARY_FIELDS,
-    ArgmaxGate,
-    MetricGate,
-    canonical_dtype,
-    default_gates,
-    judge,
+    OVERALL,
+    PROMPT,
     metric_value,
-    parse_gate,
+    report_paths,
     resolve_metric,
-    run_dtypes,
 )
+from vllm_rbln_exec.compare.metrics import compare_prompt, summarize
+from vllm_rbln_exec.core.dtypes import canonical_dtype
+from vllm_rbln_exec.core.errors import EXIT_OK, EXIT_PARITY_FAILED, UsageError
+from vllm_rbln_exec.verdict.defaults import default_gates, run_dtypes
+from vllm_rbln_exec.verdict.gates import ArgmaxGate, MetricGate, parse_gate
+from vllm_rbln_exec.verdict.judge import judge
 from vllm_rbln_exec.verdict.noise import measure_noise, merge_noise, noise_from_json, noise_to_json
 
 LN2 = math.log(2.0)
@@ -327,11 +324,17 @@ def test_infinite_kl_fails_the_default_gate():
     assert "kl_nonfinite>0" in {v.gate for v in judge(run, default_gates("float32", "float32")).violations}
 
 
-# -- the metric lists follow metrics.py ------------------------------------------------
+# -- the catalogue follows metrics.py ---------------------------------------------------
 def test_every_numeric_report_field_is_registered(run):
     def numeric(record):
         return {k for k, v in record.items() if isinstance(v, (int, float)) or v is None}
 
+    def fields(scope):  # the record's own fields and its distribution block's, as the catalogue lists them
+        paths = report_paths(scope)
+        return [p for p in paths if "." not in p], [p.removeprefix("distribution.") for p in paths if "." in p]
+
+    (SUMMARY_FIELDS, DISTRIBUTION_FIELDS), (PROMPT_FIELDS, prompt_distribution) = fields(OVERALL), fields(PROMPT)
+    assert prompt_distribution == DISTRIBUTION_FIELDS
     comp = run["comparisons"][1]
     summary = run["summary"]
     registered_prompt = set(PROMPT_FIELDS) | NOT_METRICS

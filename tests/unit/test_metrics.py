@@ -9,6 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from vllm_rbln_exec.compare.kernels import topk_ids
 from vllm_rbln_exec.compare.metrics import (
     PromptComparison,
     compare_prompt,
@@ -16,7 +17,6 @@ from vllm_rbln_exec.compare.metrics import (
     pearson,
     summarize,
     to_dense,
-    topk_ids,
 )
 
 NEG_INF = -np.inf

@@ -18,7 +18,8 @@ from vllm_rbln_exec.outputs.files import (
     write_junit,
     write_markdown,
 )
-from vllm_rbln_exec.verdict.gates import ArgmaxGate, judge, parse_gate
+from vllm_rbln_exec.verdict.gates import ArgmaxGate, parse_gate
+from vllm_rbln_exec.verdict.judge import judge
 from vllm_rbln_exec.verdict.noise import measure_noise
 
 SURE = [0.5, 0.25, 0.125, 0.125]

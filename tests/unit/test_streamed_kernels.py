@@ -20,7 +20,7 @@ from vllm_rbln_exec.capture.store import (
     unpack_capture,
 )
 from vllm_rbln_exec.compare import distribution as dist
-from vllm_rbln_exec.compare import metrics
+from vllm_rbln_exec.compare import kernels, metrics
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -54,9 +54,9 @@ def test_topk_ids_prefilter_matches_the_definition(kind):
         elif kind == "inf":
             rows[:, [1, vocab - 1]] = np.inf
         for k in (1, 2, 5, 12):
-            got = metrics.topk_ids(rows, k)
+            got = kernels.topk_ids(rows, k)
             np.testing.assert_array_equal(got, topk_by_sorting(rows, k))
-            np.testing.assert_array_equal(got, metrics._topk_exact(rows, min(k, vocab)))
+            np.testing.assert_array_equal(got, kernels._topk_exact(rows, min(k, vocab)))
 
 
 def masked_rows(rng, n, vocab, holes=True):
@@ -70,7 +70,7 @@ def masked_rows(rng, n, vocab, holes=True):
 
 @pytest.mark.parametrize("holes", [False, True])
 def test_streamed_elementwise_statistics_match_the_whole_array_ones(monkeypatch, holes):
-    monkeypatch.setattr(metrics, "_BLOCK_ELEMS", 1000)  # many blocks of 2 rows
+    monkeypatch.setattr(kernels, "BLOCK_ELEMS", 1000)  # many blocks of 2 rows
     ref, tgt = masked_rows(np.random.default_rng(3), 9, 500, holes)
     both = np.isfinite(ref) & np.isfinite(tgt)
     with np.errstate(invalid="ignore"):
@@ -101,18 +101,16 @@ def test_results_do_not_depend_on_threads_or_blocks(monkeypatch):
                                    {"token_ids": tokens, "logprobs": tgt}, vocab_size=700, aligned=True)
         return c.to_json(), c.position_stats
 
-    monkeypatch.setattr(metrics, "_BLOCK_ELEMS", 1400)
-    monkeypatch.setattr(dist, "_CHUNK_ELEMS", 1400)
-    monkeypatch.setattr(metrics, "_THREADS", 1)
+    monkeypatch.setattr(kernels, "BLOCK_ELEMS", 1400)  # both metric modules block by this
+    monkeypatch.setattr(kernels, "_THREADS", 1)
     base_json, base = run()
     for threads in (2, 3):  # same blocks, combined in the same order: bit for bit
-        monkeypatch.setattr(metrics, "_THREADS", threads)
+        monkeypatch.setattr(kernels, "_THREADS", threads)
         other_json, other = run()
         assert other_json == base_json
         np.testing.assert_array_equal(other.kl, base.kl)
     for block in (700, 10**6):  # other blocks only regroup float64 sums
-        monkeypatch.setattr(metrics, "_BLOCK_ELEMS", block)
-        monkeypatch.setattr(dist, "_CHUNK_ELEMS", block)
+        monkeypatch.setattr(kernels, "BLOCK_ELEMS", block)
         other_json, other = run()
         assert other_json["pearson"] == pytest.approx(base_json["pearson"], rel=1e-12)
         assert other_json["mean_abs_diff"] == pytest.approx(base_json["mean_abs_diff"], rel=1e-12)
@@ -125,7 +123,7 @@ def test_finite_and_general_kl_paths_agree():
     rng = np.random.default_rng(5)
     ref, tgt = masked_rows(rng, 6, 300, holes=False)
     tgt[1] -= 0.2  # renormalised
-    finite = dist._kl_finite(ref, tgt, metrics.Scratch())
+    finite = dist._kl_finite(ref, tgt, kernels.Scratch())
     general = dist._kl_general(ref, tgt)
     np.testing.assert_allclose(finite[0], general[0], rtol=1e-9, atol=1e-15)
     for a, b in zip(finite[1:], general[1:]):
@@ -142,7 +140,7 @@ def test_identical_unnormalised_rows_give_zero_kl():
 def test_position_stats_with_ranked_ids_is_the_same():
     ref, tgt = masked_rows(np.random.default_rng(8), 7, 400, holes=True)
     tokens = ref.argmax(axis=1)
-    ranked = (metrics.topk_ids(ref, 5), metrics.topk_ids(tgt, 5))
+    ranked = (kernels.topk_ids(ref, 5), kernels.topk_ids(tgt, 5))
     a = dist.position_stats(ref, tgt, tokens, topk=5)
     b = dist.position_stats(ref, tgt, tokens, topk=5, ranked=ranked)
     assert dist.summarize_positions(a).to_json() == dist.summarize_positions(b).to_json()

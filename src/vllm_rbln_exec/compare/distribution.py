@@ -4,8 +4,10 @@ This module owns the per-position statistics of two log-probability rows that
 saw the same context (KL, top-1 agreement, Δp of the reference token, top-K
 overlap, perplexity of the reference tokens) and their aggregation over a run.
 It works on arrays already in memory and must not touch engines, processes,
-files or the element-wise metrics in :mod:`vllm_rbln_exec.compare.metrics`; callers
-decide which positions are aligned (see that module's docstring) and pass only
+files or the element-wise metrics in :mod:`vllm_rbln_exec.compare.metrics` (which
+imports this module, never the reverse); block iteration, scratch buffers and
+top-k selection come from :mod:`vllm_rbln_exec.compare.kernels`. Callers decide
+which positions are aligned (see the metrics module's docstring) and pass only
 those rows here.
 
 Conventions:
@@ -37,13 +39,12 @@ from scipy import stats as sstats
 from scipy.special import logsumexp
 
 from ..core.jsonio import strict_json
-from .metrics import Scratch, map_row_blocks, topk_ids
+from .kernels import Scratch, block_rows, map_row_blocks, topk_ids
 
 MASS_TOLERANCE = 1e-3
 DEFAULT_TIE_MARGIN = 0.5  # nats between the reference's top-2 logprobs
 BUCKET_EDGES = (0.0, 0.25, 0.5, 0.75, 0.95, 1.0)
 BUCKET_LABELS = ("[0,0.25)", "[0.25,0.5)", "[0.5,0.75)", "[0.75,0.95)", "[0.95,1]")
-_CHUNK_ELEMS = 1 << 18  # rows are processed in blocks of about this many entries (as metrics._BLOCK_ELEMS)
 
 
 @dataclass
@@ -144,7 +145,7 @@ def position_stats(
         raise ValueError("topk must be >= 1")
     if n_pos and (vocab == 0 or tokens.min() < 0 or tokens.max() >= vocab):
         raise ValueError(f"reference token ids out of range for a vocabulary of {vocab}")
-    step = max(1, _CHUNK_ELEMS // max(vocab, 1))
+    step = block_rows(vocab)  # blocks of about kernels.BLOCK_ELEMS entries
 
     def block(s: int, scratch: Scratch) -> dict[str, np.ndarray]:
         part = None if ranked is None else (ranked[0][s : s + step], ranked[1][s : s + step])

@@ -1,9 +1,14 @@
 """Comparison metrics between a reference and a target capture (pure numpy/scipy).
 
+This module owns one prompt's comparison record (``PromptComparison``: the
+element-wise |Δ| and Pearson statistics, top-K agreement, the alignment of the
+two sides) and the run's summary of them; the per-position distribution
+statistics come from :mod:`~vllm_rbln_exec.compare.distribution` and the block
+iteration and top-k selection from :mod:`~vllm_rbln_exec.compare.kernels`.
 Everything here works on arrays already in memory (or memory mapped) and is
-vectorised over the vocabulary; it knows nothing of engines, processes or
-files. One prompt is compared at a time so memory stays bounded by the largest
-prompt, never the whole run.
+vectorised over the vocabulary; it must not touch engines, processes, files or
+verdicts. One prompt is compared at a time so memory stays bounded by the
+largest prompt, never the whole run.
 
 Position alignment: at generated position ``t`` both sides saw the same context
 only while every earlier generated token agrees. In free-running mode the
@@ -15,16 +20,14 @@ the target was fed the reference tokens, so every position is comparable.
 from __future__ import annotations
 
 import math
-import os
-import queue
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
 from ..core.jsonio import strict_json
+from .distribution import divergence_point, position_stats, summarize_positions, worst_positions
+from .kernels import Scratch, block_rows, map_row_blocks, ranked_ids
 
 PEARSON_PASS = 0.99
 
@@ -108,72 +111,6 @@ def to_dense(vals: np.ndarray, ids: np.ndarray | None, vocab_size: int) -> np.nd
     return dense
 
 
-def topk_ids(rows: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest entries per row, by value descending, ties by lower id.
-
-    A prefilter does the O(V) work with one max per chunk of ``_TOPK_CHUNK``
-    entries: the k-th largest chunk maximum is a lower bound of the k-th largest
-    entry (k chunks each hold an entry at least that large), so the top k, ties at
-    the k-th value included, all lie in the few chunks whose maximum reaches it.
-    Only those candidates are sorted (value descending, then id). Rows the bound
-    cannot handle (NaN, a bound at -inf in a row of top-N fillers) take the exact
-    selection of ``_topk_exact``; both give the same ids.
-    """
-    rows = np.asarray(rows)
-    n, width = rows.shape
-    k = max(1, min(k, width))
-    size = _TOPK_CHUNK
-    full = width // size
-    out = np.empty((n, k), dtype=np.intp)
-    done = np.zeros(n, dtype=bool)
-    if n and full >= 2 * k:
-        chunks = rows[:, : full * size].reshape(n, full, size)
-        cmax = chunks.max(axis=2)
-        tail = width - full * size
-        if tail:
-            cmax = np.concatenate([cmax, rows[:, full * size :].max(axis=1, keepdims=True)], axis=1)
-        n_chunks = cmax.shape[1]
-        bound = np.partition(cmax, n_chunks - k, axis=1)[:, n_chunks - k]
-        done = np.isfinite(bound) & ~np.isnan(cmax).any(axis=1)
-        r, c = np.nonzero((cmax >= bound[:, None]) & done[:, None])
-        if r.size:
-            vals = np.full((r.size, size), -np.inf, dtype=rows.dtype)
-            in_full = c < full
-            vals[in_full] = chunks[r[in_full], c[in_full]]
-            if not in_full.all():  # the shorter last chunk
-                vals[~in_full, :tail] = rows[r[~in_full], full * size :]
-            pair, col = np.nonzero(vals >= bound[r, None])
-            cand_row, cand_id, cand_val = r[pair], c[pair] * size + col, vals[pair, col]
-            order = np.lexsort((cand_id, -cand_val, cand_row))
-            cand_id = cand_id[order]
-            counts = np.bincount(cand_row, minlength=n)
-            starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
-            picked = np.flatnonzero(done)
-            out[picked] = cand_id[starts[picked, None] + np.arange(k)]
-    rest = np.flatnonzero(~done)
-    if rest.size:
-        out[rest] = _topk_exact(rows[rest], k)
-    return out
-
-
-_TOPK_CHUNK = 256  # entries per chunk in topk_ids' prefilter (one max each)
-
-
-def _topk_exact(rows: np.ndarray, k: int) -> np.ndarray:
-    """topk_ids by full selection: argpartition finds the k-th value; entries equal
-    to it are then taken lowest id first, so ties never depend on partition order."""
-    part = np.argpartition(-rows, k - 1, axis=1)[:, :k]
-    kth = np.take_along_axis(rows, part, axis=1).min(axis=1, keepdims=True)
-    above = rows > kth
-    need = k - above.sum(axis=1, keepdims=True)
-    at = rows == kth
-    take = above | (at & (np.cumsum(at, axis=1) <= need))
-    cols = np.nonzero(take)[1].reshape(rows.shape[0], k)
-    vals = np.take_along_axis(rows, cols, axis=1)
-    order = np.lexsort((cols, -vals), axis=1)
-    return np.take_along_axis(cols, order, axis=1)
-
-
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
     """Pearson r in float64; NaN when fewer than 2 points or a side is constant."""
     if x.size < 2:
@@ -186,60 +123,6 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float:
     if denom == 0.0:
         return float("nan")
     return float(np.clip(np.dot(xc, yc) / denom, -1.0, 1.0))
-
-
-# -- streaming over blocks of rows -------------------------------------------------
-# A prompt's rows are [T, V] per side (256 x 128256 float32 is 131 MB). Each
-# statistic is computed block by block of about _BLOCK_ELEMS entries, so the
-# temporaries stay small and in cache instead of full-size float64 copies, and
-# blocks run in threads (numpy releases the GIL inside its loops). Blocks are
-# combined in order, so the result does not depend on the number of threads.
-_BLOCK_ELEMS = 1 << 18  # 2 rows of a 128k vocabulary: measured best among 1, 2, 4 and 8 rows
-_THREADS = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
-
-
-class Scratch:
-    """Buffers one worker reuses from block to block.
-
-    Fresh multi-MiB temporaries are what made the first streamed version slow and
-    erratic on a small VM: the allocator hands freed memory back, so every block
-    faulted its pages in again (and numpy asks for huge pages from 4 MiB up).
-    Measured on 2 cores: exp over a float64 block 4.7 ns per entry into a reused
-    buffer, 6-17 ns into a fresh one.
-    """
-
-    def __init__(self) -> None:
-        self._buffers: dict[str, np.ndarray] = {}
-
-    def get(self, name: str, shape: tuple[int, ...], dtype: Any = np.float64) -> np.ndarray:
-        size, dtype = math.prod(shape), np.dtype(dtype)
-        buf = self._buffers.get(name)
-        if buf is None or buf.dtype != dtype or buf.size < size:
-            buf = self._buffers[name] = np.empty(size, dtype=dtype)
-        return buf[:size].reshape(shape)
-
-
-def map_row_blocks(fn: Callable[[int, Scratch], Any], n_rows: int, step: int) -> list[Any]:
-    """``[fn(start, scratch) for start in range(0, n_rows, step)]``, in threads when there are
-    several blocks; each thread has its own ``Scratch``."""
-    starts = list(range(0, n_rows, max(1, step)))
-    threads = min(_THREADS, len(starts))
-    if threads <= 1:
-        scratch = Scratch()
-        return [fn(s, scratch) for s in starts]
-    free: queue.SimpleQueue[Scratch] = queue.SimpleQueue()
-    for _ in range(threads):
-        free.put(Scratch())
-
-    def run(start: int) -> Any:
-        scratch = free.get()
-        try:
-            return fn(start, scratch)
-        finally:
-            free.put(scratch)
-
-    with ThreadPoolExecutor(threads) as pool:
-        return list(pool.map(run, starts))
 
 
 @dataclass
@@ -290,7 +173,7 @@ def elementwise(ref: np.ndarray, tgt: np.ndarray, eps: float) -> _Elementwise:
     """Element-wise statistics of two [T, V] arrays, streamed by blocks of rows."""
     n, width = ref.shape
     shift = _pearson_shift(ref, tgt)
-    step = max(1, _BLOCK_ELEMS // max(1, width))
+    step = block_rows(width)
     parts = map_row_blocks(
         lambda s, scratch: _elementwise_block(ref[s : s + step], tgt[s : s + step], eps, shift, scratch), n, step)
     total = _Elementwise()
@@ -366,74 +249,24 @@ def compare_prompt(
         n_pos = available
     else:
         n_pos = min(div + 1, available)
+    ref_rows, tgt_rows = _dense_rows(index, reference, target, n_pos, vocab_size)
+
+    element = _elementwise_fields(ref_rows, tgt_rows, eps)
     notes: list[str] = []
-
-    ref_rows = to_dense(np.asarray(reference["logprobs"][:n_pos]), _ids(reference, n_pos), vocab_size)
-    tgt_rows = to_dense(np.asarray(target["logprobs"][:n_pos]), _ids(target, n_pos), vocab_size)
-    if ref_rows.shape[1] != tgt_rows.shape[1]:
-        raise ValueError(
-            f"prompt {index}: vocabulary sizes differ (reference {ref_rows.shape[1]}, "
-            f"target {tgt_rows.shape[1]})"
-        )
-
-    ew = elementwise(ref_rows, tgt_rows, eps)
-    finite_entries = ew.count
-    total = ref_rows.size
-    if finite_entries:
-        max_abs = ew.max_abs
-        mean_abs = ew.sum_abs / finite_entries
-        outliers = ew.outliers
-        worst = ew.worst
-        r = ew.pearson()
-    else:
-        max_abs = mean_abs = r = float("nan")
-        outliers = 0
-        worst = None
-        if n_pos:
-            notes.append("no entry is finite on both sides (disjoint top-N lists?)")
+    if n_pos and not element["finite_entries"]:
+        notes.append("no entry is finite on both sides (disjoint top-N lists?)")
     if n_pos == 0:
         notes.append("no comparable position (a side generated nothing)")
 
     overlap = order = top1 = float("nan")
-    first_topk = None
+    first_topk = ranked = None
     if n_pos:
-        # with top-N captures only N entries are real; the rest are -inf fillers
-        widths = [np.asarray(side["logprobs"]).shape[1] for side in (reference, target) if side.get("ids") is not None]
-        topk = min([topk, *widths])
-        # ranked once per side; every top-K below (and in the distribution stats) is a prefix
-        ranked = tuple(_ranked(rows, max(topk, 2)) for rows in (ref_rows, tgt_rows))
-        k = max(1, min(topk, ref_rows.shape[1]))
-        k_ref, k_tgt = ranked[0][:, :k], ranked[1][:, :k]
-        # |A ∩ B| per row without a Python loop over positions: sort and compare.
-        inter = (k_ref[:, :, None] == k_tgt[:, None, :]).any(axis=2).sum(axis=1)
-        overlap = float((inter / k).mean())
-        order = float((k_ref == k_tgt).all(axis=1).mean())
-        top1 = float((k_ref[:, 0] == k_tgt[:, 0]).mean())
-        first_topk = PositionTopK(
-            position=0,
-            target_ids=k_tgt[0].tolist(),
-            target_vals=tgt_rows[0, k_tgt[0]].tolist(),
-            reference_ids=k_ref[0].tolist(),
-            reference_vals=ref_rows[0, k_ref[0]].tolist(),
-        )
-
-    from .distribution import divergence_point, position_stats, summarize_positions, worst_positions
+        topk, ranked = _ranking(reference, target, ref_rows, tgt_rows, topk)
+        overlap, order, top1, first_topk = _topk_agreement(ref_rows, tgt_rows, ranked, topk)
 
     stats = position_stats(ref_rows, tgt_rows, np.asarray(ref_tokens[:n_pos], dtype=np.int64), topk, tie_margin,
-                           ranked=ranked if n_pos else None)
-    worst_list = []
-    if n_pos:
-        k_ref_w, k_tgt_w = (ids[:, : max(1, min(topk, 5))] for ids in ranked)
-        for pos in worst_positions(stats, n_worst):
-            worst_list.append({
-                "position": int(pos),
-                "kl": float(stats.kl[pos]),
-                "reference_token": int(stats.ref_tokens[pos]),
-                "target_argmax": int(stats.tgt_argmax[pos]),
-                "reference_top1_prob": float(stats.ref_top1_prob[pos]),
-                "reference_topk": [[int(i), float(ref_rows[pos, i])] for i in k_ref_w[pos]],
-                "target_topk": [[int(i), float(tgt_rows[pos, i])] for i in k_tgt_w[pos]],
-            })
+                           ranked=ranked)
+    worst_list = _worst_list(stats, ref_rows, tgt_rows, ranked, topk, n_worst) if n_pos else []
 
     snippet = {}
     if n_pos and snippet_elems > 0:
@@ -454,18 +287,12 @@ def compare_prompt(
         first_divergence=div,
         positions_compared=int(n_pos),
         vocab_size=int(ref_rows.shape[1]),
-        finite_overlap=float(finite_entries / total) if total else float("nan"),
-        finite_entries=finite_entries,
-        max_abs_diff=max_abs,
-        mean_abs_diff=mean_abs,
-        pearson=r,
-        outliers=outliers,
+        **element,
         eps=float(eps),
         topk=int(topk),
         topk_overlap=overlap,
         topk_order_match=order,
         top1_match=top1,
-        worst_position=worst,
         first_position_topk=first_topk,
         snippet=snippet,
         notes=notes,
@@ -475,6 +302,82 @@ def compare_prompt(
         worst_positions=worst_list,
         position_stats=stats,
     )
+
+
+def _dense_rows(index: int, reference: dict[str, Any], target: dict[str, Any], n_pos: int,
+                vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Both sides' first ``n_pos`` rows as dense [T, V]; ValueError when their vocabularies differ."""
+    ref_rows = to_dense(np.asarray(reference["logprobs"][:n_pos]), _ids(reference, n_pos), vocab_size)
+    tgt_rows = to_dense(np.asarray(target["logprobs"][:n_pos]), _ids(target, n_pos), vocab_size)
+    if ref_rows.shape[1] != tgt_rows.shape[1]:
+        raise ValueError(
+            f"prompt {index}: vocabulary sizes differ (reference {ref_rows.shape[1]}, "
+            f"target {tgt_rows.shape[1]})"
+        )
+    return ref_rows, tgt_rows
+
+
+def _elementwise_fields(ref_rows: np.ndarray, tgt_rows: np.ndarray, eps: float) -> dict[str, Any]:
+    """PromptComparison's element-wise fields, over the entries finite on both sides (NaN when none is)."""
+    ew = elementwise(ref_rows, tgt_rows, eps)
+    finite_entries, total = ew.count, ref_rows.size
+    out: dict[str, Any] = {
+        "finite_entries": finite_entries,
+        "finite_overlap": float(finite_entries / total) if total else float("nan"),
+    }
+    if finite_entries:
+        out.update(max_abs_diff=ew.max_abs, mean_abs_diff=ew.sum_abs / finite_entries, pearson=ew.pearson(),
+                   outliers=ew.outliers, worst_position=ew.worst)
+    else:
+        nan = float("nan")
+        out.update(max_abs_diff=nan, mean_abs_diff=nan, pearson=nan, outliers=0, worst_position=None)
+    return out
+
+
+def _ranking(reference: dict[str, Any], target: dict[str, Any], ref_rows: np.ndarray, tgt_rows: np.ndarray,
+             topk: int) -> tuple[int, tuple[np.ndarray, np.ndarray]]:
+    """The K actually compared and each side's ranked ids (at least 2 columns, for the margin)."""
+    # with top-N captures only N entries are real; the rest are -inf fillers
+    widths = [np.asarray(side["logprobs"]).shape[1] for side in (reference, target) if side.get("ids") is not None]
+    topk = min([topk, *widths])
+    # ranked once per side; every top-K below (and in the distribution stats) is a prefix
+    ref_ranked, tgt_ranked = (ranked_ids(rows, max(topk, 2)) for rows in (ref_rows, tgt_rows))
+    return topk, (ref_ranked, tgt_ranked)
+
+
+def _topk_agreement(ref_rows: np.ndarray, tgt_rows: np.ndarray, ranked: tuple[np.ndarray, np.ndarray],
+                    topk: int) -> tuple[float, float, float, PositionTopK]:
+    """(top-K overlap, top-K order match, top-1 match, both top-K at position 0) over the positions."""
+    k = max(1, min(topk, ref_rows.shape[1]))
+    k_ref, k_tgt = ranked[0][:, :k], ranked[1][:, :k]
+    # |A ∩ B| per row without a Python loop over positions: sort and compare.
+    inter = (k_ref[:, :, None] == k_tgt[:, None, :]).any(axis=2).sum(axis=1)
+    overlap = float((inter / k).mean())
+    order = float((k_ref == k_tgt).all(axis=1).mean())
+    top1 = float((k_ref[:, 0] == k_tgt[:, 0]).mean())
+    first_topk = PositionTopK(
+        position=0,
+        target_ids=k_tgt[0].tolist(),
+        target_vals=tgt_rows[0, k_tgt[0]].tolist(),
+        reference_ids=k_ref[0].tolist(),
+        reference_vals=ref_rows[0, k_ref[0]].tolist(),
+    )
+    return overlap, order, top1, first_topk
+
+
+def _worst_list(stats: Any, ref_rows: np.ndarray, tgt_rows: np.ndarray, ranked: tuple[np.ndarray, np.ndarray],
+                topk: int, n_worst: int) -> list[dict[str, Any]]:
+    """The ``n_worst`` largest-KL positions with both sides' top-5 (at most top-K) there."""
+    k_ref_w, k_tgt_w = (ids[:, : max(1, min(topk, 5))] for ids in ranked)
+    return [{
+        "position": int(pos),
+        "kl": float(stats.kl[pos]),
+        "reference_token": int(stats.ref_tokens[pos]),
+        "target_argmax": int(stats.tgt_argmax[pos]),
+        "reference_top1_prob": float(stats.ref_top1_prob[pos]),
+        "reference_topk": [[int(i), float(ref_rows[pos, i])] for i in k_ref_w[pos]],
+        "target_topk": [[int(i), float(tgt_rows[pos, i])] for i in k_tgt_w[pos]],
+    } for pos in worst_positions(stats, n_worst)]  # fmt: skip
 
 
 @dataclass
@@ -515,8 +418,6 @@ def summarize(comparisons: list[PromptComparison]) -> RunSummary:
         total = sum(p for _, p in pairs)
         return sum(v * p for v, p in pairs) / total if total else float("nan")
 
-    from .distribution import summarize_positions
-
     parts = [c.position_stats for c in comparisons if c.position_stats is not None]
     maxes = finite(c.max_abs_diff for c in comparisons)
     pearsons = finite(c.pearson for c in comparisons)
@@ -540,13 +441,6 @@ def summarize(comparisons: list[PromptComparison]) -> RunSummary:
             for c in comparisons
         ),
     )
-
-
-def _ranked(rows: np.ndarray, k: int) -> np.ndarray:
-    """topk_ids by blocks of rows, in threads."""
-    step = max(1, _BLOCK_ELEMS // max(1, rows.shape[1]))
-    parts = map_row_blocks(lambda s, _scratch: topk_ids(rows[s : s + step], k), rows.shape[0], step)
-    return np.concatenate(parts) if parts else topk_ids(rows, k)
 
 
 def _ids(side: dict[str, Any], n_pos: int) -> np.ndarray | None:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..capture.store import CaptureWriter
-from ..verdict.gates import DTYPE_ALIASES
+from ..core.dtypes import DTYPE_ALIASES
 from .base import Engine
 
 

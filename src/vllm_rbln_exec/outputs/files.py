@@ -21,8 +21,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ..compare.catalogue import OVERALL, PROMPT, key_metrics, metric_value
 from ..core.jsonio import strict_json, write_text_atomic
-from ..verdict.gates import OVERALL, PROMPT, Verdict, metric_value
+from ..verdict.judge import Verdict
 from ..verdict.noise import NoiseFloor, noise_to_json
 
 PARITY_REPORT_SCHEMA_VERSION = 1
@@ -132,25 +133,9 @@ def _prompt_text(comp: dict[str, Any]) -> str:
 
 
 # -- markdown -----------------------------------------------------------------------
-# (label, dotted path, scope of the tolerance that applies)
-KEY_METRICS = [
-    ("KL mean (nats)", "distribution.kl_mean", OVERALL),
-    ("KL p99", "distribution.kl_p99", OVERALL),
-    ("KL max", "distribution.kl_max", OVERALL),
-    ("same top-1 rate", "distribution.top1_rate", OVERALL),
-    ("confident argmax mismatches", "confident_mismatches", OVERALL),
-    ("perplexity ratio", "distribution.ppl_ratio", OVERALL),
-    ("max abs Δ", "max_abs_diff", OVERALL),
-    ("mean abs Δ", "mean_abs_diff", OVERALL),
-    ("min Pearson", "min_pearson", OVERALL),
-]
-PROMPT_METRICS = [
-    ("positions", "positions_compared"),
-    ("KL mean", "distribution.kl_mean"),
-    ("KL max", "distribution.kl_max"),
-    ("top-1", "distribution.top1_rate"),
-    ("max abs Δ", "max_abs_diff"),
-]
+# (label, dotted path, scope of the tolerance that applies); labels and order come from the catalogue
+KEY_METRICS = [(label, path, OVERALL) for label, path in key_metrics(OVERALL)]
+PROMPT_METRICS = key_metrics(PROMPT)  # (label, dotted path)
 
 
 def write_markdown(path: str | Path, run_json: dict[str, Any], verdict: Verdict,

@@ -1,11 +1,13 @@
 """The noise floor: how much each reported metric moves from run to run.
 
 This module owns turning several comparison reports of the same setup into a
-per-metric spread that ``K*noise`` tolerances (see ``gate``) scale with, and
-its JSON form. It reads report dicts only; it must not run captures, compare
-logprobs, judge gates, or import torch or vLLM. Which metrics exist and how a
-value is read from a report is ``gate``'s knowledge (``metric_paths``,
-``metric_value``), reused here so both always agree.
+per-metric spread that ``K*noise`` tolerances (see ``expressions`` and
+``gates``) scale with, and its JSON form. It reads report dicts only; it must
+not run captures, compare logprobs, judge gates (it imports nothing of the
+verdict), or import torch or vLLM. Which metrics exist, how a value is read
+from a report and its value between identical captures come from
+:mod:`~vllm_rbln_exec.compare.catalogue`, shared with the verdict so both
+always agree.
 
 Two ways to measure:
 
@@ -35,31 +37,14 @@ from typing import Any
 
 import numpy as np
 
+from ..compare.catalogue import OVERALL, PROMPT, identity, metric_paths, metric_value
 from ..core.errors import UsageError
 from ..core.jsonio import strict_json
-from .gates import OVERALL, PROMPT, metric_paths, metric_value
 
 NOISE_SCHEMA_VERSION = 1
 REPEATS = "repeats"
 SELF = "self"
 MODES = (REPEATS, SELF)
-
-# Value of a metric when both captures are identical (for ``self`` mode).
-_AT_ONE = (
-    "top1_match", "topk_overlap", "topk_order_match", "min_pearson", "pearson",
-    "distribution.top1_rate", "distribution.jaccard_mean", "distribution.rank_agreement_mean",
-    "distribution.ppl_ratio",
-)  # fmt: skip
-_AT_ZERO = (
-    "max_abs_diff", "mean_abs_diff", "outliers", "argmax_divergences", "disagreements",
-    "distribution.kl_mean", "distribution.kl_sem", "distribution.kl_median", "distribution.kl_p90",
-    "distribution.kl_p99", "distribution.kl_p999", "distribution.kl_max", "distribution.kl_nonfinite",
-    "distribution.top1_se", "distribution.top1_mismatches", "distribution.mismatches_near_tie",
-    "distribution.dp_mean", "distribution.dp_rms", "distribution.dp_p01", "distribution.dp_p99",
-    "distribution.dp_abs_p99", "confident_mismatches", "kl_confident_mean", "kl_confident_max",
-)  # fmt: skip
-IDENTITY = {**dict.fromkeys(_AT_ONE, 1.0), **dict.fromkeys(_AT_ZERO, 0.0)}
-
 
 @dataclass
 class MetricSpread:
@@ -181,8 +166,8 @@ def _spread(values: list[float | None], path: str, mode: str) -> MetricSpread:
     finite = [v for v in values if v is not None and math.isfinite(v)]
     if not finite:
         noise = None
-    elif mode == SELF and path in IDENTITY:
-        noise = max(abs(v - IDENTITY[path]) for v in finite)
+    elif mode == SELF and (same := identity(path)) is not None:
+        noise = max(abs(v - same) for v in finite)
     else:
         noise = max(finite) - min(finite)
     return MetricSpread(values=list(values), mean=float(np.mean(finite)) if finite else None, std=_std(finite),

@@ -2,9 +2,11 @@
 
 This module owns reading a TOML parity spec (``--spec FILE``, or the
 ``[tool.vllm-rbln-exec]`` table of ./pyproject.toml), validating it, and
-resolving which gates apply to one run. Parsing single tolerances, the built-in
-defaults and judging belong to ``gate``; this module must not judge reports,
-write files, or import torch or vLLM.
+resolving which gates apply to one run. Parsing single tolerances belongs to
+``expressions`` (through ``gates.parse_gate``), the built-in tolerances to
+``defaults``, metric names to :mod:`~vllm_rbln_exec.compare.catalogue`, judging
+to ``judge``; this module must not judge reports, write files, or import torch
+or vLLM.
 
 Format (a plain spec file has the same tables without the ``tool.vllm-rbln-exec``
 prefix)::
@@ -43,18 +45,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..compare.catalogue import OVERALL, PROMPT, resolve_metric
+from ..core.dtypes import canonical_dtype
 from ..core.errors import UsageError
-from .gates import (
-    OVERALL,
-    PROMPT,
-    ArgmaxGate,
-    Gate,
-    canonical_dtype,
-    default_gates,
-    parse_gate,
-    resolve_metric,
-    run_dtypes,
-)
+from .defaults import default_gates, run_dtypes
+from .gates import ArgmaxGate, Gate, parse_gate
 
 TOOL_TABLE = "vllm-rbln-exec"
 LAYER_KEYS = ("fail-on", "near-ties-fail", "defaults", "ignore")
