@@ -50,12 +50,8 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from vllm_rbln_exec import __version__  # noqa: E402
-from vllm_rbln_exec.capture.store import (  # noqa: E402
-    Q16_MAX_ERROR,
-    Q16_RANGE,
-    Capture,
-    load_capture,
-)
+from vllm_rbln_exec.capture.q16 import Q16_MAX_ERROR, Q16_RANGE  # noqa: E402
+from vllm_rbln_exec.capture.store import Capture, load_capture  # noqa: E402
 
 # imported up front: compare_prompt imports it (and scipy.stats) lazily, which is no metric time
 from vllm_rbln_exec.compare.distribution import summarize_positions  # noqa: E402, F401

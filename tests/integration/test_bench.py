@@ -12,7 +12,7 @@ import sys
 import pytest
 from tests.helpers import REPO, make_cache_dir
 
-from vllm_rbln_exec.capture.store import Q16_MAX_ERROR
+from vllm_rbln_exec.capture.q16 import Q16_MAX_ERROR
 
 pytestmark = pytest.mark.integration
 

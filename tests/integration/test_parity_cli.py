@@ -111,7 +111,7 @@ def test_reference_file_replaces_the_reference_worker_and_api_capture_matches(ba
 
 
 def test_q16_store_is_compact_and_within_its_stated_error(baseline, cli):
-    from vllm_rbln_exec.capture.store import Q16_MAX_ERROR, Q16_RANGE
+    from vllm_rbln_exec.capture.q16 import Q16_MAX_ERROR, Q16_RANGE
 
     args = [a for a in BASE if a not in ("--store", "fp32")]
     res = cli(*args, "--align", "free", "--no-inspect-logits")  # both sides at once; q16 is the default

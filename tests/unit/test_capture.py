@@ -224,7 +224,7 @@ def _log_softmax_rows(rng, rows: int, vocab: int, scale: float) -> np.ndarray:
 
 @pytest.mark.parametrize("scale", [0.5, 4.0, 30.0])
 def test_q16_error_is_bounded_within_the_range_and_clipped_below(scale):
-    from vllm_rbln_exec.capture.store import Q16_MAX_ERROR, Q16_RANGE, dequantize_q16, quantize_q16
+    from vllm_rbln_exec.capture.q16 import Q16_MAX_ERROR, Q16_RANGE, dequantize_q16, quantize_q16
 
     rows = _log_softmax_rows(np.random.default_rng(1), 6, 5000, scale)
     levels, floor = quantize_q16(rows)
@@ -246,7 +246,7 @@ def test_q16_error_is_bounded_within_the_range_and_clipped_below(scale):
 
 
 def test_q16_keeps_minus_infinity_and_identical_rows_identical():
-    from vllm_rbln_exec.capture.store import dequantize_q16, quantize_q16
+    from vllm_rbln_exec.capture.q16 import dequantize_q16, quantize_q16
 
     rows = _log_softmax_rows(np.random.default_rng(2), 3, 64, 2.0)
     rows[1, 5] = -np.inf
@@ -260,7 +260,7 @@ def test_q16_keeps_minus_infinity_and_identical_rows_identical():
 
 
 def test_q16_store_round_trips_through_the_writer_and_a_packed_file(tmp_path):
-    from vllm_rbln_exec.capture.store import Q16_MAX_ERROR, Q16_RANGE
+    from vllm_rbln_exec.capture.q16 import Q16_MAX_ERROR, Q16_RANGE
 
     rng = np.random.default_rng(3)
     info = SideInfo(side="reference", device="cpu", engine="fake", platform="cpu", dtype="float32", model="tiny")
@@ -291,7 +291,7 @@ def test_unknown_store_is_refused(tmp_path):
 def test_q16_keeps_the_probability_of_a_large_vocabulary_row():
     # Clipping the tail to the floor adds up to V * e^-RANGE of probability; over a
     # 128k vocabulary with a long tail that must stay far below what KL can show.
-    from vllm_rbln_exec.capture.store import Q16_MAX_ERROR, dequantize_q16, quantize_q16
+    from vllm_rbln_exec.capture.q16 import Q16_MAX_ERROR, dequantize_q16, quantize_q16
 
     rows = _log_softmax_rows(np.random.default_rng(4), 4, 128256, 6.0)
     spread = rows.max(axis=1) - rows.min(axis=1)
@@ -316,7 +316,7 @@ def test_q16_records_its_range_and_is_decoded_with_it(tmp_path):
     # A file states the span of its levels, so a later build with another range
     # still decodes it correctly: decoding a 16-nat file as 32 nats would double
     # every distance from the floor.
-    from vllm_rbln_exec.capture.store import Q16_RANGE, dequantize_q16, quantize_q16
+    from vllm_rbln_exec.capture.q16 import Q16_RANGE, dequantize_q16, quantize_q16
 
     rows = _log_softmax_rows(np.random.default_rng(5), 3, 200, 2.0)
     capture = _q16_capture(tmp_path, rows)

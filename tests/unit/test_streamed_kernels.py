@@ -7,16 +7,15 @@ import math
 import numpy as np
 import pytest
 
-from vllm_rbln_exec.capture import store as cap
+from vllm_rbln_exec.capture import q16 as cap
+from vllm_rbln_exec.capture.q16 import dequantize_q16, quantize_q16
 from vllm_rbln_exec.capture.store import (
     TOKENS,
     CaptureError,
     CaptureWriter,
     SideInfo,
-    dequantize_q16,
     load_capture,
     pack_capture,
-    quantize_q16,
     unpack_capture,
 )
 from vllm_rbln_exec.compare import distribution as dist

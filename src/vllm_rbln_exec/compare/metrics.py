@@ -252,12 +252,6 @@ def compare_prompt(
     ref_rows, tgt_rows = _dense_rows(index, reference, target, n_pos, vocab_size)
 
     element = _elementwise_fields(ref_rows, tgt_rows, eps)
-    notes: list[str] = []
-    if n_pos and not element["finite_entries"]:
-        notes.append("no entry is finite on both sides (disjoint top-N lists?)")
-    if n_pos == 0:
-        notes.append("no comparable position (a side generated nothing)")
-
     overlap = order = top1 = float("nan")
     first_topk = ranked = None
     if n_pos:
@@ -268,13 +262,9 @@ def compare_prompt(
                            ranked=ranked)
     worst_list = _worst_list(stats, ref_rows, tgt_rows, ranked, topk, n_worst) if n_pos else []
 
-    snippet = {}
-    if n_pos and snippet_elems > 0:
-        snippet = {
-            "reference": _head_tail(ref_rows[0], snippet_elems),
-            "target": _head_tail(tgt_rows[0], snippet_elems),
-        }
-
+    snippet = {side: _head_tail(rows[0], snippet_elems) for side, rows in (("reference", ref_rows),
+                                                                          ("target", tgt_rows))
+               } if n_pos and snippet_elems > 0 else {}
     return PromptComparison(
         index=index,
         prompt=prompt,
@@ -295,13 +285,19 @@ def compare_prompt(
         top1_match=top1,
         first_position_topk=first_topk,
         snippet=snippet,
-        notes=notes,
+        notes=_notes(n_pos, element["finite_entries"]),
         aligned=bool(aligned),
         distribution=summarize_positions(stats).to_json(),
         argmax_divergence=divergence_point(stats, tie_margin),
         worst_positions=worst_list,
         position_stats=stats,
     )
+
+
+def _notes(n_pos: int, finite_entries: int) -> list[str]:
+    if n_pos == 0:
+        return ["no comparable position (a side generated nothing)"]
+    return [] if finite_entries else ["no entry is finite on both sides (disjoint top-N lists?)"]
 
 
 def _dense_rows(index: int, reference: dict[str, Any], target: dict[str, Any], n_pos: int,

@@ -1,7 +1,7 @@
 """Machine-readable reports of a judged run: combined JSON, JUnit XML, a markdown summary.
 
 This module owns the three CI-facing files written from a report dict
-(``RunResult.to_json()``), its :class:`~vllm_rbln_exec.verdict.gates.Verdict` and an
+(``RunResult.to_json()``), its :class:`~vllm_rbln_exec.verdict.judge.Verdict` and an
 optional noise floor. It formats only: it must not compute metrics, judge gates
 (``gate``), render the terminal report (``report``), or import torch or vLLM.
 
@@ -24,7 +24,7 @@ from typing import Any
 from ..compare.catalogue import OVERALL, PROMPT, key_metrics, metric_value
 from ..core.jsonio import strict_json, write_text_atomic
 from ..verdict.judge import Verdict
-from ..verdict.noise import NoiseFloor, noise_to_json
+from ..verdict.noise import NoiseFloor, noise_from_json, noise_to_json
 
 PARITY_REPORT_SCHEMA_VERSION = 1
 PARITY_REPORT_KIND = "vllm-rbln-exec/parity-report"
@@ -146,32 +146,31 @@ def write_markdown(path: str | Path, run_json: dict[str, Any], verdict: Verdict,
 def markdown_summary(run_json: dict[str, Any], verdict: Verdict, noise: NoiseFloor | dict | None = None) -> str:
     """A short PR comment: verdict, setup, key metrics, prompts, violations, worst positions."""
     if isinstance(noise, dict):
-        from ..verdict.noise import noise_from_json
-
         noise = noise_from_json(noise)
-    summary = run_json.get("summary") or {}
-    comparisons = run_json.get("comparisons") or []
-    lines: list[str] = []
-
     n_gates = len(verdict.checked)
     if verdict.passed:
-        lines.append(f"### ✅ Parity holds ({n_gates} tolerances checked)")
+        lines = [f"### ✅ Parity holds ({n_gates} tolerances checked)"]
     else:
         n = len(verdict.violations)
-        lines.append(f"### ❌ Parity fails: {n} violation{'s' if n != 1 else ''} ({n_gates} tolerances checked)")
+        lines = [f"### ❌ Parity fails: {n} violation{'s' if n != 1 else ''} ({n_gates} tolerances checked)"]
     lines += ["", _setup_line(run_json), ""]
+    lines += _md_key_metrics(run_json.get("summary") or {}, verdict, noise)
+    lines += _md_prompts(run_json.get("comparisons") or [], verdict)
+    lines += _md_violations_and_worst(run_json.get("comparisons") or [], verdict)
+    return "\n".join(lines) + "\n"
 
+
+def _md_key_metrics(summary: dict[str, Any], verdict: Verdict, noise: NoiseFloor | None) -> list[str]:
     tolerances: dict[tuple[str, str], list[str]] = {}
     for c in verdict.checked:
         # the argmax rule is judged per prompt but reads best next to the mismatch count
         key = (OVERALL, "confident_mismatches") if c.get("path") == "argmax_divergence" else (c.get("scope"), c.get("path"))
         tolerances.setdefault(key, []).append(c["gate"])
     header = "| metric | value | tolerance |" if noise is None else "| metric | value | noise | tolerance |"
-    lines += [header, "|---|---|---|" + ("---|" if noise is not None else "")]
+    lines = [header, "|---|---|---|" + ("---|" if noise is not None else "")]
     failed_paths = {v.path for v in verdict.violations if v.scope == OVERALL}
     for label, path, scope in KEY_METRICS:
-        value = metric_value(summary, path)
-        shown = _num(value)
+        shown = _num(metric_value(summary, path))
         if path == "distribution.kl_mean" and metric_value(summary, "distribution.kl_sem") is not None:
             shown += f" ± {_num(metric_value(summary, 'distribution.kl_sem'))}"
         if path == "distribution.top1_rate" and metric_value(summary, "distribution.top1_se") is not None:
@@ -182,29 +181,36 @@ def markdown_summary(run_json: dict[str, Any], verdict: Verdict, noise: NoiseFlo
         if noise is not None:
             cells.append(_num(noise.value(path)))
         lines.append("| " + " | ".join([*cells, tol]) + " |")
+    return lines
 
-    if comparisons:
-        lines += ["", "| # | prompt | " + " | ".join(_md_cell(label) for label, _ in PROMPT_METRICS)
-                  + " | argmax divergence | |", "|---" * (len(PROMPT_METRICS) + 4) + "|"]
-        failing = {v.prompt_index for v in verdict.violations if v.scope == PROMPT}
-        for i, comp in enumerate(comparisons[:MAX_MARKDOWN_PROMPTS]):
-            index = comp.get("index", i)
-            div = comp.get("argmax_divergence")
-            div_text = f"{div.get('kind')} @ {div.get('position')}" if div else "–"
-            cells = [str(index), _md_cell(_shorten(comp.get("prompt", ""), 40))]
-            cells += [_num(metric_value(comp, path)) for _, path in PROMPT_METRICS]
-            cells += [div_text, "❌" if index in failing else "✅"]
-            lines.append("| " + " | ".join(cells) + " |")
-        if len(comparisons) > MAX_MARKDOWN_PROMPTS:
-            lines.append(f"\n… and {len(comparisons) - MAX_MARKDOWN_PROMPTS} more prompts (see the JSON report)")
 
+def _md_prompts(comparisons: list[dict[str, Any]], verdict: Verdict) -> list[str]:
+    if not comparisons:
+        return []
+    lines = ["", "| # | prompt | " + " | ".join(_md_cell(label) for label, _ in PROMPT_METRICS)
+             + " | argmax divergence | |", "|---" * (len(PROMPT_METRICS) + 4) + "|"]
+    failing = {v.prompt_index for v in verdict.violations if v.scope == PROMPT}
+    for i, comp in enumerate(comparisons[:MAX_MARKDOWN_PROMPTS]):
+        index = comp.get("index", i)
+        div = comp.get("argmax_divergence")
+        div_text = f"{div.get('kind')} @ {div.get('position')}" if div else "–"
+        cells = [str(index), _md_cell(_shorten(comp.get("prompt", ""), 40))]
+        cells += [_num(metric_value(comp, path)) for _, path in PROMPT_METRICS]
+        cells += [div_text, "❌" if index in failing else "✅"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if len(comparisons) > MAX_MARKDOWN_PROMPTS:
+        lines.append(f"\n… and {len(comparisons) - MAX_MARKDOWN_PROMPTS} more prompts (see the JSON report)")
+    return lines
+
+
+def _md_violations_and_worst(comparisons: list[dict[str, Any]], verdict: Verdict) -> list[str]:
+    lines: list[str] = []
     if verdict.violations:
         lines += ["", "**Violations**", ""]
         for v in verdict.violations[:MAX_MARKDOWN_VIOLATIONS]:
             lines.append(f"- {_md_inline(v.message)} — _{_md_inline(v.source)}_")
         if len(verdict.violations) > MAX_MARKDOWN_VIOLATIONS:
             lines.append(f"- … and {len(verdict.violations) - MAX_MARKDOWN_VIOLATIONS} more")
-
     worst = _worst_positions(comparisons)
     if worst:
         lines += ["", "**Worst positions by KL**", "",
@@ -214,11 +220,10 @@ def markdown_summary(run_json: dict[str, Any], verdict: Verdict, noise: NoiseFlo
             lines.append(f"| {index} | {entry.get('position')} | {_num(entry.get('kl'))} | "
                          f"{entry.get('reference_token')} | {entry.get('target_argmax')} | "
                          f"{_num(entry.get('reference_top1_prob'))} |")
-
     extra = [f"- skipped `{s['gate']}`: {_md_inline(s['reason'])}" for s in verdict.skipped]
     if extra:
         lines += ["", "**Not checked**", "", *extra]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _setup_line(run_json: dict[str, Any]) -> str:

@@ -18,7 +18,8 @@ from typing import Any
 from ..core.errors import UsageError
 from ..outputs.files import load_report, write_json, write_junit, write_markdown
 from ..setup.options import GateOptions, RunOptions
-from ..verdict.gates import Verdict, judge, parse_gates
+from ..verdict.gates import parse_gates
+from ..verdict.judge import Verdict, judge
 from ..verdict.noise import NoiseFloor, measure_noise, merge_noise, noise_from_json
 from ..verdict.spec import ParitySpec, gates_for_run, load_spec
 from .run import run_parity

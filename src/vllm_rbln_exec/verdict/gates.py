@@ -27,9 +27,6 @@ from ..compare.catalogue import (
 from .expressions import parse_tolerance
 from .judge import GateOutcome, Violation
 
-# Re-exported for callers that still import them from here (pipeline/check.py); they live in ``judge``.
-from .judge import Verdict, judge  # noqa: F401  isort: skip
-
 SOURCE_CLI = "cli"
 SOURCE_DEFAULT = "default"
 

@@ -1,3 +1,5 @@
+"""``python -m vllm_rbln_exec.worker REQUEST.json``: how the parent starts a worker process."""
+
 import sys
 
 from .main import main
