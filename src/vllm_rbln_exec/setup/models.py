@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ..core.errors import HarnessError, UsageError
 from ..core.registry import suggest
+from .manifest import verify_folder, write_manifest
 
 
 @dataclass(frozen=True)
@@ -307,11 +308,13 @@ def _copy_safetensors(src: Path, dest: Path, n_layers: int) -> list[str]:
     return order
 
 
-def truncate_model(src: Path, n_layers: int, models_dir: Path) -> Path:
+def truncate_model(src: Path, n_layers: int, models_dir: Path, on_rebuild=None) -> Path:
     """A folder holding the first ``n_layers`` decoder layers of ``src``.
 
     Both sides load the same truncated folder, so the cut is identical on every
     engine (vLLM refuses a checkpoint with more layers than its config names).
+    An existing folder that does not match its manifest is made again
+    (``on_rebuild(why)`` is told).
     """
     src = Path(src)
     config = read_config(src)
@@ -322,11 +325,14 @@ def truncate_model(src: Path, n_layers: int, models_dir: Path) -> Path:
     if total and n_layers >= total:
         return src
     dest = models_dir / "truncated" / f"{src.name}-{weights_fingerprint(src)[:12]}-L{n_layers}-r{TRUNCATION_RULE}"
-    if is_model_folder(dest):
-        return dest
     with folder_lock(dest):
-        if is_model_folder(dest):
-            return dest
+        if dest.exists():
+            problem = verify_folder(dest)
+            if problem is None:
+                return dest
+            if on_rebuild is not None:
+                on_rebuild(f"{dest} failed verification ({problem}); made again from {src}")
+            discard_folder(dest)
         tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -355,5 +361,13 @@ def truncate_model(src: Path, n_layers: int, models_dir: Path) -> Path:
             if isinstance(tcfg.get(key), list) and len(tcfg[key]) == total:
                 tcfg[key] = tcfg[key][:n_layers]
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        write_manifest(tmp, {"kind": "truncated", "from": str(src), "num_hidden_layers": n_layers})
         os.replace(tmp, dest)
     return dest
+
+
+def discard_folder(path: Path) -> None:
+    """Remove a damaged folder the harness made: renamed aside first, so nothing reads it half-deleted."""
+    aside = path.with_name(f".{path.name}.damaged-{os.getpid()}")
+    os.replace(path, aside)
+    shutil.rmtree(aside, ignore_errors=True)

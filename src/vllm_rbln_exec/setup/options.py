@@ -18,7 +18,7 @@ from typing import Any
 
 from ..core.errors import UsageError
 from .checks import check_flat, profiled_sides
-from .prompts import builtin_prompts, expand_prompt_args
+from .prompts import builtin_prompts, check_not_empty, expand_prompt_args
 
 REFERENCE, TARGET = "reference", "target"
 
@@ -177,6 +177,7 @@ def build_options(explicit: frozenset[str] | set[str] | None = None, **flat: Any
 
 def _records(v: dict[str, Any], explicit: frozenset[str]) -> RunOptions:
     prompts = tuple(expand_prompt_args(list(v["prompts"]))) if v["prompts"] else tuple(builtin_prompts(v["num_prompts"]))
+    check_not_empty(prompts)
     ref_device, ref_torch = _reference_device(v["reference_device"])
     return RunOptions(
         model=v["model"],

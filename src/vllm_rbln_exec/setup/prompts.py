@@ -1,7 +1,10 @@
-"""Prompts: the built-in set, prompt files and the ``--prompts`` values that name them.
+"""Prompts: the built-in set, prompt files, the ``--prompts`` values that name them, and their checks.
 
-Owns reading prompts from files and expanding ``--prompts`` arguments. It must
-not tokenize (that needs a model) nor check lengths against an engine.
+Owns reading prompts from files, expanding ``--prompts`` arguments, and
+refusing prompts no engine could run (empty ones, ones too long for the model
+length) before any engine starts: lengths are counted with the model folder's
+``tokenizer.json`` through the ``tokenizers`` library (no torch), the way vLLM
+tokenizes (special tokens added). It must not start workers.
 """
 
 from __future__ import annotations
@@ -77,3 +80,41 @@ def _parse(text: str, suffix: str) -> list:
         rows = [json.loads(line) for line in text.splitlines() if line.strip()]
         return [d["prompt"] if isinstance(d, dict) else d for d in rows]
     return [line for line in text.splitlines() if line.strip()]
+
+
+def check_not_empty(prompts: list[str] | tuple[str, ...]) -> None:
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt:
+            raise UsageError(f"prompt {i} is empty: an engine has nothing to continue", option="--prompts")
+
+
+def shorten(text: str, width: int = 40) -> str:
+    one_line = text.replace("\n", "⏎")
+    return one_line if len(one_line) <= width else one_line[: width - 1] + "…"
+
+
+def prompt_lengths(prompts: list[str] | tuple[str, ...], model_path: Path) -> list[int] | None:
+    """Token counts with the model's ``tokenizer.json`` (None: no tokenizer.json or no ``tokenizers`` here)."""
+    path = Path(model_path) / "tokenizer.json"
+    try:
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception:  # no file, no library, or a format it cannot read: the worker's tokenizer decides
+        return None
+    return [len(e.ids) for e in tokenizer.encode_batch(list(prompts), add_special_tokens=True)]
+
+
+def check_prompt_lengths(prompts: list[str] | tuple[str, ...], model_path: Path, max_model_len: int,
+                         max_tokens: int) -> None:
+    """UsageError for the first prompt that tokenizes to nothing or does not fit with ``max_tokens``."""
+    lengths = prompt_lengths(prompts, model_path)
+    if lengths is None:
+        return
+    for i, (prompt, n) in enumerate(zip(prompts, lengths)):
+        if n == 0:
+            raise UsageError(f"prompt {i} ({shorten(prompt)!r}) has no tokens", option="--prompts")
+        if n + max_tokens > max_model_len:
+            raise UsageError(
+                f"prompt {i} ({shorten(prompt)!r}) has {n} tokens; with --max-tokens {max_tokens} it needs "
+                f"{n + max_tokens}, more than --max-model-len {max_model_len}", option="--prompts")

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from .manifest import write_manifest
 from .models import folder_lock, is_model_folder
 
 FORMAT_VERSION = 1
@@ -311,6 +312,7 @@ def _write_folder(tmp: Path, p: dict) -> None:
     _dump(tmp / MARKER, p)
     for item in tmp.iterdir():  # safetensors writes 0600; a shared model folder wants 0644
         item.chmod(0o644)
+    write_manifest(tmp, {"kind": "tiny", "params": p})
 
 
 def main(argv: list[str] | None = None) -> int:

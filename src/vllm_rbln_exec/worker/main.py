@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -144,6 +146,7 @@ def _capture(engine, request: CaptureRequest, info: SideInfo, capture_dir: Path,
 
 
 def task_convert_gguf(task: WorkerTask, emit: Events) -> dict[str, Any]:
+    from ..setup.manifest import write_manifest
     from ..setup.models import folder_lock, is_model_folder
 
     gguf = Path(task.convert.gguf_file)
@@ -167,6 +170,7 @@ def task_convert_gguf(task: WorkerTask, emit: Events) -> dict[str, Any]:
         model.is_quantized = False
         tokenizer.save_pretrained(tmp)
         model.save_pretrained(tmp)
+        write_manifest(tmp, {"kind": "gguf", "gguf": str(gguf)})
         os.replace(tmp, dest)
         emit("convert", f"converted into {dest}")
     return {"path": str(dest), "converted": True}
@@ -186,7 +190,30 @@ def peak_rss() -> dict[str, float]:
 TASKS = {CAPTURE: task_capture, CONVERT: task_convert_gguf}
 
 
+PARENT_ENV = "VLLM_RBLN_EXEC_PARENT_PID"  # set by worker.spawn: the run this worker belongs to
+PARENT_POLL_S = 0.5
+
+
+def watch_parent(parent: int, poll: float = PARENT_POLL_S) -> threading.Thread | None:
+    """End this worker's whole process group (engine processes included) when the run that started it is gone,
+    however it ended (SIGKILL, the OOM killer): a worker never outlives its run by more than ``poll`` seconds."""
+    if parent <= 1:
+        return None
+
+    def loop() -> None:
+        while True:
+            time.sleep(poll)
+            if os.getppid() != parent:
+                print("[vllm-rbln-exec] the run that started this worker is gone: stopping", flush=True)
+                os.killpg(os.getpgid(0), signal.SIGKILL)
+
+    thread = threading.Thread(target=loop, name="vre-parent-watch", daemon=True)
+    thread.start()
+    return thread
+
+
 def main(argv: list[str]) -> int:
+    watch_parent(int(os.environ.get(PARENT_ENV) or 0))
     if len(argv) != 1:
         print("usage: python -m vllm_rbln_exec.worker REQUEST.json", file=sys.stderr)
         return 2

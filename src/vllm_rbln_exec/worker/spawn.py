@@ -105,6 +105,7 @@ def start_worker(job: WorkerJob) -> WorkerHandle:
         p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p
     )
     env.setdefault("PYTHONUNBUFFERED", "1")
+    env["VLLM_RBLN_EXEC_PARENT_PID"] = str(os.getpid())  # the worker ends itself if this process dies
     log_handle = open(folder / LOG, "ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm_rbln_exec.worker", str(folder / REQUEST)],
