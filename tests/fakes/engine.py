@@ -46,9 +46,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from tests.fakes.model import ARCHITECTURE
 from tests.fakes.tensorfile import read_safetensors
+
 from vllm_rbln_exec.capture.store import CaptureWriter
 from vllm_rbln_exec.engines.base import Engine
 

@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-
 from tests.fakes.tensorfile import write_safetensors
 
 ARCHITECTURE = "FakeForCausalLM"

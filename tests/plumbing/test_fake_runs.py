@@ -30,6 +30,7 @@ from tests.helpers import (
     processes_mentioning,
     run_cli,
 )
+
 from vllm_rbln_exec.capture.store import Q16_MAX_ERROR, Q16_RANGE, load_capture
 
 pytestmark = pytest.mark.plumbing
