@@ -1,4 +1,4 @@
-"""Helpers for tests that drive the real CLI in a subprocess."""
+"""Helpers for tests that drive the real CLI in a subprocess (on real engines, or on the fake one)."""
 
 from __future__ import annotations
 
@@ -26,10 +26,11 @@ class CliResult:
         return json.loads((self.run_dir / "parity.json").read_text())["run"]
 
 
-def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 900,
+            module: str = "vllm_rbln_exec") -> subprocess.CompletedProcess:
     full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "vllm_rbln_exec", *args],
+        [sys.executable, "-m", module, *args],
         cwd=cwd,
         env=full_env,
         capture_output=True,
@@ -71,3 +72,40 @@ def capture_job(model: Path, folder: Path, engine: str, prompts: list[str], *, m
         force=tuple(tuple(t) for t in force) if force is not None else None,
     )
     return WorkerJob(task=capture_task(label, folder, request), env=env, timeout=timeout)
+
+
+def processes_mentioning(path: Path) -> list[str]:
+    """Command lines of running processes that name ``path`` (workers and their children name their folder)."""
+    # -ww: without it ps cuts lines at $COLUMNS (80 under pytest), cutting off the path
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,stat,args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines()
+            if str(path) in line and "ps -ww" not in line and line.split()[1:2] != ["Z"]]
+
+
+# -- the fake engine (tests/fakes) -----------------------------------------------------------------
+FAKE_ENTRY = "fake=tests.fakes.engine:FakeEngine"
+# the real CLI: the fake engine is registered through $VLLM_RBLN_EXEC_ENGINES
+FAKE_CLI = "vllm_rbln_exec"
+FAKE_SWITCHES = ("SIDES", "SHIFT", "CRASH", "HANG", "HANG_S", "PLATFORM", "DELAY", "CHILD")
+FAKE_MAX_TOKENS = 6
+FAKE_PROMPTS = 2
+
+
+def fake_env(**switches: str) -> dict[str, str]:
+    """The environment of a CLI run on the fake engine: registered, importable by the workers,
+    with the given ``VRE_FAKE_*`` switches (``shift="1@0:2"`` -> ``VRE_FAKE_SHIFT``) and no stray ones."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VRE_FAKE_")}
+    env.update({f"VRE_FAKE_{name}": "" for name in FAKE_SWITCHES})  # empty: off, also over the caller's environment
+    env["VLLM_RBLN_EXEC_ENGINES"] = FAKE_ENTRY
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    env["COLUMNS"] = "200"
+    for name, value in switches.items():
+        if name.upper() not in FAKE_SWITCHES:
+            raise KeyError(f"the fake engine has no switch {name!r}")
+        env[f"VRE_FAKE_{name.upper()}"] = str(value)
+    return env
+
+
+def fake_args(model: Path) -> list[str]:
+    return ["--model", str(model), "--target", "cpu", "--reference-engine", "fake", "--target-engine", "fake",
+            "--max-tokens", str(FAKE_MAX_TOKENS), "--num-prompts", str(FAKE_PROMPTS)]

@@ -1,13 +1,43 @@
-"""Shared fixtures of the unit tests (fast, no engines, no network)."""
+"""Shared fixtures of the unit tests (fast, no engines, no network, no subprocesses).
+
+Two rules hold for every unit test and are enforced here, at run time: it starts
+no process (subprocess, fork, spawn, system raise), and it imports no engine
+(torch, vLLM, transformers: a test after which one of them is newly loaded fails).
+test_unit_tier.py checks the same from the source. Tests that need either belong
+in tests/plumbing (real subprocesses, fake engine) or tests/integration.
+"""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from vllm_rbln_exec.capture.store import FULL, TOPN, CaptureWriter, SideInfo
+
+ENGINE_MODULES = ("torch", "vllm", "transformers")
+
+
+def _no_process(*args, **kwargs):
+    raise AssertionError("a unit test starts no process: move it to tests/plumbing or tests/integration")
+
+
+@pytest.fixture(autouse=True)
+def unit_rules(monkeypatch):
+    """No process starts during a unit test, and no engine module is newly imported by it."""
+    monkeypatch.setattr(subprocess.Popen, "__init__", _no_process)
+    for name in ("system", "fork", "forkpty", "posix_spawn", "posix_spawnp", "spawnv", "spawnve", "execv",
+                 "execve"):
+        if hasattr(os, name):
+            monkeypatch.setattr(os, name, _no_process)
+    before = {m for m in ENGINE_MODULES if m in sys.modules}
+    yield
+    loaded = sorted(m for m in ENGINE_MODULES if m in sys.modules and m not in before)
+    assert not loaded, f"a unit test imports no engine, but {loaded} got imported"
 
 
 def write_small_capture(root: Path, mode: str = FULL, vocab: int = 8, seed: int = 0):

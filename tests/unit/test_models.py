@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
+from tests.fakes.tensorfile import read_safetensors as load_file
+from tests.fakes.tensorfile import write_safetensors as save_file
 
 from vllm_rbln_exec.core.errors import EXIT_HARNESS, HarnessError, UsageError
 from vllm_rbln_exec.setup.models import MODEL_ALIASES, resolve_model, truncate_model

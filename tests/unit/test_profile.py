@@ -1,21 +1,21 @@
-"""Trace parsing and self-time aggregation (vllm_rbln_exec.profiling.traces) on small hand-written traces,
-the profile-summary command on saved folders, and the profiling options' checks."""
+"""Trace parsing and self-time aggregation (vllm_rbln_exec.profiling.traces) on small hand-written traces
+(tests/trace_samples.py), summaries of saved folders, and the profiling options' checks. The
+profile-summary command itself runs as a subprocess in tests/plumbing/test_profile_cli.py."""
 
 from __future__ import annotations
 
 import gzip
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from tests.trace_samples import EVENTS, X
+from tests.trace_samples import trace_folder as _trace_folder
+from tests.trace_samples import write_trace as _write_trace
 
 from vllm_rbln_exec.core.errors import UsageError
 from vllm_rbln_exec.profiling.request import profile_request
 from vllm_rbln_exec.profiling.traces import (
-    META,
     ProfileError,
     aggregate_events,
     find_trace_files,
@@ -26,41 +26,6 @@ from vllm_rbln_exec.profiling.traces import (
     summarize_folder,
 )
 from vllm_rbln_exec.setup.options import build_options
-
-
-def X(name, ts, dur, cat="cpu_op", tid=1, pid=7):
-    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": pid, "tid": tid}
-
-
-# One decode step on thread 1:
-#   step [0, 100)                       user annotation
-#     aten::linear [10, 60)
-#       aten::addmm [15, 55)
-#         cudaLaunchKernel [50, 54)     runtime call inside addmm
-#     aten::linear [60, 90)
-#       aten::addmm [62, 88)
-# thread 2: aten::add [0, 5), and the same name again nested in itself [20, 40) > [25, 30)
-# device: two kernels, one memcpy; plus events that must be ignored.
-EVENTS = [
-    {"ph": "M", "name": "process_name", "pid": 7, "tid": 0, "args": {"name": "python"}},
-    X("step", 0, 100, cat="user_annotation"),
-    X("aten::linear", 10, 50),
-    X("aten::addmm", 15, 40),
-    X("cudaLaunchKernel", 50, 4, cat="cuda_runtime"),
-    X("aten::linear", 60, 30),
-    X("aten::addmm", 62, 26),
-    X("aten::add", 0, 5, tid=2),
-    X("aten::add", 20, 20, tid=2),
-    X("aten::add", 25, 5, tid=2),
-    X("sgemm_kernel", 52, 30, cat="kernel", tid=7, pid=0),
-    X("sgemm_kernel", 90, 20, cat="kernel", tid=7, pid=0),
-    X("Memcpy DtoH", 115, 5, cat="gpu_memcpy", tid=7, pid=0),
-    X("gemm annotation", 52, 40, cat="gpu_user_annotation", tid=7, pid=0),
-    X("<module>", 0, 500, cat="python_function"),
-    X("PyTorch Profiler (0)", -10, 1000, cat="Trace", pid="Spans"),
-    {"ph": "i", "cat": "cpu_instant_event", "name": "[memory]", "ts": 12, "pid": 7, "tid": 1, "args": {}},
-    {"ph": "f", "cat": "ac2g", "name": "flow", "ts": 50, "pid": 7, "tid": 1},
-]
 
 
 def test_self_time_subtracts_direct_children_only():
@@ -107,26 +72,6 @@ def test_unordered_and_malformed_events_are_handled():
     st = aggregate_events(events)
     assert st.host["parent"].self_us == 8
     assert set(st.host) == {"parent", "child"}
-
-
-def _write_trace(path: Path, events, gz: bool = True, wrap: bool = True) -> Path:
-    data = {"schemaVersion": 1, "traceEvents": events} if wrap else events
-    text = json.dumps(data)
-    if gz:
-        with gzip.open(path, "wt") as f:
-            f.write(text)
-    else:
-        path.write_text(text)
-    return path
-
-
-def _trace_folder(root: Path, name: str, meta: dict | None = None, gz: bool = True) -> Path:
-    folder = root / name
-    folder.mkdir(parents=True)
-    _write_trace(folder / f"{name}_rank0.123.pt.trace.json{'.gz' if gz else ''}", EVENTS, gz=gz)
-    if meta is not None:
-        (folder / META).write_text(json.dumps(meta))
-    return folder
 
 
 def test_load_plain_gzipped_and_bare_list_traces(tmp_path):
@@ -222,42 +167,6 @@ def test_bad_profiling_options(kwargs, option):
     assert info.value.option == option
 
 
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200", "TERM": "dumb"}
-    return subprocess.run([sys.executable, "-m", "vllm_rbln_exec", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=60)
-
-
-def test_profile_summary_command(tmp_path):
-    root = tmp_path / "profile"
-    _trace_folder(root, "reference_m_20250101-000000",
-                  {"side": "reference", "engine": "vllm", "platform": "cpu",
-                   "timings": {"capture_total_s": 1.0, "generated_tokens": 16.0}})
-    _trace_folder(root, "target_m_20250101-000000",
-                  {"side": "target", "engine": "transformers", "platform": "cuda",
-                   "timings": {"capture_total_s": 3.0, "generated_tokens": 16.0}})
-    p = _cli("profile-summary", str(root), "--top", "3", cwd=tmp_path)
-    assert p.returncode == 0, p.stderr
-    out = p.stdout
-    assert "reference (vllm cpu): top 3 of 5 CPU ops by self time" in out
-    assert "target (transformers cuda): top 2 of 2 device kernels" in out
-    assert "aten::addmm" in out and "sgemm_kernel" in out
-    assert "speed of the measured generation" in out
-    assert "3.00" in out  # the target took three times the reference's wall time
-    assert "Traceback" not in p.stderr
-
-
-def test_profile_summary_bad_dir_exits_2(tmp_path):
-    p = _cli("profile-summary", str(tmp_path / "nope"), cwd=tmp_path)
-    assert p.returncode == 2
-    assert "does not exist" in p.stderr and "Traceback" not in p.stderr
-    (tmp_path / "t").mkdir()
-    (tmp_path / "t" / "x.json").write_text("[1, 2")
-    p = _cli("profile-summary", str(tmp_path / "t"), cwd=tmp_path)
-    assert p.returncode == 2
-    assert "not a readable chrome trace" in p.stderr
-
-
 def test_run_report_renders_tables_and_survives_a_broken_trace(tmp_path):
     import io
 
@@ -286,15 +195,3 @@ def test_run_report_renders_tables_and_survives_a_broken_trace(tmp_path):
     buf = io.StringIO()
     render_run_profile(Console(file=buf, width=200), {"sides": {"target": side("target", None, 1.0)}})
     assert buf.getvalue() == ""  # nothing profiled, nothing printed
-
-
-@pytest.mark.parametrize("args, option", [
-    (["--profile-memory"], "--profile-memory needs --profile"),
-    (["--profile-side", "both"], "--profile-side must be one of reference, target"),
-])
-def test_cli_refuses_bad_profiling_options_before_any_worker(tmp_path, args, option):
-    # llama3-8b's weights are absent: a regression past the checks would end in exit 3, not 2
-    p = _cli("--target", "cpu", "--model", "llama3-8b", "--cache-dir", str(tmp_path / "cache"), *args, cwd=tmp_path)
-    assert p.returncode == 2, p.stderr
-    assert option in " ".join(p.stderr.split())
-    assert not (tmp_path / "runs").exists() and not (tmp_path / "profile").exists()

@@ -1,4 +1,8 @@
-"""The seeded tiny Llama model: reproducible bytes, loadable, torch-free to make."""
+"""The seeded tiny Llama model: reproducible bytes, loadable, torch-free to make.
+
+Integration tier: making it needs safetensors and tokenizers (the engines extra), checking it
+needs transformers and torch, and one case runs a subprocess.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from vllm_rbln_exec.setup.tiny import make_tiny_model
+
+pytestmark = pytest.mark.integration
 
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 

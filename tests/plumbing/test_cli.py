@@ -1,4 +1,4 @@
-"""The real command line, run as a subprocess. Every case fails (or lists) before any engine starts.
+"""The real command line, run as a subprocess (plumbing tier). Every case fails (or lists) before any engine starts.
 
 As a safety net the runs that are meant to fail early also name a model whose weights
 are absent (HF_HUB_CACHE points at an empty folder), so a regression in the early checks
@@ -14,6 +14,8 @@ import sys
 import pytest
 
 from vllm_rbln_exec.setup.devices import USER_FILE_ENV
+
+pytestmark = pytest.mark.plumbing
 
 ABSENT_MODEL = ["--model", "llama3-8b"]
 

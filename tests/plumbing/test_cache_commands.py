@@ -13,6 +13,8 @@ import pytest
 from vllm_rbln_exec.capture.cache import ReferenceCache, cache_key
 from vllm_rbln_exec.capture.store import FULL, CaptureWriter, SideInfo, pack_capture, unpack_capture
 
+pytestmark = pytest.mark.plumbing
+
 
 def make_reference_file(tmp_path, name: str, model: str, seed: int):
     info = SideInfo(side="reference", device="cpu", engine="vllm", platform="cpu", dtype="float32", model=model)
