@@ -44,6 +44,28 @@ def make_fake_model(folder: Path, vocab_size: int = DEFAULT_VOCAB, num_hidden_la
     tensors["lm_head.bias"] = (np.zeros(vocab_size, dtype=np.float32) if bias is None
                                else np.asarray(bias, dtype=np.float32).reshape(vocab_size))
     write_safetensors(tensors, folder / "model.safetensors", metadata={"format": "np"})
-    tokenizer = {"type": "fake-bytes", "vocab_size": int(vocab_size), "bos_token_id": int(vocab_size) - 1}
-    (folder / "tokenizer.json").write_text(json.dumps(tokenizer, indent=2))
+    (folder / "tokenizer.json").write_text(json.dumps(byte_tokenizer(vocab_size), indent=1))
     return folder
+
+
+def byte_tokenizer(vocab_size: int) -> dict:
+    """A ``tokenizers`` JSON that counts as the fake engine encodes: BOS, then one token per UTF-8 byte
+    (BPE with no merges and byte fallback). Ids are the bytes' own; the engine folds them into its vocabulary."""
+    bos = "<bos>"
+    vocab = {f"<0x{b:02X}>": b for b in range(256)}
+    vocab[bos] = max(256, int(vocab_size) - 1)
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "normalizer": None, "pre_tokenizer": None,
+        "added_tokens": [{"id": vocab[bos], "content": bos, "single_word": False, "lstrip": False,
+                          "rstrip": False, "normalized": False, "special": True}],
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {bos: {"id": bos, "ids": [vocab[bos]], "tokens": [bos]}},
+        },
+        "decoder": {"type": "ByteFallback"},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": True, "vocab": vocab,
+                  "merges": []},
+    }

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 import tarfile
 import time
@@ -188,11 +189,11 @@ class CaptureWriter:
 
     def allocate(self, index: int, positions: int, width: int, with_ids: bool) -> tuple[Path, Path | None]:
         lp_name, ids_name = self.names(index)
-        np.lib.format.open_memmap(self.root / lp_name, mode="w+", dtype=np.float32, shape=(positions, width)).flush()
+        _preallocated(self.root / lp_name, np.float32, (positions, width))
         ids_path = None
         if with_ids:
             ids_path = self.root / ids_name
-            np.lib.format.open_memmap(ids_path, mode="w+", dtype=np.int32, shape=(positions, width)).flush()
+            _preallocated(ids_path, np.int32, (positions, width))
         return self.root / lp_name, ids_path
 
     def add_time(self, key: str, seconds: float) -> None:
@@ -327,6 +328,17 @@ def load_capture(root: Path, verify_arrays: bool = False) -> Capture:
             if capture.mode == TOPN and (ids is None or ids.shape != lp.shape):
                 raise CaptureError(f"prompt {i}: top-N ids missing or shaped unlike the logprobs")
     return capture
+
+
+def _preallocated(path: Path, dtype, shape: tuple[int, int]) -> None:
+    """An .npy file of ``shape`` whose blocks are reserved on disk now. A sparse file (what ``open_memmap``
+    alone makes) is only backed when rows are written, and a row written through a memory map onto a full
+    disk kills the writer with SIGBUS (seen on a full tmpfs); reserved, a full disk is an OSError here."""
+    np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape).flush()
+    with open(path, "r+b") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size:
+            os.posix_fallocate(f.fileno(), 0, size)
 
 
 def file_digest(path: Path) -> str:

@@ -64,7 +64,7 @@ def read_reference_file(options: RunOptions) -> tuple[RunOptions, ReferenceFile]
         capture = unpack_capture(path, scratch / "capture")
     except CaptureError as exc:
         shutil.rmtree(scratch, ignore_errors=True)
-        raise UsageError(f"{path} is not a reference file: {exc}", option="--reference") from exc
+        raise UsageError(f"reference file {path} cannot be used: {exc}", option="--reference") from exc
     fields = capture.settings.get("key_fields") or {}
     wanted = {"prompts": tuple(r.prompt for r in capture.prompts), "max_tokens": fields.get("max_tokens"),
               "logprobs": fields.get("logprobs"), "store": fields.get("store")}

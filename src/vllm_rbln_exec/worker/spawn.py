@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,6 +30,7 @@ REQUEST = "request.json"
 RESULT = "result.json"
 EVENTS = "events.jsonl"
 LOG = "worker.log"
+DISK_FULL_BYTES = 1 << 20  # less free than this under a failed worker's folder: say the disk is full
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -185,7 +187,17 @@ def finish_worker(handle: WorkerHandle) -> dict[str, Any]:
     if result is not None and not result.get("ok"):
         raise WorkerError(job.side, result.get("error", "failed"), tail, str(folder / LOG))
     how = f"was killed by signal {-rc}" if rc is not None and rc < 0 else f"exited with code {rc}"
-    raise WorkerError(job.side, f"crashed: the process {how} without a result", tail, str(folder / LOG))
+    raise WorkerError(job.side, f"crashed: the process {how} without a result{_disk_full(folder)}", tail,
+                      str(folder / LOG))
+
+
+def _disk_full(folder: Path) -> str:
+    """A note when the worker's folder sits on a full disk: its result and log could not be written there."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return ""
+    return f"; the disk under {folder} is full ({free} bytes free)" if free < DISK_FULL_BYTES else ""
 
 
 def wait_workers(
