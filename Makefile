@@ -19,7 +19,7 @@ ARGS        ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv sync install-vllm install test test-unit lint run bench clean clean-all
+.PHONY: help venv sync install-vllm install test test-unit test-plumbing lint run bench clean clean-all
 
 help: ## show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -49,11 +49,14 @@ $(VLLM_STAMP): $(DEPS_STAMP)
 
 install: install-vllm ## everything: venv, dependencies, vLLM CPU build
 
-test: install ## run the test suite (unit, integration on the CPU engines; GPU tests skip without a GPU)
+test: install ## run the test suite (unit, plumbing, integration on the CPU engines; GPU tests skip without a GPU)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-unit: sync ## only the fast unit tests
+test-unit: sync ## only the fast unit tests (no engine needed)
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+test-plumbing: sync ## the CLI and workers on the fake engine: crashes, kills, cache, damaged data (minutes)
+	$(BIN)/python -m pytest tests/plumbing $(PYTEST_ARGS)
 
 lint: sync ## ruff
 	$(BIN)/python -m ruff check src tests scripts

@@ -108,3 +108,42 @@ def test_transformers_target_against_the_vllm_reference(baseline, cli):
     assert summary["min_pearson"] > 0.9999
 
 
+
+
+def test_engine_arguments_reach_the_vllm_target_and_the_report(baseline, cli):
+    # prefix caching on the target only, against the saved reference: the report names the difference
+    res = cli(*BASE, "--reference", str(baseline["ref_file"]), "--target-args", '{"enable_prefix_caching": true}',
+              "--no-inspect-logits")
+    assert res.returncode == 0, res.stdout + res.stderr
+    report = res.report
+    assert report["sides"]["target"]["engine_args"] == {"enable_prefix_caching": True}
+    assert report["sides"]["target"]["effective"]["engine_args"]["enable_prefix_caching"] is True
+    assert ["engine arg enable_prefix_caching", None, True] in report["resolved"]["differences"]
+    assert "differs      engine arg enable_prefix_caching: null vs true" in res.stdout
+    assert report["summary"]["max_abs_diff"] == 0.0  # a cache of prompt blocks changes nothing here
+
+
+def test_reference_engine_arguments_enter_the_cache_key(baseline, cli, tmp_path):
+    cache = make_cache_dir(tmp_path / "keyed")
+    short = [*BASE, "--use-cache", "--no-inspect-logits", "--max-tokens", "2", "--num-prompts", "1"]
+    plain = cli(*short, cache_dir=cache)
+    with_args = [*short, "--reference-args", '{"enable_prefix_caching": true}', "--reference-device", "cpu"]
+    args = cli(*with_args, cache_dir=cache)
+    assert plain.returncode == 0 and args.returncode == 0, args.stderr
+    assert plain.report["cache"]["key"] != args.report["cache"]["key"]
+    assert args.report["cache"]["hit"] is False
+    assert args.report["sides"]["reference"]["engine_args"] == {"enable_prefix_caching": True}
+
+
+@pytest.mark.parametrize("value, message", [
+    ('{"enable_prefix_cachin": true}', "unknown vllm engine argument 'enable_prefix_cachin'. Did you mean "
+                                       "'enable_prefix_caching'"),
+    ('{"dtype": "float16"}', "'dtype' is set by the harness; use --target-dtype"),
+    ('[1, 2]', "must be a JSON object"),
+    ('{not json', "must be a JSON object"),
+])
+def test_bad_engine_arguments_exit_2_before_any_engine(cli, value, message):
+    res = cli(*BASE, "--target-args", value)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert message in " ".join(res.stderr.split()) and "--target-args" in res.stderr
+    assert not (res.run_dir / "reference").exists()
