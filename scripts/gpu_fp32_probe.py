@@ -51,16 +51,8 @@ REPO = HERE.parent
 if (REPO / "src").is_dir() and str(REPO / "src") not in sys.path:
     sys.path.insert(0, str(REPO / "src"))
 
-PROMPTS = [
-    "The capital of France is",
-    "Explain in one paragraph why the sky is blue.",
-    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
-    "Translate to German: The weather is nice today and we are going for a walk.",
-    "List three prime numbers greater than one hundred:",
-    "Once upon a time, in a village at the edge of a great forest,",
-    "Q: What is 17 multiplied by 23?\nA:",
-    "The three laws of thermodynamics can be summarised as follows:",
-]
+# the harness's own built-in prompts (the first eight; repeated as needed)
+N_BUILTIN = 8
 
 IEEE = {"TRITON_F32_DEFAULT": "ieee"}
 # name -> (environment, engine kwargs, what it toggles); run in this order (most telling first)
@@ -407,11 +399,12 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     from tokenizers import Tokenizer
 
-    from vllm_rbln_exec.tiny import make_tiny_model
+    from vllm_rbln_exec.setup.prompts import BUILTIN_PROMPTS
+    from vllm_rbln_exec.setup.tiny import make_tiny_model
 
     model_dir = make_tiny_model(args.work / "tiny-llama3", vocab_size=128256, seed=0)
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    prompts = [tok.encode(p).ids for p in (PROMPTS * 4)[: args.num_prompts]]
+    prompts = [tok.encode(p).ids for p in (list(BUILTIN_PROMPTS[:N_BUILTIN]) * 4)[: args.num_prompts]]
     steps = args.max_tokens
     max_model_len = max(map(len, prompts)) + steps + 16
     log(f"tiny model at {model_dir}; prompt lengths {[len(p) for p in prompts]}")
