@@ -1,0 +1,1 @@
+"""Comparison: streaming kernels, element-wise and distribution metrics, and the one catalogue of metrics."""

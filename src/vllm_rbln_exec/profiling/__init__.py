@@ -1,0 +1,1 @@
+"""Profiling: where traces go, the torch profiler inside a worker, and reading saved traces."""
