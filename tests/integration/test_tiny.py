@@ -122,3 +122,22 @@ def test_making_it_does_not_import_torch(tmp_path):
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
     assert (tmp_path / "m" / "model.safetensors").is_file()
+
+
+def test_a_damaged_alias_folder_is_made_again_before_a_worker_sees_it(tmp_path):
+    """The pipeline's model step verifies a folder it made (here the tiny alias) against its manifest."""
+    from vllm_rbln_exec.pipeline.context import RunContext
+    from vllm_rbln_exec.pipeline.models import prepare_model
+
+    ctx = RunContext.create(str(tmp_path / "cache"), None, 60.0)
+    _, path = prepare_model(ctx, "tiny-llama3", None)
+    good = (path / "tokenizer.json").read_bytes()
+    assert ctx.notes == []
+    with open(path / "tokenizer.json", "r+b") as f:  # a few bytes overwritten in place, as a bad copy leaves them
+        f.seek(len(good) // 2)
+        f.write(b"\x00\x00\x00")
+    _, again = prepare_model(ctx, "tiny-llama3", None)
+    assert again == path and (path / "tokenizer.json").read_bytes() == good
+    assert len(ctx.notes) == 1 and "tokenizer.json: digest mismatch" in ctx.notes[0] and "made again" in ctx.notes[0]
+    _, third = prepare_model(ctx, "tiny-llama3", None)
+    assert len(ctx.notes) == 1  # whole again: nothing more to say
