@@ -40,3 +40,12 @@ def test_reference_device_names_a_profile_and_a_torch_device(tmp_path, devices):
     profiles = load_profiles(str(devices))
     reference = resolve_side(options.reference, profiles[options.reference.device], options.capture, "m", "m")
     assert (reference.device, reference.torch_device, reference.platform) == ("fakeaccel", "fakeaccel:3", "fakeaccel")
+
+
+@pytest.mark.parametrize("engine, expected", [("vllm", {"gpu_memory_utilization": 0.85}), ("transformers", {})])
+def test_profile_engine_defaults_are_for_vllm_sides_only(engine, expected):
+    """The cuda profile's gpu_memory_utilization is a vLLM engine argument: a transformers side never uses it, so
+    its report, the differences between the sides and its cache key must not list it (seen on an H200 run)."""
+    options = build_options(target="cuda", target_engine=engine)
+    target = resolve_side(options.target, load_profiles(None)["cuda"], options.capture, "m", "m", options.parallel)
+    assert target.effective_engine_args() == expected

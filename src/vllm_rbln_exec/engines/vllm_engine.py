@@ -17,7 +17,11 @@ no logprobs and no logits processor registered at all, tokens recorded only.
 
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -74,7 +78,11 @@ class VllmEngine(Engine):
         return kwargs
 
     def effective_settings(self) -> dict[str, Any]:
-        """What decides the numbers: vLLM's resolved attention backend, compilation and CUDA graphs, KV-cache dtype."""
+        """What decides the numbers: vLLM's resolved attention backend, compilation and CUDA graphs, KV-cache dtype.
+
+        Read after the capture: the attention backend, the CUDA graph mode the model runner settled on and
+        the float32 matmul precision are known only in the engine core (another process on CUDA), which
+        the logits processor asked it to record (``engine_core``); those override what this process sees."""
         out = {**super().effective_settings(),
                "engine_args": {k: v for k, v in self.kwargs.items()
                                if k not in ("logits_processors", "profiler_config") and _plain(v)}}
@@ -88,11 +96,32 @@ class VllmEngine(Engine):
             "model_dtype": str(getattr(model_config, "dtype", "")).removeprefix("torch.") or None,
             "enforce_eager": getattr(model_config, "enforce_eager", None),
             "kv_cache_dtype": getattr(cache_config, "cache_dtype", None),
-            "compilation_mode": str(getattr(compilation, "mode", getattr(compilation, "level", None))),
-            "cudagraph_mode": str(getattr(compilation, "cudagraph_mode", None)),
+            "compilation_mode": _name(getattr(compilation, "mode", getattr(compilation, "level", None))),
+            "cudagraph_mode": _name(getattr(compilation, "cudagraph_mode", None)),
             "attention_backend": _attention_backend(config),
         })
+        core = self._engine_core_settings()
+        out["engine_core"] = core or "not recorded (no logits processor ran)"
+        if core:
+            backends = core.get("attention_backends")
+            if isinstance(backends, list) and backends:
+                out["attention_backend"] = ", ".join(backends)
+            for key in ("cudagraph_mode", "float32_matmul_precision", "cuda_matmul_fp32_precision",
+                        "cuda_matmul_allow_tf32", "cudnn_allow_tf32", "triton_fp32_dot"):
+                if key in core:
+                    out[key] = core[key]
         return out
+
+    def _engine_core_settings(self) -> dict[str, Any] | None:
+        path = getattr(self, "_meta_path", None)
+        if path is None or not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        finally:
+            shutil.rmtree(path.parent, ignore_errors=True)
 
     def platform(self) -> str:
         from vllm.platforms import current_platform
@@ -155,6 +184,8 @@ class VllmEngine(Engine):
         batch = max(1, int(r.batch))
         max_tokens = int(r.max_tokens)
         done = 0
+        if not plain:  # the first request asks the engine core to record its settings (effective_settings)
+            self._meta_path = Path(tempfile.mkdtemp(prefix="vre-core-")) / "engine_core.json"
         for start in range(0, len(prompts), batch):
             group = list(range(start, min(start + batch, len(prompts))))
             params = []
@@ -166,6 +197,8 @@ class VllmEngine(Engine):
                     extra.update(file=str(lp_path), ids_file=str(ids_path) if ids_path else None, topn=topn)
                 if force is not None:
                     extra["force"] = [int(t) for t in force[i]]
+                if i == 0 and not plain:
+                    extra["meta"] = str(self._meta_path)
                 params.append(self._sampling_params(extra or None, None if fast or plain else r.logprobs))
             t0 = time.perf_counter()
             outputs = self.llm.generate([prompts[i] for i in group], params, use_tqdm=False)
@@ -185,17 +218,26 @@ class VllmEngine(Engine):
             self.emit("generate", f"{done}/{len(prompts)} prompts", done=done, total=len(prompts))
 
 
+def _name(value: Any) -> str:
+    """An enum member by its name (``CompilationMode.VLLM_COMPILE``, not ``3``), anything else as text."""
+    return str(getattr(value, "name", value))
+
+
 def _plain(value: Any) -> bool:
     return value is None or isinstance(value, (str, int, float, bool, list, dict))
 
 
 def _attention_backend(config) -> str | None:
-    """The attention backend vLLM resolved, where the installed version records it (None: unknown)."""
+    """The attention backend asked for in the config (None: left to vLLM, which picks it in the engine core).
+
+    What vLLM picked is known only after the model is built, in the engine core's attention layers
+    (``compilation_config.static_forward_context[...].attn_backend``): ``vllm_logits.engine_core_settings``
+    reads it there, and ``effective_settings`` puts it in place of this."""
     for holder, attr in ((getattr(config, "attention_config", None), "backend"),
                          (getattr(config, "model_config", None), "attention_backend")):
         value = getattr(holder, attr, None) if holder is not None else None
         if value is not None:
-            return str(value)
+            return str(getattr(value, "name", value))
     import os
 
     return os.environ.get("VLLM_ATTENTION_BACKEND")

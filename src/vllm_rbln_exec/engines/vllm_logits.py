@@ -6,7 +6,15 @@ Runs inside vLLM's engine-core process. A request opts in through
     {"file": path of a float32 .npy [max_tokens, V] (or top-N values),
      "ids_file": path of an int32 .npy [max_tokens, N] (top-N mode only),
      "topn": N or None,
-     "force": [token ids] or None}
+     "force": [token ids] or None,
+     "meta": path or None}
+
+``meta`` (sent with one request) asks for a JSON record of the settings in
+force in this process, written once when that request arrives (the model is
+loaded by then): the attention backend each attention layer resolved, torch's
+and Triton's float32 matmul precision, the CUDA graph mode the model runner
+settled on. With multiprocessing (vLLM on CUDA) this process is not the worker
+that built ``vllm.LLM``, so only it can tell.
 
 At each step the row for generated position ``t = len(output_tokens)`` is
 log-softmaxed (fp32, as vLLM's own raw logprobs) and written straight into its
@@ -21,7 +29,9 @@ row for position 0 is then written again by the final chunk, which wins.
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from typing import Any
 
 import numpy as np
@@ -94,16 +104,66 @@ def _close(slot: _Slot | None) -> None:
         slot.close()
 
 
+def _name(value: Any) -> str:
+    return str(getattr(value, "name", value))
+
+
+def _attention_backends(vllm_config) -> list[str]:
+    """Names of the backends the model's attention layers resolved (empty before the model is built)."""
+    context = getattr(getattr(vllm_config, "compilation_config", None), "static_forward_context", None) or {}
+    names = set()
+    for layer in context.values():
+        backend = getattr(layer, "attn_backend", None)
+        get_name = getattr(backend, "get_name", None)
+        if callable(get_name):
+            names.add(str(get_name()))
+    return sorted(names)
+
+
+def engine_core_settings(vllm_config) -> dict[str, Any]:
+    """The settings in force in this (the engine core's) process; each read on its own, errors recorded."""
+    out: dict[str, Any] = {"pid": os.getpid()}
+    readers: list[tuple[str, Any]] = [
+        ("attention_backends", lambda: _attention_backends(vllm_config)),
+        ("cudagraph_mode", lambda: _name(vllm_config.compilation_config.cudagraph_mode)),
+        ("float32_matmul_precision", torch.get_float32_matmul_precision),
+    ]
+    if torch.cuda.is_available():
+        readers += [
+            ("cuda_matmul_fp32_precision", lambda: str(torch.backends.cuda.matmul.fp32_precision)),
+            ("cuda_matmul_allow_tf32", lambda: bool(torch.backends.cuda.matmul.allow_tf32)),
+            ("cudnn_allow_tf32", lambda: bool(torch.backends.cudnn.allow_tf32)),
+        ]
+        if "triton" in sys.modules:  # what tl.dot does with fp32 inputs when a kernel gives no precision
+            readers.append(("triton_fp32_dot", lambda: sys.modules["triton"].knobs.language.fp32_default
+                            or "tf32 (triton's default)"))
+    for key, read in readers:
+        try:
+            out[key] = read()
+        except Exception as exc:  # noqa: BLE001 - a record, not a check
+            out[key] = f"unknown ({type(exc).__name__}: {exc})"
+    return out
+
+
+def _write_meta(path: str, vllm_config) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(engine_core_settings(vllm_config), f, default=str)
+    os.replace(tmp, path)
+
+
 class CaptureLogitsProcessor(LogitsProcessor):
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         self.slots: dict[int, _Slot] = {}
         self.writer = _is_writer_rank()
+        self.vllm_config = vllm_config
+        self.meta_written: set[str] = set()
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
         extra = (sampling_params.extra_args or {}).get(EXTRA_KEY)
-        if extra is not None and not (extra.get("file") or extra.get("force") is not None):
-            raise ValueError(f"extra_args[{EXTRA_KEY!r}] needs a 'file' or 'force'")
+        if extra is not None and not (extra.get("file") or extra.get("force") is not None or extra.get("meta")):
+            raise ValueError(f"extra_args[{EXTRA_KEY!r}] needs a 'file', 'force' or 'meta'")
 
     def is_argmax_invariant(self) -> bool:
         return False  # it may force tokens, and must see greedy requests too
@@ -118,6 +178,13 @@ class CaptureLogitsProcessor(LogitsProcessor):
             _close(self.slots.pop(index, None))  # that request is gone: its index was given away
             if spec is not None:
                 self.slots[index] = _Slot(spec, output_ids)
+                meta = spec.get("meta")
+                if meta and self.writer and meta not in self.meta_written:
+                    self.meta_written.add(meta)
+                    try:
+                        _write_meta(meta, self.vllm_config)
+                    except Exception:  # noqa: BLE001 - a record must never stop the capture
+                        pass
         for a, b, direction in batch_update.moved:
             slot_a = self.slots.pop(a, None)
             slot_b = self.slots.pop(b, None)

@@ -59,7 +59,9 @@ def resolve_side(asked: SideOptions, profile: DeviceProfile, capture: CaptureOpt
         parallel=parallel,
         block_size=_block_size(asked, profile, capture),
         engine_args=dict(asked.engine_args),
-        profile_engine_args={k: profile.engine[k] for k in PROFILE_ENGINE_ARGS if profile.engine.get(k) is not None},
+        # vLLM engine arguments: a transformers side never sees them, so they are not its to record
+        profile_engine_args={k: profile.engine[k] for k in PROFILE_ENGINE_ARGS
+                             if asked.engine == "vllm" and profile.engine.get(k) is not None},
     )
 
 

@@ -106,7 +106,6 @@ def _capture(engine, request: CaptureRequest, info: SideInfo, capture_dir: Path,
              emit: Events) -> dict[str, Any]:
     settings = dict(request.settings)
     settings["tokenizer_vocab_size"] = engine.tokenizer_vocab_size()
-    settings["effective"] = engine.effective_settings()
     if request.capture == "plain":  # benchmark baseline: tokens only
         mode = TOKENS
     else:
@@ -131,6 +130,8 @@ def _capture(engine, request: CaptureRequest, info: SideInfo, capture_dir: Path,
             engine.stop_profile()
             info.timings["profile_write_s"] = time.perf_counter() - t1
     info.timings["generated_tokens"] = float(sum(len(r.token_ids) for r in writer.records.values()))
+    # after generating: some settings are known only once the engine has run (vLLM's engine core)
+    writer.settings["effective"] = engine.effective_settings()
     capture = writer.finish(store=request.store)
     result = {"capture": str(capture_dir), "platform": platform, "vocab_size": capture.vocab_size}
     if profile:
