@@ -24,6 +24,7 @@ from ..compare.catalogue import PROMPT
 from ..core.errors import EXIT_OK, EXIT_PARITY_FAILED
 from ..core.jsonio import strict_json
 from .noise import NoiseFloor, noise_from_json
+from .precision import precision_warnings
 
 VERDICT_SCHEMA_VERSION = 1
 
@@ -115,5 +116,6 @@ def judge(run_json: dict[str, Any], gates: list[Check], noise: NoiseFloor | dict
         notes.extend(outcome.notes)
         checked.append({"gate": gate.text, "source": gate.source, "scope": getattr(gate, "scope", PROMPT),
                         "path": getattr(gate, "path", "argmax_divergence"), "violations": len(outcome.violations)})
+    warnings += precision_warnings(run_json)
     return Verdict(passed=not violations, violations=violations, checked=checked, skipped=skipped, notes=notes,
                    warnings=warnings)
