@@ -17,9 +17,11 @@ settled on. With multiprocessing (vLLM on CUDA) this process is not the worker
 that built ``vllm.LLM``, so only it can tell.
 
 At each step the row for generated position ``t = len(output_tokens)`` is
-log-softmaxed (fp32, as vLLM's own raw logprobs) and written straight into its
-place in the preallocated file: no per-token Python objects and no detokenising, so the
-capture costs little more than the sampling it rides on. With ``force`` the
+log-softmaxed (fp32, as vLLM's own raw logprobs) on the device and written straight
+into its place in the preallocated file: no per-token Python objects and no
+detokenising, so the capture costs little more than the sampling it rides on. On an
+accelerator the rows leave through pinned buffers and a writer thread, so a step never
+waits for its copy or its write (``_AsyncWriter``); on the CPU they are written at once. With ``force`` the
 logits are then masked so greedy sampling picks ``force[t]``: the target is fed
 the reference's tokens through its normal decode path.
 
@@ -31,7 +33,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import sys
+import threading
 from typing import Any
 
 import numpy as np
@@ -40,6 +44,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.interface import MoveDirectionality
 
 EXTRA_KEY = "vre"
+SYNC_ENV = "VLLM_RBLN_EXEC_SYNC_CAPTURE"  # "1": write rows synchronously on an accelerator too (for comparison)
 
 
 def _is_writer_rank() -> bool:
@@ -83,15 +88,76 @@ class _RowFile:
         self.file.close()
 
 
-class _Slot:
-    __slots__ = ("spec", "output", "rows", "ids", "force")
+class _AsyncWriter:
+    """Rows computed on an accelerator leave it without stopping it: each step's rows are copied into a
+    pinned host buffer (``non_blocking``), an event marks the copy, and a thread waits for the event and
+    writes the rows to their files. The step goes on at once; a request's last row is waited for before
+    its output can leave the engine (``drain``), so a finished request's file is always whole."""
 
-    def __init__(self, spec: dict[str, Any], output: list[int]):
+    RING = 4  # buffers per shape in flight: the writer lags at most this many steps behind
+
+    def __init__(self, pin: bool = True, event=None) -> None:
+        self.pin = pin
+        self.event = event or torch.cuda.Event  # a factory of objects with record() and synchronize()
+        self.queue: queue.Queue = queue.Queue(maxsize=self.RING)
+        self.free: dict[tuple, list[torch.Tensor]] = {}
+        self.lock = threading.Lock()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="vre-row-writer", daemon=True)
+        self.thread.start()
+
+    def _buffer(self, like: torch.Tensor) -> torch.Tensor:
+        key = (tuple(like.shape), like.dtype)
+        with self.lock:
+            pool = self.free.setdefault(key, [])
+            if pool:
+                return pool.pop()
+        return torch.empty(like.shape, dtype=like.dtype, pin_memory=self.pin)
+
+    def submit(self, tensors: list[torch.Tensor], jobs: list[tuple[_RowFile, int, int, int]]) -> None:
+        """``jobs``: (file, row t, which tensor, which row of it)."""
+        if self.error is not None:
+            raise RuntimeError("the capture's row writer failed") from self.error
+        hosts = [self._buffer(x) for x in tensors]
+        for host, x in zip(hosts, tensors):
+            host.copy_(x, non_blocking=True)
+        done = self.event()
+        done.record()
+        self.queue.put((done, hosts, jobs))  # blocks when RING steps are pending: bounded memory
+
+    def drain(self) -> None:
+        self.queue.join()
+        if self.error is not None:
+            raise RuntimeError("the capture's row writer failed") from self.error
+
+    def _run(self) -> None:
+        while True:
+            done, hosts, jobs = self.queue.get()
+            try:
+                done.synchronize()
+                arrays = [h.numpy() for h in hosts]
+                for file, t, k, j in jobs:
+                    file.write(t, arrays[k][j])
+            except BaseException as exc:  # noqa: BLE001 - reported by the next submit or drain
+                self.error = exc
+            finally:
+                with self.lock:
+                    for h in hosts:
+                        self.free.setdefault((tuple(h.shape), h.dtype), []).append(h)
+                self.queue.task_done()
+
+
+class _Slot:
+    __slots__ = ("spec", "output", "rows", "ids", "force", "last")
+
+    def __init__(self, spec: dict[str, Any], output: list[int], last: int | None = None):
         self.spec = spec
         self.output = output
         self.rows = _RowFile(spec["file"]) if spec.get("file") else None
         self.ids = _RowFile(spec["ids_file"]) if spec.get("ids_file") else None
         self.force = spec.get("force")
+        # the position of this request's last row: max tokens, or where max_model_len stops it
+        self.last = (self.rows.shape[0] - 1 if self.rows is not None else -1) if last is None else last
 
     def close(self) -> None:
         for f in (self.rows, self.ids):
@@ -158,6 +224,9 @@ class CaptureLogitsProcessor(LogitsProcessor):
         self.writer = _is_writer_rank()
         self.vllm_config = vllm_config
         self.meta_written: set[str] = set()
+        self.async_writer: _AsyncWriter | None = None
+        self.max_model_len = getattr(getattr(vllm_config, "model_config", None), "max_model_len", None)
+        self.pin = bool(is_pin_memory)
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
@@ -171,13 +240,18 @@ class CaptureLogitsProcessor(LogitsProcessor):
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         if batch_update is None:
             return
+        if self.async_writer is not None and (batch_update.removed or batch_update.added):
+            self.async_writer.drain()  # no file is closed while rows for it are in flight
         for index in batch_update.removed:
             _close(self.slots.pop(index, None))
-        for index, params, _prompt_ids, output_ids in batch_update.added:
+        for index, params, prompt_ids, output_ids in batch_update.added:
             spec = (params.extra_args or {}).get(EXTRA_KEY) if params is not None else None
             _close(self.slots.pop(index, None))  # that request is gone: its index was given away
             if spec is not None:
-                self.slots[index] = _Slot(spec, output_ids)
+                slot = _Slot(spec, output_ids)
+                if self.max_model_len and prompt_ids is not None:
+                    slot.last = min(slot.last, int(self.max_model_len) - len(prompt_ids) - 1)
+                self.slots[index] = slot
                 meta = spec.get("meta")
                 if meta and self.writer and meta not in self.meta_written:
                     self.meta_written.add(meta)
@@ -226,6 +300,9 @@ class CaptureLogitsProcessor(LogitsProcessor):
         else:
             picked = logits.index_select(0, torch.tensor(rows, device=logits.device))
         logprobs = torch.log_softmax(picked.to(torch.float32), dim=-1)
+        if logprobs.is_cuda and self.pin and not os.environ.get(SYNC_ENV):
+            self._record_async(logprobs, slots)
+            return
         topn_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         dense = None
         for j, slot in enumerate(slots):
@@ -243,3 +320,32 @@ class CaptureLogitsProcessor(LogitsProcessor):
                 if dense is None:
                     dense = logprobs.cpu().numpy()
                 slot.rows.write(t, dense[j])
+
+    def _record_async(self, logprobs: torch.Tensor, slots: list[_Slot]) -> None:
+        """The same rows as the synchronous path, through pinned buffers and the writer thread."""
+        if self.async_writer is None:
+            self.async_writer = _AsyncWriter()
+        tensors: list[torch.Tensor] = []
+        index: dict[Any, int] = {}
+        jobs = []
+        final = False
+        for j, slot in enumerate(slots):
+            t = len(slot.output)
+            if slot.rows is None or t >= slot.rows.shape[0]:
+                continue
+            n = slot.spec.get("topn")
+            if n:
+                if n not in index:
+                    vals, ids = torch.topk(logprobs, n, dim=-1)
+                    index[n] = len(tensors)
+                    tensors += [vals, ids.to(torch.int32)]
+                jobs += [(slot.rows, t, index[n], j), (slot.ids, t, index[n] + 1, j)]
+            else:
+                if "dense" not in index:
+                    index["dense"] = len(tensors)
+                    tensors.append(logprobs)
+                jobs.append((slot.rows, t, index["dense"], j))
+            final = final or t >= slot.last
+        self.async_writer.submit(tensors, jobs)
+        if final:  # that request's output leaves the engine after this step: its file must be whole
+            self.async_writer.drain()
