@@ -219,7 +219,7 @@ def test_get_profile(profiles):
     with pytest.raises(UsageError) as info:
         get_profile("rbnl", profiles)
     assert "Did you mean 'rbln'?" in info.value.message
-    assert "cpu, cuda, rbln" in info.value.message
+    assert "cpu, cuda, cuda-fp32, rbln" in info.value.message
     assert info.value.option == "--target"
     with pytest.raises(UsageError) as info:
         get_profile("zzzzzz", profiles, option="--devices")

@@ -28,7 +28,7 @@ def test_vllm_float32_with_triton_tf32_attention_is_flagged():
     assert len(warnings) == 1
     assert warnings[0].startswith("the target asked for float32 but ran in part at lower precision")
     assert "TRITON_ATTN runs its float32 dots in TF32" in warnings[0]
-    assert "TRITON_F32_DEFAULT=ieee" in warnings[0] and "--target-args" in warnings[0]
+    assert "cuda-fp32 (TRITON_F32_DEFAULT=ieee)" in warnings[0] and "--target-args" in warnings[0]
     assert judge(run, []).warnings == warnings  # on every verdict, live or re-judged
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from ..core.dtypes import canonical_dtype
 
 TRITON_BACKENDS = ("TRITON_ATTN",)
-FIX = ("for true float32 set TRITON_F32_DEFAULT=ieee in that side's device profile env, or pass "
+FIX = ("for true float32 use the shipped device profile cuda-fp32 (TRITON_F32_DEFAULT=ieee), or pass "
        "--{role}-args '{{\"attention_config\": {{\"backend\": \"FLEX_ATTENTION\"}}}}' (docs/gpu-fp32.md)")
 
 
