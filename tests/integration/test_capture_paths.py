@@ -31,10 +31,10 @@ def tiny(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
-def capture(tiny: Path, folder: Path, engine: str, mode: str):
+def capture(tiny: Path, folder: Path, engine: str, mode: str, logprobs: int = -1):
     env = {**os.environ, **(VLLM_ENV if engine == "vllm" else {})}
     result = run_worker(capture_job(tiny, folder, engine, PROMPTS, max_tokens=MAX_TOKENS, batch=3, env=env,
-                                    capture=mode, label=f"{engine}-{mode}"))
+                                    capture=mode, label=f"{engine}-{mode}", logprobs=logprobs))
     assert result["peak_rss_mib"] > 0
     return load_capture(Path(result["capture"]), verify_arrays=True)
 
@@ -79,3 +79,16 @@ def test_vllm_fast_equals_the_logprobs_api_and_plain_gives_the_same_tokens(tiny,
         assert np.abs(rows_fast - rows_api).max() <= 1e-6
         assert rows_fast.argmax(axis=1).tolist() == a.token_ids
     assert_tokens_only(capture(tiny, tmp_path / "plain", "vllm", "plain"), fast)
+
+
+def test_vllm_fast_top_n_equals_the_logprobs_api(tiny, tmp_path):
+    """Top-N rows (values and int32 ids) through the logits processor, against vLLM's own top-N logprobs."""
+    fast = capture(tiny, tmp_path / "fast", "vllm", "fast", logprobs=5)
+    api = capture(tiny, tmp_path / "api", "vllm", "api", logprobs=5)
+    for i, (a, b) in enumerate(zip(fast.prompts, api.prompts, strict=True)):
+        assert a.token_ids == b.token_ids
+        vals_fast, vals_api = np.asarray(fast.logprobs(i)), np.asarray(api.logprobs(i))
+        assert vals_fast.shape == vals_api.shape == (MAX_TOKENS, 5)
+        assert np.abs(vals_fast - vals_api).max() <= 1e-6
+        np.testing.assert_array_equal(np.asarray(fast.top_ids(i))[:, 0], a.token_ids)  # greedy: top-1 is the token
+        assert np.array_equal(np.asarray(fast.top_ids(i)), np.asarray(api.top_ids(i)))

@@ -300,52 +300,42 @@ class CaptureLogitsProcessor(LogitsProcessor):
         else:
             picked = logits.index_select(0, torch.tensor(rows, device=logits.device))
         logprobs = torch.log_softmax(picked.to(torch.float32), dim=-1)
-        if logprobs.is_cuda and self.pin and not os.environ.get(SYNC_ENV):
-            self._record_async(logprobs, slots)
+        tensors, jobs, final = _row_jobs(logprobs, slots)
+        if not (logprobs.is_cuda and self.pin) or os.environ.get(SYNC_ENV):
+            # at once: on the CPU the rows are in host memory already (or the synchronous path was asked for)
+            arrays = [x.cpu().numpy() for x in tensors]
+            for file, t, k, j in jobs:
+                file.write(t, arrays[k][j])
             return
-        topn_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        dense = None
-        for j, slot in enumerate(slots):
-            t = len(slot.output)
-            if slot.rows is None or t >= slot.rows.shape[0]:
-                continue
-            n = slot.spec.get("topn")
-            if n:
-                if n not in topn_cache:
-                    vals, ids = torch.topk(logprobs, n, dim=-1)
-                    topn_cache[n] = (vals.cpu().numpy(), ids.to(torch.int32).cpu().numpy())
-                slot.rows.write(t, topn_cache[n][0][j])
-                slot.ids.write(t, topn_cache[n][1][j])
-            else:
-                if dense is None:
-                    dense = logprobs.cpu().numpy()
-                slot.rows.write(t, dense[j])
-
-    def _record_async(self, logprobs: torch.Tensor, slots: list[_Slot]) -> None:
-        """The same rows as the synchronous path, through pinned buffers and the writer thread."""
         if self.async_writer is None:
             self.async_writer = _AsyncWriter()
-        tensors: list[torch.Tensor] = []
-        index: dict[Any, int] = {}
-        jobs = []
-        final = False
-        for j, slot in enumerate(slots):
-            t = len(slot.output)
-            if slot.rows is None or t >= slot.rows.shape[0]:
-                continue
-            n = slot.spec.get("topn")
-            if n:
-                if n not in index:
-                    vals, ids = torch.topk(logprobs, n, dim=-1)
-                    index[n] = len(tensors)
-                    tensors += [vals, ids.to(torch.int32)]
-                jobs += [(slot.rows, t, index[n], j), (slot.ids, t, index[n] + 1, j)]
-            else:
-                if "dense" not in index:
-                    index["dense"] = len(tensors)
-                    tensors.append(logprobs)
-                jobs.append((slot.rows, t, index["dense"], j))
-            final = final or t >= slot.last
         self.async_writer.submit(tensors, jobs)
         if final:  # that request's output leaves the engine after this step: its file must be whole
             self.async_writer.drain()
+
+
+def _row_jobs(logprobs: torch.Tensor, slots: list[_Slot]) -> tuple[list[torch.Tensor], list[tuple], bool]:
+    """What to write this step: the tensors (the log-softmaxed batch, or its top-N values and ids), the
+    jobs (file, row t, which tensor, which batch row), and whether a request's last row is among them."""
+    tensors: list[torch.Tensor] = []
+    index: dict[Any, int] = {}
+    jobs = []
+    final = False
+    for j, slot in enumerate(slots):
+        t = len(slot.output)
+        if slot.rows is None or t >= slot.rows.shape[0]:
+            continue
+        n = slot.spec.get("topn")
+        if n:
+            if n not in index:
+                vals, ids = torch.topk(logprobs, n, dim=-1)
+                index[n] = len(tensors)
+                tensors += [vals, ids.to(torch.int32)]
+            jobs += [(slot.rows, t, index[n], j), (slot.ids, t, index[n] + 1, j)]
+        else:
+            if "dense" not in index:
+                index["dense"] = len(tensors)
+                tensors.append(logprobs)
+            jobs.append((slot.rows, t, index["dense"], j))
+        final = final or t >= slot.last
+    return tensors, jobs, final
