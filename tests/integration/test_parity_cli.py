@@ -123,18 +123,6 @@ def test_engine_arguments_reach_the_vllm_target_and_the_report(baseline, cli):
     assert report["summary"]["max_abs_diff"] == 0.0  # a cache of prompt blocks changes nothing here
 
 
-def test_reference_engine_arguments_enter_the_cache_key(baseline, cli, tmp_path):
-    cache = make_cache_dir(tmp_path / "keyed")
-    short = [*BASE, "--use-cache", "--no-inspect-logits", "--max-tokens", "2", "--num-prompts", "1"]
-    plain = cli(*short, cache_dir=cache)
-    with_args = [*short, "--reference-args", '{"enable_prefix_caching": true}', "--reference-device", "cpu"]
-    args = cli(*with_args, cache_dir=cache)
-    assert plain.returncode == 0 and args.returncode == 0, args.stderr
-    assert plain.report["cache"]["key"] != args.report["cache"]["key"]
-    assert args.report["cache"]["hit"] is False
-    assert args.report["sides"]["reference"]["engine_args"] == {"enable_prefix_caching": True}
-
-
 @pytest.mark.parametrize("value, message", [
     ('{"enable_prefix_cachin": true}', "unknown vllm engine argument 'enable_prefix_cachin'. Did you mean "
                                        "'enable_prefix_caching'"),

@@ -80,7 +80,7 @@ def test_unknown_target_lists_the_devices(cli_run):
     p = cli_run("--target", "nosuch", *ABSENT_MODEL)
     assert p.returncode == 2, p.stderr
     assert "unknown device 'nosuch'" in p.flat_err
-    assert "cpu, cuda, rbln" in p.flat_err
+    assert "cpu, cuda, cuda-fp32, rbln" in p.flat_err
     assert_nothing_ran(cli_run.tmp_path)
 
 

@@ -65,3 +65,15 @@ def test_compare_of_a_folder_that_is_not_a_finished_run_exits_2(tmp_path):
     (tmp_path / "unfinished" / "reference").mkdir(parents=True)
     res = _compare(tmp_path / "unfinished", tmp_path)
     assert res.returncode == 2 and "not a run folder" in res.stderr, res.stderr
+
+
+def test_engine_arguments_and_the_reference_device_enter_the_cache_key(fake_cli):
+    plain = fake_cli("--use-cache", "--no-inspect-logits")
+    args = fake_cli("--use-cache", "--no-inspect-logits", "--reference-args", '{"some_arg": true}',
+                    "--reference-device", "cpu")
+    assert plain.returncode == 0 and args.returncode == 0, args.stdout + args.stderr
+    assert plain.report["cache"]["key"] != args.report["cache"]["key"]
+    assert args.report["cache"]["hit"] is False
+    assert args.report["sides"]["reference"]["engine_args"] == {"some_arg": True}
+    again = fake_cli("--use-cache", "--no-inspect-logits")  # without them: the first key again
+    assert again.report["cache"]["hit"] is True and again.report["cache"]["key"] == plain.report["cache"]["key"]
