@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..capture.cache import ReferenceCache, cache_key
+from ..capture.cache import ReferenceCache
 from ..capture.store import Capture, CaptureError, load_capture, pack_capture, unpack_capture
 from ..core.errors import HarnessError, UsageError
 from ..setup.devices import installed_version
@@ -81,7 +81,7 @@ def read_reference_file(options: RunOptions) -> tuple[RunOptions, ReferenceFile]
 
 
 def reference_from_file(ref: ReferenceFile, fields: dict[str, Any], run_dir: Path) -> Capture:
-    """The file's capture, copied into the run folder, if it matches this run's key fields."""
+    """The file's capture, moved into the run folder, if it matches this run's key fields."""
     mine = ref.capture.settings.get("key_fields") or {}
     differing = [name for name in FILE_CHECKED if mine.get(name) != fields.get(name)]
     if differing:
@@ -89,8 +89,9 @@ def reference_from_file(ref: ReferenceFile, fields: dict[str, Any], run_dir: Pat
         raise UsageError(f"reference file {ref.path} does not match this run ({detail})", option="--reference")
     dest = run_dir / "reference" / "capture"
     dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(ref.capture.root, dest)
-    return load_capture(dest, verify_arrays=True)
+    # moved, not copied and hashed again: unpacking verified every array a moment ago (read_reference_file)
+    shutil.move(str(ref.capture.root), dest)
+    return load_capture(dest)
 
 
 def reference_from_cache(ctx: RunContext, options: RunOptions, key: str, fields: dict[str, Any],
@@ -129,9 +130,6 @@ def save_reference_file(capture: Capture, path: Path) -> None:
     pack_capture(Path(capture.root), tmp)
     os.replace(tmp, path)
 
-
-def cache_key_of(fields: dict[str, Any]) -> str:
-    return cache_key(fields)
 
 
 def _shown(value: Any) -> Any:

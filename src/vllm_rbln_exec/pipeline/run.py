@@ -17,6 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from ..capture.cache import cache_key
 from ..compare.captures import compare_captures
 from ..compare.metrics import PromptComparison, summarize
 from ..core.errors import UsageError
@@ -28,7 +29,6 @@ from .context import Progress, RunContext
 from .models import PreparedModels, prepare_models
 from .reference import (
     ReferenceFile,
-    cache_key_of,
     key_fields,
     read_reference_file,
     reference_from_cache,
@@ -74,7 +74,7 @@ def capture_sides(ctx: RunContext, options: RunOptions, ref_plan: SidePlan, tgt_
                   run_dir: Path) -> tuple[Captured, Captured, str, dict[str, Any]]:
     """(reference, target, where the reference came from, cache info)."""
     use_cache = options.reference_source.use_cache
-    key = cache_key_of(fields)
+    key = cache_key(fields)
     cache_info: dict[str, Any] = {"enabled": use_cache, "key": key, "hit": False}
     reference, source, t0 = None, "worker", time.monotonic()
     if ref_file is not None:

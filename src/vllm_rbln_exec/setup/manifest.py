@@ -47,9 +47,6 @@ def write_manifest(folder: Path, source: dict[str, Any]) -> None:
     os.replace(tmp, folder / MANIFEST)
 
 
-def has_manifest(folder: Path) -> bool:
-    return (Path(folder) / MANIFEST).is_file()
-
 
 def verify_folder(folder: Path) -> str | None:
     """None when the folder matches its manifest; else what is wrong, naming the file."""
@@ -74,10 +71,3 @@ def verify_folder(folder: Path) -> str | None:
     if present:
         return f"it holds files it was not made with: {', '.join(sorted(present))}"
     return None
-
-
-def manifest_source(folder: Path) -> dict[str, Any]:
-    try:
-        return dict(json.loads((Path(folder) / MANIFEST).read_text()).get("source") or {})
-    except (OSError, ValueError, AttributeError):
-        return {}

@@ -12,7 +12,7 @@ reads a model or imports torch or vLLM.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -233,11 +233,3 @@ def parse_engine_args(value: Any, option: str) -> dict[str, Any]:
         raise UsageError(f"{option} must be a JSON object of engine arguments, got {type(value).__name__}",
                          option=option)
     return dict(value)
-
-
-def flat_option_names() -> list[str]:
-    return sorted(FLAT_DEFAULTS)
-
-
-def record_fields(record: Any) -> list[str]:
-    return [f.name for f in fields(record)]

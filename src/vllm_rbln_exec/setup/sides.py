@@ -38,9 +38,6 @@ class Side:
         """The engine arguments in force beyond what the harness sets itself: profile defaults, then the user's."""
         return {**self.profile_engine_args, **self.engine_args}
 
-    def label(self) -> str:
-        return f"{self.role}: {self.engine} on {self.device} ({self.dtype})"
-
 
 def resolve_side(asked: SideOptions, profile: DeviceProfile, capture: CaptureOptions, checkpoint: str,
                  model_name: str, parallel: Parallel = Parallel()) -> Side:
