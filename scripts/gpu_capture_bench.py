@@ -13,6 +13,8 @@ in one process), with the defaults users run (on CUDA: torch.compile and CUDA gr
                harness's flat_to_arrays, that conversion timed too)
     sync       as harness, with VLLM_RBLN_EXEC_SYNC_CAPTURE=1 (rows copied and written synchronously):
                ``fast`` only
+    harness-w1 as harness, with VLLM_RBLN_EXEC_WRITER_THREADS=1 (the async writer with one writing
+               thread, as before the pool): ``fast`` only
     plain-v1   as plain, with VLLM_USE_V2_MODEL_RUNNER=0: vLLM runs its V1 model runner whenever a
                custom logits processor is registered, so plain vs plain-v1 vs idle splits the
                processor's idle cost into the runner switch and the processor itself (``--extra-engines``,
@@ -33,7 +35,8 @@ every engine are compared with plain's.
 
 A micro-benchmark (first, in its own process) measures the parts of a capture step apart:
 log_softmax of a [B, V] float32 batch on the device, its copy to pinned and to pageable host memory,
-and the page-cache write of T steps of such rows into fresh files (the harness's own ``_RowFile``).
+and the page-cache write of T steps of such rows into fresh files (the harness's own ``_RowFile``), by one
+thread and by four (the writer's default pool).
 
     # GPU (vLLM 0.24 bundle), from the repository root of the device's copy:
     PYTHONPATH=/tmp/site:$PWD/.gpu/src VLLM_USE_FLASHINFER_SAMPLER=0 python3 .gpu/gpu_capture_bench.py --out $OUT
@@ -67,6 +70,8 @@ ENGINES: dict[str, dict[str, Any]] = {
     "plain": {"processor": False, "env": {}, "paths": ["plain"]},
     "harness": {"processor": True, "env": {}, "paths": ["idle", "fast", "api"]},
     "sync": {"processor": True, "env": {SYNC_ENV: "1"}, "paths": ["fast"]},
+    # the async writer with one writing thread (the default spreads a step's rows over up to 4)
+    "harness-w1": {"processor": True, "env": {"VLLM_RBLN_EXEC_WRITER_THREADS": "1"}, "paths": ["fast"]},
     "plain-v1": {"processor": False, "env": {"VLLM_USE_V2_MODEL_RUNNER": "0"}, "paths": ["plain"]},
 }
 CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_TARGET_DEVICE": "cpu", "VLLM_PLUGINS": "cpu",
@@ -402,6 +407,33 @@ def worker_main(cfg_path: str) -> None:
 # ---------------------------------------------------------------------------------------------------
 # micro-benchmark: the parts of a capture step
 # ---------------------------------------------------------------------------------------------------
+def _pwrite_steps(work: Path, V: int, B: int, T: int, data, threads: int, key: str, row_file) -> dict[str, float]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = []
+    for i in range(B):
+        p = work / f"m-{V}-{B}-{i}.npy"
+        np.lib.format.open_memmap(p, mode="w+", dtype=np.float32, shape=(T, V)).flush()
+        paths.append(p)
+    files = [row_file(str(p)) for p in paths]
+    pool = ThreadPoolExecutor(threads) if threads > 1 else None
+    t0 = time.perf_counter()
+    for t in range(T):
+        if pool is None:
+            for j, f in enumerate(files):
+                f.write(t, data[j])
+        else:
+            list(pool.map(lambda jf: jf[1].write(t, data[jf[0]]), enumerate(files)))
+    dt = time.perf_counter() - t0
+    if pool is not None:
+        pool.shutdown()
+    for f in files:
+        f.close()
+    for p in paths:
+        p.unlink()
+    return {f"{key}_call_s": dt, f"{key}_GBps": B * V * 4 * T / dt / 1e9, f"{key}_ms_per_step": dt / T * 1e3}
+
+
 def micro_main(cfg_path: str) -> None:
     import torch
 
@@ -447,25 +479,10 @@ def micro_main(cfg_path: str) -> None:
                 data = host.numpy()
             else:
                 data = np.random.default_rng(0).standard_normal((B, V)).astype(np.float32)
-            # T steps of B rows into B fresh files through the harness's _RowFile (pwrite), page cache only
-            paths = []
-            for i in range(B):
-                p = work / f"m-{V}-{B}-{i}.npy"
-                np.lib.format.open_memmap(p, mode="w+", dtype=np.float32, shape=(T, V)).flush()
-                paths.append(p)
-            files = [_RowFile(str(p)) for p in paths]
-            t0 = time.perf_counter()
-            for t in range(T):
-                for j, f in enumerate(files):
-                    f.write(t, data[j])
-            dt = time.perf_counter() - t0
-            for f in files:
-                f.close()
-            for p in paths:
-                p.unlink()
-            row["pwrite_call_s"] = dt
-            row["pwrite_GBps"] = B * V * 4 * T / dt / 1e9
-            row["pwrite_ms_per_step"] = dt / T * 1e3
+            # T steps of B rows into B fresh files through the harness's _RowFile (pwrite), page cache only,
+            # by one thread and by the writer's default pool (a step's rows spread over its threads)
+            for threads, key in ((1, "pwrite"), (4, "pwrite4")):
+                row.update(_pwrite_steps(work, V, B, T, data, threads, key, _RowFile))
             out.append(row)
             _log("micro " + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
     _write_json(Path(cfg["result"]), out)
@@ -537,8 +554,8 @@ def _get(e: dict, engine: str, B: int, path: str) -> dict:
 def table(engines: dict[str, dict[str, dict]], vocabs: list[int], batches: list[int], T: int) -> str:
     lines = ["| vocab | B | plain s | fast (async) s | x plain | x idle | fast (sync) s | x plain "
              "| api s (generate + convert) | x plain | idle-processor plain s | x plain | plain V1 runner s "
-             "| tok/s plain | tok/s fast |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| fast, 1 writer thread s | x plain | tok/s plain | tok/s fast |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for V in vocabs:
         e = engines.get(str(V), {})
         for B in batches:
@@ -548,6 +565,7 @@ def table(engines: dict[str, dict[str, dict]], vocabs: list[int], batches: list[
             api = _get(e, "harness", B, "api")
             idle = _get(e, "harness", B, "idle").get("median")
             v1 = _get(e, "plain-v1", B, "plain").get("median")
+            w1 = _get(e, "harness-w1", B, "fast").get("median")
             if api.get("median") is not None:
                 api_s = f"{api['median']:.3f} ({api['generate_median']:.2f} + {api['convert_median']:.2f})"
                 if api.get("reps", 3) == 1:
@@ -558,7 +576,7 @@ def table(engines: dict[str, dict[str, dict]], vocabs: list[int], batches: list[
                 f"| {V} | {B} | {fmt(plain)} | {fmt(fast)} | {ratio(fast, plain)} | {ratio(fast, idle)} "
                 f"| {fmt(sync)} | {ratio(sync, plain)} "
                 f"| {api_s} | {ratio(api.get('median'), plain)} | {fmt(idle)} | {ratio(idle, plain)} | {fmt(v1)} "
-                f"| {fmt(B * T / plain if plain else None, 0)} | {fmt(B * T / fast if fast else None, 0)} |")
+                f"| {fmt(w1)} | {ratio(w1, plain)} | {fmt(B * T / plain if plain else None, 0)} | {fmt(B * T / fast if fast else None, 0)} |")
     return "\n".join(lines)
 
 

@@ -1,48 +1,84 @@
 #!/usr/bin/env bash
-# Cross-device parity on an NVIDIA GPU with the transformers engine (no vLLM needed there).
+# vLLM CUDA as the target, against a vLLM CPU reference file: the repeatable set of GPU runs.
 #
-#   scripts/gpu_parity.sh REFERENCE_FILE [OUT_DIR]
+#   scripts/gpu_parity.sh OUT_DIR MODEL REFERENCE_FILE [RUNS] [-- OPTIONS...]
 #
-# REFERENCE_FILE is a reference captured on a CPU machine with vLLM, e.g.
-#   vllm-rbln-exec --model tiny-llama3 --target cpu --max-tokens 32 --num-prompts 4 \
-#       --save-reference tiny-llama3-vllm-cpu.tar
-# The tiny model is made again here from its seed; its fingerprint must match the
-# file's, which is checked before anything runs. Three runs, each gated by the
-# built-in tolerances of its dtype pair, reports written to OUT_DIR:
-#   a) transformers on CUDA, bfloat16, against the carried vLLM CPU reference file
-#   b) the same in float32 (how close fp32 on a GPU comes to fp32 on a CPU)
-#   c) transformers on CPU (reference) against transformers on CUDA (bfloat16),
-#      both on this machine, the target profiled with the torch profiler
-# The script goes on after a failing verdict (exit 1) so every table is printed,
-# and exits with the worst code of the three.
+# On a machine with one NVIDIA GPU, with vLLM importable and this checkout's src/ on PYTHONPATH (for the
+# project's slim vLLM 0.24 bundle: PYTHONPATH=/tmp/site:$PWD/src VLLM_USE_FLASHINFER_SAMPLER=0, see
+# docs/gpu-vllm-h200.md). REFERENCE_FILE was made on a CPU machine with the same MODEL, e.g.
+#   vllm-rbln-exec --model smollm2-135m --target cpu --save-reference smol-ref.vre
+# and fixes the prompts and the number of tokens; pass the same --num-prompts/--max-tokens after `--` so
+# that the runs with a GPU reference compare the same positions. RUNS is a comma-separated subset of:
+#   vllm-bf16           vLLM CUDA as shipped (bfloat16, torch.compile and CUDA graphs on)
+#   vllm-fp32           the same in float32 (Triton attention: TF32 dots, warned about)
+#   vllm-fp32-ieee      --target cuda-fp32: float32 with IEEE fp32 Triton dots (true float32)
+#   hf-fp32, hf-bf16    transformers on CUDA, for comparison
+#   vllm-bf16-profiled  vllm-bf16 under the torch profiler (CUDA kernels in the device table)
+#   gpuref-hf-fp32      no file: transformers CUDA float32 as the reference, vLLM CUDA bf16 as the target
+#   gpuref-vllm-fp32    no file: vLLM cuda-fp32 as the reference, vLLM CUDA bf16 as the target
+# (default: all). The runs go side by side, each with its own cache folder (no compile cache is shared,
+# so an ieee run cannot reuse a TF32 kernel) and one shared folder of converted models; vLLM sides share
+# the GPU through a fixed 256 MiB KV cache (no memory profiling), which changes no number.
+# Writes OUT_DIR/NAME.{log,json,md} per run and OUT_DIR/summary.txt; exits with the worst run's code.
 set -uo pipefail
+OUT=${1:?usage: gpu_parity.sh OUT_DIR MODEL REFERENCE_FILE [RUNS] [-- OPTIONS...]}
+MODEL=${2:?model}
+REF=$(realpath "${3:?reference file}")
+ALL=vllm-bf16,vllm-fp32,vllm-fp32-ieee,hf-fp32,hf-bf16,vllm-bf16-profiled,gpuref-hf-fp32,gpuref-vllm-fp32
+RUNS=$ALL
+shift 3
+if [[ $# -gt 0 && $1 != -- ]]; then RUNS=$1; shift; fi
+[[ ${1:-} == -- ]] && shift
+EXTRA=("$@")
+mkdir -p "$OUT"
+OUT=$(realpath "$OUT")
+W=${VRE_WORK:-/tmp/vre-$(basename "$OUT")}
+mkdir -p "$W/models"
+VRE=(python3 -m vllm_rbln_exec --model "$MODEL" --no-color "${EXTRA[@]}")
+SMALL='{"gpu_memory_utilization": 0.04, "kv_cache_memory_bytes": 268435456}'
+FILE=(--reference "$REF")
 
-REF=${1:?usage: scripts/gpu_parity.sh REFERENCE_FILE [OUT_DIR]}
-OUT_DIR=${2:-runs/gpu-parity}
-mkdir -p "$OUT_DIR"
-if command -v vllm-rbln-exec >/dev/null 2>&1; then
-  VRE=(vllm-rbln-exec)
-else
-  VRE=(python -m vllm_rbln_exec)  # a plain checkout: PYTHONPATH=src
-fi
-COMMON=(--model tiny-llama3 --target cuda --target-engine transformers --no-inspect-logits --no-color)
-worst=0
-step() {
-  local name=$1; shift
-  echo
-  echo "=== $name: ${VRE[*]} $*"
-  "${VRE[@]}" "$@" --run-dir "$OUT_DIR/$name" --json "$OUT_DIR/$name.json" --markdown "$OUT_DIR/$name.md" \
-    --profile-dir "$OUT_DIR/profile"
-  local rc=$?
-  echo "=== $name: exit $rc"
-  (( rc > worst )) && worst=$rc
+args_of() {  # the options of one run, by name
+  case $1 in
+    vllm-bf16) echo --target cuda ;;
+    vllm-fp32) echo --target cuda --target-dtype float32 ;;
+    vllm-fp32-ieee) echo --target cuda-fp32 ;;
+    hf-fp32) echo --target cuda --target-engine transformers --target-dtype float32 ;;
+    hf-bf16) echo --target cuda --target-engine transformers ;;
+    vllm-bf16-profiled) echo --target cuda --profile-side target --profile-dir "$W/profile" ;;
+    gpuref-hf-fp32) echo --target cuda --reference-device cuda --reference-engine transformers \
+      --reference-dtype float32 ;;
+    gpuref-vllm-fp32) echo --target cuda --reference-device cuda-fp32 --reference-dtype float32 ;;
+    *) return 1 ;;
+  esac
 }
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-python -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, '/ transformers', transformers.__version__)"
+job() {  # one harness run in the background; its printed output in $OUT/NAME.log
+  local name=$1 cache=$W/cache-$1
+  local -a opts extra=()
+  read -r -a opts <<< "$(args_of "$name")" || { echo "unknown run $name (one of $ALL)" >&2; return 1; }
+  [[ $name == gpuref-* ]] || extra+=("${FILE[@]}")
+  [[ $name == hf-* ]] || extra+=(--target-args "$SMALL")
+  [[ $name == gpuref-vllm-* ]] && extra+=(--reference-args "$SMALL")
+  mkdir -p "$cache" && ln -sfn "$W/models" "$cache/models"  # one conversion, under the harness's own lock
+  echo "=== $name: ${VRE[*]} ${opts[*]} ${extra[*]}" > "$OUT/$name.log"
+  ( s=$(date +%s)
+    timeout "${VRE_RUN_TIMEOUT:-480}" "${VRE[@]}" "${opts[@]}" "${extra[@]}" --cache-dir "$cache" \
+      --run-dir "$W/runs/$name" --json "$OUT/$name.json" --markdown "$OUT/$name.md" >> "$OUT/$name.log" 2>&1
+    echo "=== $name: exit $? after $(( $(date +%s) - s )) s" >> "$OUT/$name.log" ) &
+}
 
-step a-vllm-cpu-file-vs-cuda-bf16 "${COMMON[@]}" --reference "$REF" --target-dtype bfloat16
-step b-vllm-cpu-file-vs-cuda-fp32 "${COMMON[@]}" --reference "$REF" --target-dtype float32
-step c-hf-cpu-vs-cuda-bf16 "${COMMON[@]}" --reference-engine transformers --target-dtype bfloat16 \
-  --max-tokens 32 --num-prompts 4 --profile-side target
-exit $worst
+t0=$(date +%s)
+IFS=, read -r -a names <<< "$RUNS"
+for name in "${names[@]}"; do job "$name" || exit 2; done
+wait
+worst=0
+for name in "${names[@]}"; do
+  cat "$OUT/$name.log"; echo
+  rc=$(sed -n 's/^=== .*: exit \([0-9]*\) after.*/\1/p' "$OUT/$name.log" | tail -1)
+  (( ${rc:-9} > worst )) && worst=${rc:-9}
+  echo "$name exit ${rc:-none}" >> "$OUT/summary.txt"
+done
+echo "all runs of $MODEL done $(( $(date +%s) - t0 )) s after the start; worst exit $worst" | tee -a "$OUT/summary.txt"
+find "$W/profile" -type f -printf '%s %p\n' > "$OUT/profile-files.txt" 2>/dev/null
+exit "$worst"

@@ -23,7 +23,8 @@ class Event:
         pass
 
 
-def test_rows_land_in_their_places_and_drain_waits(tmp_path):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_rows_land_in_their_places_and_drain_waits(tmp_path, threads):
     import torch
 
     from vllm_rbln_exec.engines.vllm_logits import _AsyncWriter, _RowFile
@@ -32,7 +33,7 @@ def test_rows_land_in_their_places_and_drain_waits(tmp_path):
     for i in range(3):
         np.lib.format.open_memmap(tmp_path / f"p{i}.npy", mode="w+", dtype=np.float32, shape=(20, 7)).flush()
         files.append(_RowFile(str(tmp_path / f"p{i}.npy")))
-    writer = _AsyncWriter(pin=False, event=Event)
+    writer = _AsyncWriter(pin=False, event=Event, threads=threads)
     expected = np.zeros((3, 20, 7), dtype=np.float32)
     rng = np.random.default_rng(0)
     for t in range(20):  # 20 steps of a batch of 3, more than the ring holds at once
@@ -48,15 +49,29 @@ def test_rows_land_in_their_places_and_drain_waits(tmp_path):
     assert sum(len(pool) for pool in writer.free.values()) <= _AsyncWriter.RING + 2
 
 
-def test_a_failed_write_is_reported_not_lost(tmp_path):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_failed_write_is_reported_not_lost(tmp_path, threads):
     import torch
 
     from vllm_rbln_exec.engines.vllm_logits import _AsyncWriter, _RowFile
 
     np.lib.format.open_memmap(tmp_path / "p.npy", mode="w+", dtype=np.float32, shape=(2, 4)).flush()
     rows = _RowFile(str(tmp_path / "p.npy"))
-    writer = _AsyncWriter(pin=False, event=Event)
-    writer.submit([torch.zeros((1, 5))], [(rows, 0, 0, 0)])  # a row of the wrong width
+    writer = _AsyncWriter(pin=False, event=Event, threads=threads)
+    # a row of the wrong width, beside a good one (with threads, the two are written by different threads)
+    writer.submit([torch.zeros((2, 5))], [(rows, 0, 0, 0), (rows, 1, 0, 1)])
     with pytest.raises(RuntimeError, match="row writer failed"):
         writer.drain()
     rows.close()
+
+
+def test_writer_threads_come_from_the_environment(monkeypatch):
+    from vllm_rbln_exec.engines.vllm_logits import THREADS_ENV, _writer_threads
+
+    monkeypatch.setenv(THREADS_ENV, "2")
+    assert _writer_threads() == 2
+    monkeypatch.setenv(THREADS_ENV, "two")
+    with pytest.raises(ValueError, match=THREADS_ENV):
+        _writer_threads()
+    monkeypatch.delenv(THREADS_ENV)
+    assert 1 <= _writer_threads() <= 4

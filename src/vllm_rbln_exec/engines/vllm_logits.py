@@ -36,6 +36,7 @@ import os
 import queue
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,7 @@ from vllm.v1.sample.logits_processor.interface import MoveDirectionality
 
 EXTRA_KEY = "vre"
 SYNC_ENV = "VLLM_RBLN_EXEC_SYNC_CAPTURE"  # "1": write rows synchronously on an accelerator too (for comparison)
+THREADS_ENV = "VLLM_RBLN_EXEC_WRITER_THREADS"  # threads writing one step's rows (default: _writer_threads())
 
 
 def _is_writer_rank() -> bool:
@@ -96,8 +98,13 @@ class _AsyncWriter:
 
     RING = 4  # buffers per shape in flight: the writer lags at most this many steps behind
 
-    def __init__(self, pin: bool = True, event=None) -> None:
+    def __init__(self, pin: bool = True, event=None, threads: int | None = None) -> None:
         self.pin = pin
+        # One step's rows are written by several threads: pwrite drops the GIL while it copies, and one
+        # thread filled fresh page-cache pages at only 2.3 GB/s on an H200 host (128256-entry rows,
+        # docs/gpu-capture-speed.md), which made the write, not the GPU, the capture's cost at batch 8.
+        self.threads = max(1, threads if threads is not None else _writer_threads())
+        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="vre-row-write") if self.threads > 1 else None
         self.event = event or torch.cuda.Event  # a factory of objects with record() and synchronize()
         self.queue: queue.Queue = queue.Queue(maxsize=self.RING)
         self.free: dict[tuple, list[torch.Tensor]] = {}
@@ -136,8 +143,12 @@ class _AsyncWriter:
             try:
                 done.synchronize()
                 arrays = [h.numpy() for h in hosts]
-                for file, t, k, j in jobs:
-                    file.write(t, arrays[k][j])
+                if self.pool is not None and len(jobs) > 1:
+                    # list() waits for every row and raises the first failure here
+                    list(self.pool.map(lambda job: job[0].write(job[1], arrays[job[2]][job[3]]), jobs))
+                else:
+                    for file, t, k, j in jobs:
+                        file.write(t, arrays[k][j])
             except BaseException as exc:  # noqa: BLE001 - reported by the next submit or drain
                 self.error = exc
             finally:
@@ -145,6 +156,17 @@ class _AsyncWriter:
                     for h in hosts:
                         self.free.setdefault((tuple(h.shape), h.dtype), []).append(h)
                 self.queue.task_done()
+
+
+def _writer_threads() -> int:
+    """From THREADS_ENV, else up to 4 (enough to reach the page cache's pace), never more than the cores."""
+    value = os.environ.get(THREADS_ENV, "").strip()
+    if value:
+        try:
+            return max(1, int(value))
+        except ValueError:
+            raise ValueError(f"{THREADS_ENV}={value!r}: expected a whole number of threads") from None
+    return max(1, min(4, (os.cpu_count() or 1) - 1))
 
 
 class _Slot:
