@@ -15,6 +15,8 @@ in one process), with the defaults users run (on CUDA: torch.compile and CUDA gr
                ``fast`` only
     harness-w1 as harness, with VLLM_RBLN_EXEC_WRITER_THREADS=1 (the async writer with one writing
                thread, as before the pool): ``fast`` only
+    harness-w4 as harness, with four writing threads at every step size (the default uses them only
+               for steps of 8 MiB or more): ``fast`` only
     plain-v1   as plain, with VLLM_USE_V2_MODEL_RUNNER=0: vLLM runs its V1 model runner whenever a
                custom logits processor is registered, so plain vs plain-v1 vs idle splits the
                processor's idle cost into the runner switch and the processor itself (``--extra-engines``,
@@ -72,6 +74,8 @@ ENGINES: dict[str, dict[str, Any]] = {
     "sync": {"processor": True, "env": {SYNC_ENV: "1"}, "paths": ["fast"]},
     # the async writer with one writing thread (the default spreads a step's rows over up to 4)
     "harness-w1": {"processor": True, "env": {"VLLM_RBLN_EXEC_WRITER_THREADS": "1"}, "paths": ["fast"]},
+    "harness-w4": {"processor": True, "paths": ["fast"],
+                   "env": {"VLLM_RBLN_EXEC_WRITER_THREADS": "4", "VLLM_RBLN_EXEC_WRITER_POOL_MIN_BYTES": "0"}},
     "plain-v1": {"processor": False, "env": {"VLLM_USE_V2_MODEL_RUNNER": "0"}, "paths": ["plain"]},
 }
 CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_TARGET_DEVICE": "cpu", "VLLM_PLUGINS": "cpu",
@@ -423,7 +427,7 @@ def _pwrite_steps(work: Path, V: int, B: int, T: int, data, threads: int, key: s
             for j, f in enumerate(files):
                 f.write(t, data[j])
         else:
-            list(pool.map(lambda jf: jf[1].write(t, data[jf[0]]), enumerate(files)))
+            list(pool.map(lambda jf, t=t: jf[1].write(t, data[jf[0]]), enumerate(files)))
     dt = time.perf_counter() - t0
     if pool is not None:
         pool.shutdown()
@@ -554,8 +558,8 @@ def _get(e: dict, engine: str, B: int, path: str) -> dict:
 def table(engines: dict[str, dict[str, dict]], vocabs: list[int], batches: list[int], T: int) -> str:
     lines = ["| vocab | B | plain s | fast (async) s | x plain | x idle | fast (sync) s | x plain "
              "| api s (generate + convert) | x plain | idle-processor plain s | x plain | plain V1 runner s "
-             "| fast, 1 writer thread s | x plain | tok/s plain | tok/s fast |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| fast, 1 writer thread s | x plain | fast, 4 writer threads s | x plain | tok/s plain | tok/s fast |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for V in vocabs:
         e = engines.get(str(V), {})
         for B in batches:
@@ -566,6 +570,7 @@ def table(engines: dict[str, dict[str, dict]], vocabs: list[int], batches: list[
             idle = _get(e, "harness", B, "idle").get("median")
             v1 = _get(e, "plain-v1", B, "plain").get("median")
             w1 = _get(e, "harness-w1", B, "fast").get("median")
+            w4 = _get(e, "harness-w4", B, "fast").get("median")
             if api.get("median") is not None:
                 api_s = f"{api['median']:.3f} ({api['generate_median']:.2f} + {api['convert_median']:.2f})"
                 if api.get("reps", 3) == 1:
@@ -576,7 +581,7 @@ def table(engines: dict[str, dict[str, dict]], vocabs: list[int], batches: list[
                 f"| {V} | {B} | {fmt(plain)} | {fmt(fast)} | {ratio(fast, plain)} | {ratio(fast, idle)} "
                 f"| {fmt(sync)} | {ratio(sync, plain)} "
                 f"| {api_s} | {ratio(api.get('median'), plain)} | {fmt(idle)} | {ratio(idle, plain)} | {fmt(v1)} "
-                f"| {fmt(w1)} | {ratio(w1, plain)} | {fmt(B * T / plain if plain else None, 0)} | {fmt(B * T / fast if fast else None, 0)} |")
+                f"| {fmt(w1)} | {ratio(w1, plain)} | {fmt(w4)} | {ratio(w4, plain)} | {fmt(B * T / plain if plain else None, 0)} | {fmt(B * T / fast if fast else None, 0)} |")
     return "\n".join(lines)
 
 

@@ -33,7 +33,7 @@ def test_rows_land_in_their_places_and_drain_waits(tmp_path, threads):
     for i in range(3):
         np.lib.format.open_memmap(tmp_path / f"p{i}.npy", mode="w+", dtype=np.float32, shape=(20, 7)).flush()
         files.append(_RowFile(str(tmp_path / f"p{i}.npy")))
-    writer = _AsyncWriter(pin=False, event=Event, threads=threads)
+    writer = _AsyncWriter(pin=False, event=Event, threads=threads, pool_min=0)
     expected = np.zeros((3, 20, 7), dtype=np.float32)
     rng = np.random.default_rng(0)
     for t in range(20):  # 20 steps of a batch of 3, more than the ring holds at once
@@ -57,7 +57,7 @@ def test_a_failed_write_is_reported_not_lost(tmp_path, threads):
 
     np.lib.format.open_memmap(tmp_path / "p.npy", mode="w+", dtype=np.float32, shape=(2, 4)).flush()
     rows = _RowFile(str(tmp_path / "p.npy"))
-    writer = _AsyncWriter(pin=False, event=Event, threads=threads)
+    writer = _AsyncWriter(pin=False, event=Event, threads=threads, pool_min=0)
     # a row of the wrong width, beside a good one (with threads, the two are written by different threads)
     writer.submit([torch.zeros((2, 5))], [(rows, 0, 0, 0), (rows, 1, 0, 1)])
     with pytest.raises(RuntimeError, match="row writer failed"):
@@ -71,7 +71,7 @@ def test_writer_threads_come_from_the_environment(monkeypatch):
     monkeypatch.setenv(THREADS_ENV, "2")
     assert _writer_threads() == 2
     monkeypatch.setenv(THREADS_ENV, "two")
-    with pytest.raises(ValueError, match=THREADS_ENV):
+    with pytest.raises(ValueError, match=THREADS_ENV):  # a typo is said, not taken for a default
         _writer_threads()
     monkeypatch.delenv(THREADS_ENV)
     assert 1 <= _writer_threads() <= 4

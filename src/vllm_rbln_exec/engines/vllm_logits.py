@@ -47,6 +47,13 @@ from vllm.v1.sample.logits_processor.interface import MoveDirectionality
 EXTRA_KEY = "vre"
 SYNC_ENV = "VLLM_RBLN_EXEC_SYNC_CAPTURE"  # "1": write rows synchronously on an accelerator too (for comparison)
 THREADS_ENV = "VLLM_RBLN_EXEC_WRITER_THREADS"  # threads writing one step's rows (default: _writer_threads())
+POOL_MIN_ENV = "VLLM_RBLN_EXEC_WRITER_POOL_MIN_BYTES"  # a step this large or larger goes to the pool
+# Measured on an H200 host (vLLM 0.24, tiny model, 128 tokens, docs/gpu-capture-speed.md): at 16.4 MB a
+# step (batch 32 x 128256) four threads took a capture from 0.98 s to 0.68 s, since one thread fills
+# fresh page cache at only 2.2-2.9 GB/s and four at 7.5-9.4 GB/s; at 4.1 MB a step (batch 8) one thread
+# keeps up with the step (1.4 ms of writing) and the pool's extra GIL hand-offs cost more than they saved
+# (0.31 s with one thread, 0.44 s with four).
+POOL_MIN_BYTES = 8 << 20
 
 
 def _is_writer_rank() -> bool:
@@ -98,13 +105,15 @@ class _AsyncWriter:
 
     RING = 4  # buffers per shape in flight: the writer lags at most this many steps behind
 
-    def __init__(self, pin: bool = True, event=None, threads: int | None = None) -> None:
+    def __init__(self, pin: bool = True, event=None, threads: int | None = None,
+                 pool_min: int | None = None) -> None:
         self.pin = pin
         # One step's rows are written by several threads: pwrite drops the GIL while it copies, and one
         # thread filled fresh page-cache pages at only 2.3 GB/s on an H200 host (128256-entry rows,
         # docs/gpu-capture-speed.md), which made the write, not the GPU, the capture's cost at batch 8.
         self.threads = max(1, threads if threads is not None else _writer_threads())
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="vre-row-write") if self.threads > 1 else None
+        self.pool_min = _env_int(POOL_MIN_ENV, POOL_MIN_BYTES) if pool_min is None else pool_min
         self.event = event or torch.cuda.Event  # a factory of objects with record() and synchronize()
         self.queue: queue.Queue = queue.Queue(maxsize=self.RING)
         self.free: dict[tuple, list[torch.Tensor]] = {}
@@ -137,18 +146,23 @@ class _AsyncWriter:
         if self.error is not None:
             raise RuntimeError("the capture's row writer failed") from self.error
 
+    def _write(self, arrays: list[np.ndarray], jobs: list[tuple[_RowFile, int, int, int]]) -> None:
+        def one(job: tuple[_RowFile, int, int, int]) -> None:
+            file, t, k, j = job
+            file.write(t, arrays[k][j])
+
+        if self.pool is not None and len(jobs) > 1 and sum(job[0].row_bytes for job in jobs) >= self.pool_min:
+            list(self.pool.map(one, jobs))  # waits for every row; the first failure is raised here
+        else:
+            for job in jobs:
+                one(job)
+
     def _run(self) -> None:
         while True:
             done, hosts, jobs = self.queue.get()
             try:
                 done.synchronize()
-                arrays = [h.numpy() for h in hosts]
-                if self.pool is not None and len(jobs) > 1:
-                    # list() waits for every row and raises the first failure here
-                    list(self.pool.map(lambda job: job[0].write(job[1], arrays[job[2]][job[3]]), jobs))
-                else:
-                    for file, t, k, j in jobs:
-                        file.write(t, arrays[k][j])
+                self._write([h.numpy() for h in hosts], jobs)
             except BaseException as exc:  # noqa: BLE001 - reported by the next submit or drain
                 self.error = exc
             finally:
@@ -158,15 +172,19 @@ class _AsyncWriter:
                 self.queue.task_done()
 
 
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return max(0, int(value))
+    except ValueError:
+        raise ValueError(f"{name}={value!r}: expected a whole number") from None
+
+
 def _writer_threads() -> int:
     """From THREADS_ENV, else up to 4 (enough to reach the page cache's pace), never more than the cores."""
-    value = os.environ.get(THREADS_ENV, "").strip()
-    if value:
-        try:
-            return max(1, int(value))
-        except ValueError:
-            raise ValueError(f"{THREADS_ENV}={value!r}: expected a whole number of threads") from None
-    return max(1, min(4, (os.cpu_count() or 1) - 1))
+    return max(1, _env_int(THREADS_ENV, min(4, (os.cpu_count() or 1) - 1)))
 
 
 class _Slot:

@@ -223,36 +223,13 @@ TOKENIZER_FILES = (
 )
 
 
-# Written into config.json by whichever transformers saved the folder, and nothing else: the same GGUF
-# converted by transformers 5.19 (here) and 5.17 (the GPU machine) gave byte-identical weights and
-# configs that differed only in this key, so a reference file made here was refused there.
-CONFIG_WRITER_KEYS = ("transformers_version",)
-
-
-def _config_digest(path: Path) -> str:
-    """sha256 of a config.json's content without the keys that only say which library wrote it."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return _file_digest(path)  # unreadable: its bytes, so a damaged file still changes the fingerprint
-    if not isinstance(data, dict):
-        return _file_digest(path)
-
-    def strip(value):
-        if isinstance(value, dict):
-            return {k: strip(v) for k, v in value.items() if k not in CONFIG_WRITER_KEYS}
-        return value
-
-    return hashlib.sha256(json.dumps(strip(data), sort_keys=True).encode()).hexdigest()
-
-
 def fingerprint(folder: Path, names: list[str]) -> str:
     h = hashlib.sha256()
     for name in sorted(names):
         path = Path(folder) / name
         if path.is_file():
             h.update(name.encode())
-            h.update((_config_digest(path) if name == "config.json" else _file_digest(path)).encode())
+            h.update(_file_digest(path).encode())
     return h.hexdigest()[:24]
 
 
