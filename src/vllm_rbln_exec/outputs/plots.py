@@ -252,7 +252,7 @@ def svg_text(fig, prefix: str) -> str:
     """The figure as inline ``<svg>``: sentinel ink -> currentColor, ids made unique, scaling with its box."""
     buffer = io.StringIO()
     with _pyplot().rc_context(_style("inline")):  # svg.* settings are read when saving
-        fig.savefig(buffer, format="svg", transparent=True)
+        fig.savefig(buffer, format="svg", transparent=True, metadata={"Date": None})  # the same run, the same page
     _close(fig)
     text = buffer.getvalue()
     text = text[text.index("<svg"):]
@@ -268,7 +268,7 @@ def write_files(fig, folder: Path, stem: str, formats: tuple[str, ...] = ("png",
     with _pyplot().rc_context(_style("file")):
         for ext in formats:
             path = folder / f"{stem}.{ext}"
-            fig.savefig(path, format=ext, dpi=110)
+            fig.savefig(path, format=ext, dpi=110, metadata={"Date": None} if ext == "svg" else None)
             out.append(path)
     _close(fig)
     return out
