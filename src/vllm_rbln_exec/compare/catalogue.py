@@ -175,11 +175,11 @@ METRICS: tuple[Metric, ...] = (
 )
 
 # Report fields that are not metrics: settings, identifiers, texts and nested records (``position_stats``
-# is kept in memory only and written as null). Never gateable.
+# is kept in memory only and written as null; ``series`` holds per-position values for plots). Never gateable.
 NOT_METRICS = frozenset({
     "index", "vocab_size", "eps", "topk", "worst_position", "tie_margin", "kl_buckets", "aligned",
     "prompt", "reference_text", "target_text", "first_position_topk", "snippet", "notes", "distribution",
-    "argmax_divergence", "worst_positions", "position_stats",
+    "argmax_divergence", "worst_positions", "position_stats", "series",
 })  # fmt: skip
 
 _BY_PATH = {(scope, m.path_in(scope)): m for m in METRICS for scope in m.scopes}

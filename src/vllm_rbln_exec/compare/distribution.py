@@ -45,6 +45,8 @@ MASS_TOLERANCE = 1e-3
 DEFAULT_TIE_MARGIN = 0.5  # nats between the reference's top-2 logprobs
 BUCKET_EDGES = (0.0, 0.25, 0.5, 0.75, 0.95, 1.0)
 BUCKET_LABELS = ("[0,0.25)", "[0.25,0.5)", "[0.5,0.75)", "[0.75,0.95)", "[0.95,1]")
+SERIES_VERSION = 1  # the ``series`` block of a prompt's saved comparison (see ``position_series``)
+SERIES_DIGITS = 5  # significant digits kept per saved value: plots need no more, and the report stays small
 
 
 @dataclass
@@ -199,6 +201,26 @@ def summarize_positions(stats: PositionStats | list[PositionStats]) -> Distribut
         tie_margin=float(stats.tie_margin),
         kl_buckets=_buckets(stats),
     )
+
+
+def position_series(stats: PositionStats | None) -> dict[str, Any]:
+    """The per-position values a report keeps for plots: ``{"series": {...}}``, or ``{}`` without stats.
+
+    Versioned (``version``), one list per quantity, index = position: ``kl`` (nats; null where inf or NaN),
+    ``top1`` (1 where the argmax agrees), ``p_top1`` (the reference's top-1 probability), ``margin`` (its
+    top-2 logprob margin, nats), ``dp`` (p_target - p_reference of the reference token). Rounded to
+    ``SERIES_DIGITS`` significant digits; the summaries are computed from the unrounded values.
+    """
+    if stats is None:
+        return {}
+
+    def series(a: np.ndarray) -> list[float | None]:
+        return [float(f"{v:.{SERIES_DIGITS}g}") if math.isfinite(v) else None for v in a.tolist()]
+
+    return {"series": {
+        "version": SERIES_VERSION, "kl": series(stats.kl), "top1": stats.top1_match.astype(int).tolist(),
+        "p_top1": series(stats.ref_top1_prob), "margin": series(stats.ref_margin), "dp": series(stats.dp),
+    }}  # fmt: skip
 
 
 def divergence_point(stats: PositionStats, tie_margin: float = DEFAULT_TIE_MARGIN) -> dict[str, Any] | None:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..core.jsonio import strict_json
-from .distribution import divergence_point, position_stats, summarize_positions, worst_positions
+from .distribution import divergence_point, position_series, position_stats, summarize_positions, worst_positions
 from .kernels import Scratch, block_rows, map_row_blocks, ranked_ids
 
 PEARSON_PASS = 0.99
@@ -83,9 +83,10 @@ class PromptComparison:
         return not math.isnan(self.pearson) and self.pearson >= PEARSON_PASS
 
     def to_json(self) -> dict[str, Any]:
+        """The saved form: every field, and the per-position series for plots (``distribution.position_series``)."""
         stats, self.position_stats = self.position_stats, None
         try:
-            return strict_json(asdict(self))
+            return strict_json(asdict(self)) | position_series(stats)
         finally:
             self.position_stats = stats
 
@@ -403,11 +404,8 @@ def summarize(comparisons: list[PromptComparison]) -> RunSummary:
 
     weights = [c.finite_entries for c in comparisons]
     positions = [c.positions_compared for c in comparisons]
-    mean_abs = (
-        sum(c.mean_abs_diff * w for c, w in zip(comparisons, weights) if w) / sum(weights)
-        if sum(weights)
-        else float("nan")
-    )
+    mean_abs = (sum(c.mean_abs_diff * w for c, w in zip(comparisons, weights) if w) / sum(weights)
+                if sum(weights) else float("nan"))
 
     def pos_weighted(attr):
         pairs = [(getattr(c, attr), p) for c, p in zip(comparisons, positions) if p and not math.isnan(getattr(c, attr))]

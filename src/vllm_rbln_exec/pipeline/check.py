@@ -3,7 +3,7 @@
 ``check_parity(options)`` runs the comparison (``run``), measures the noise floor
 from repeats when asked (``noise``), resolves the tolerances of the run's model
 and dtype pair (``spec``: built-in defaults, spec file, command line), judges
-the report (``gate``) and writes the requested report files (``outputs``).
+the report (``gate``) and writes the requested report files and pictures (``outputs``).
 ``rejudge(path)`` does the same for a saved run without running any model.
 This module decides the order of those steps and nothing else: no metrics, no
 rendering, no engine code, and it never imports torch or vLLM.
@@ -87,7 +87,8 @@ def judge_run(run: dict[str, Any], options: GateOptions, spec: ParitySpec | None
 
 
 def write_reports(outcome: ParityOutcome, json_out: str | None = None, junit_out: str | None = None,
-                  markdown_out: str | None = None, run_folder: Path | None = None) -> dict[str, str]:
+                  markdown_out: str | None = None, run_folder: Path | None = None, html_out: str | None = None,
+                  plots_dir: str | None = None) -> dict[str, str]:
     files: dict[str, str] = {}
     if run_folder is not None and run_folder.is_dir():
         files["parity"] = str(write_json(run_folder / PARITY_FILE, outcome.run, outcome.verdict, outcome.noise))
@@ -100,7 +101,27 @@ def write_reports(outcome: ParityOutcome, json_out: str | None = None, junit_out
             files[name] = str(writer(*args))
         except OSError as exc:
             raise UsageError(f"cannot write --{name} {path}: {exc}", option=f"--{name}") from exc
+    files.update(write_pictures(outcome, html_out, plots_dir))
     outcome.files.update(files)
+    return files
+
+
+def write_pictures(outcome: ParityOutcome, html_out: str | None, plots_dir: str | None) -> dict[str, str]:
+    """--html and --plots; ``outputs.html`` (and matplotlib) are imported only when one is asked for."""
+    files: dict[str, str] = {}
+    if not html_out and not plots_dir:
+        return files
+    from ..outputs.html import write_html, write_plots
+
+    try:
+        if html_out:
+            files["html"] = str(write_html(html_out, outcome.run, outcome.verdict, outcome.noise))
+        if plots_dir:
+            written = write_plots(plots_dir, outcome.run, outcome.noise)
+            files["plots"] = f"{plots_dir} ({len(written)} files)"
+    except OSError as exc:
+        option = "--html" if html_out and "html" not in files else "--plots"
+        raise UsageError(f"cannot write {option}: {exc}", option=option) from exc
     return files
 
 
@@ -112,7 +133,7 @@ def check_parity(options: RunOptions, progress=None) -> ParityOutcome:
     noise = noise_floor(run)
     outcome = ParityOutcome(run=run, verdict=judge_run(run, options.gates, spec, noise), noise=noise, result=result)
     out = options.outputs
-    write_reports(outcome, out.json, out.junit, out.markdown, Path(result.run_dir))
+    write_reports(outcome, out.json, out.junit, out.markdown, Path(result.run_dir), out.html, out.plots)
     return outcome
 
 

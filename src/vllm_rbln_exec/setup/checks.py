@@ -93,8 +93,10 @@ def _check_files(v: dict[str, Any]) -> None:
         raise UsageError(f"reference file {v['reference_file']} does not exist", option="--reference")
     if v["reference_file"] and v["save_reference"]:
         raise UsageError("--reference and --save-reference cannot be combined", option="--save-reference")
+    if v["plots_dir"] is not None and Path(v["plots_dir"]).exists() and not Path(v["plots_dir"]).is_dir():
+        raise UsageError(f"--plots {v['plots_dir']} is a file; give a folder", option="--plots")
     for option, value in (("--json", v["json_out"]), ("--junit", v["junit_out"]), ("--markdown", v["markdown_out"]),
-                          ("--save-reference", v["save_reference"])):
+                          ("--html", v["html_out"]), ("--save-reference", v["save_reference"])):
         if value is None:
             continue
         if Path(value).is_dir():

@@ -35,6 +35,7 @@ FLAT_DEFAULTS: dict[str, Any] = {
     "target_device": None, "reference_args": None, "target_args": None, "target_model": None,
     "align": "forced", "tie_margin": 0.5, "capture": "fast", "store": "q16", "fail_on": (), "spec": None,
     "no_default_gates": False, "near_ties_fail": None, "repeat": 1, "json_out": None, "junit_out": None,
+    "html_out": None, "plots_dir": None,
     "markdown_out": None, "reference_file": None, "save_reference": None, "devices_file": None,
     "cache_dir": "cache", "runs_dir": "runs", "run_dir": None, "timeout": 1800.0, "kv_cache_gib": None,
     "verbose": False,
@@ -116,6 +117,8 @@ class OutputOptions:
     markdown: str | None
     run_dir: str | None
     runs_dir: str
+    html: str | None = None  # the self-contained HTML report
+    plots: str | None = None  # a folder for the plots as PNG and SVG files
 
 
 @dataclass(frozen=True)
@@ -196,7 +199,8 @@ def _records(v: dict[str, Any], explicit: frozenset[str]) -> RunOptions:
         gates=GateOptions(tuple(v["fail_on"]), v["spec"], not v["no_default_gates"], v["near_ties_fail"]),
         reference_source=ReferenceOptions(v["reference_file"], v["save_reference"],
                                           bool(v["use_cache"] or v["require_cache"]), bool(v["require_cache"])),
-        outputs=OutputOptions(v["json_out"], v["junit_out"], v["markdown_out"], v["run_dir"], v["runs_dir"]),
+        outputs=OutputOptions(v["json_out"], v["junit_out"], v["markdown_out"], v["run_dir"], v["runs_dir"],
+                              v["html_out"], v["plots_dir"]),
         display=DisplayOptions(bool(v["no_color"]), bool(v["inspect_logits"]), not v["no_snippet"],
                                v["snippet_elems"], bool(v["verbose"])),
         profile=ProfileOptions(profiled_sides(v), bool(v["profile_memory"]), bool(v["profile_shapes"]),
