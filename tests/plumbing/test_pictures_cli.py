@@ -24,6 +24,8 @@ pytestmark = pytest.mark.plumbing
 
 DRAWN = {"kl-positions", "kl-distribution", "kl-confidence", "delta-p", "flips"}  # a fake run: not localised or profiled
 GPU_RUN = REPO / "docs" / "gpu-vllm-h200" / "e-vllm-bf16-profiled.json"  # saved before per-position values were kept
+# SmolLM2 on an H200 (vLLM CUDA bf16, profiled, docs/gpu-smollm2.md): per-position series kept
+SMOL_GPU_RUN = REPO / "docs" / "gpu-smollm2" / "vllm-bf16-profiled.json"
 
 
 def cli(cwd: Path, *args: str, **switches: str):
@@ -127,20 +129,32 @@ def browser():
         yield b
 
 
-@pytest.fixture(scope="module")
-def gpu_page(tmp_path_factory) -> Path:
+def _saved_page(tmp_path_factory, report: Path) -> Path:
     folder = tmp_path_factory.mktemp("gpu-page")
-    res = cli(folder, "compare", str(GPU_RUN), "--html", "gpu.html", "--no-inspect-logits")
+    res = cli(folder, "compare", str(report), "--html", "gpu.html", "--no-inspect-logits")
     assert res.returncode == 0, res.stderr
     return folder / "gpu.html"
 
 
+@pytest.fixture(scope="module")
+def gpu_page(tmp_path_factory) -> Path:
+    return _saved_page(tmp_path_factory, GPU_RUN)
+
+
+@pytest.fixture(scope="module")
+def smol_gpu_page(tmp_path_factory) -> Path:
+    return _saved_page(tmp_path_factory, SMOL_GPU_RUN)
+
+
 @pytest.mark.parametrize("scheme", ["light", "dark"])
-@pytest.mark.parametrize("which", ["fake-run", "saved-gpu-run"])
-def test_every_plot_is_drawn_visible_and_inside_a_laptop_width_page(browser, runs, gpu_page, which, scheme,
-                                                                    tmp_path):
-    page, drawn = ((runs["build-1"].parent / "build-1.html", DRAWN) if which == "fake-run"
-                   else (gpu_page, {"kl-distribution", "kl-confidence", "speed"}))
+@pytest.mark.parametrize("which", ["fake-run", "saved-gpu-run", "smollm2-gpu-run"])
+def test_every_plot_is_drawn_visible_and_inside_a_laptop_width_page(browser, runs, gpu_page, smol_gpu_page, which,
+                                                                    scheme, tmp_path):
+    page, drawn = {
+        "fake-run": (runs["build-1"].parent / "build-1.html", DRAWN),
+        "saved-gpu-run": (gpu_page, {"kl-distribution", "kl-confidence", "speed"}),
+        "smollm2-gpu-run": (smol_gpu_page, DRAWN | {"speed"}),  # everything but the per-layer chart
+    }[which]
     browser.open(page, width=1280, scheme=scheme)
     facts = browser.evaluate(PAGE_FACTS)
     assert facts["fetched"] == []  # nothing loaded beyond the file itself
