@@ -113,6 +113,13 @@ def check_parity(options: RunOptions, progress=None) -> ParityOutcome:
     outcome = ParityOutcome(run=run, verdict=judge_run(run, options.gates, spec, noise), noise=noise, result=result)
     out = options.outputs
     write_reports(outcome, out.json, out.junit, out.markdown, Path(result.run_dir))
+    if options.localize.enabled:
+        from .localize import localize_folder
+
+        outcome.run["localization"] = localize_folder(
+            result.run_dir, run, outcome.verdict.to_json(), modules=options.localize.modules,
+            cache_dir=options.cache_dir, progress=progress)
+        write_reports(outcome, out.json, None, None, Path(result.run_dir))  # parity.json and --json carry it
     return outcome
 
 
