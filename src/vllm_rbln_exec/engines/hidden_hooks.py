@@ -19,7 +19,8 @@ What each name holds (one row, the position that produces a logprob row):
 vLLM's fused kernels (add+RMSNorm) overwrite their inputs in place, so every hook
 copies (``clone``) its row at once: a saved view would be rewritten by the next layer.
 
-A *step* is one forward call of the model: step 0 is the prefill of the prompt,
+torch is imported inside the functions that need it, so the module map can be
+checked without it. A *step* is one forward call of the model: step 0 is the prefill of the prompt,
 step ``t`` the decode step that produces generated position ``t``. The row taken at a
 step is the last real token of that forward (``counts[step] - 1`` in vLLM's flattened
 batch of one request, where padding could follow; the last one in transformers).
@@ -28,8 +29,6 @@ batch of one request, where padding could follow; the last one in transformers).
 from __future__ import annotations
 
 from typing import Any
-
-import torch
 
 ATTR = "_vre_hidden_recorder"
 
@@ -50,7 +49,7 @@ def module_map(model: Any, engine: str, modules: bool) -> dict[str, tuple[Any, s
     return out
 
 
-def _read(output: Any, how: str) -> torch.Tensor:
+def _read(output: Any, how: str) -> Any:
     if how == "sum" and isinstance(output, tuple):
         hidden, residual = output[0], output[1]
         return hidden if residual is None else hidden + residual
@@ -77,7 +76,7 @@ class Recorder:
         self.wanted = set(int(s) for s in wanted)
         self.counts = [int(c) for c in counts]
         self.step = -1
-        self.rows: dict[str, dict[int, torch.Tensor]] = {name: {} for name in self.names}
+        self.rows: dict[str, dict[int, Any]] = {name: {} for name in self.names}
         self.errors: list[str] = []
 
     def _step(self, module: Any, args: Any) -> None:
@@ -93,6 +92,8 @@ class Recorder:
         return expected - 1
 
     def _hook(self, name: str, how: str):
+        import torch
+
         def hook(module: Any, args: Any, output: Any) -> None:
             if self.step not in self.wanted:
                 return
@@ -107,6 +108,8 @@ class Recorder:
 
     def arrays(self) -> dict[str, Any]:
         """name -> float32 array [wanted steps in order, width]; missing steps are an error."""
+        import torch
+
         steps = sorted(self.wanted)
         out = {}
         for name in self.names:
