@@ -172,10 +172,11 @@ def localize_folder(run_dir: str | Path, run: dict[str, Any] | None = None, verd
     if not folder.is_dir():
         raise UsageError(f"{folder} is not a run folder (it does not exist)")
     if run is None:
-        if not parity.is_file():
+        saved = next((p for p in (parity, folder / "report.json") if p.is_file()), None)
+        if saved is None:
             raise UsageError(f"{folder} holds no parity.json: not a run folder (or the run did not finish)")
         try:
-            run, verdict, _ = load_report(parity)
+            run, verdict, _ = load_report(saved)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise UsageError(f"{parity} is not a vllm-rbln-exec report: {exc}") from exc
         if not isinstance(run, dict) or not isinstance(run.get("comparisons"), list):
