@@ -12,7 +12,7 @@ import importlib.util
 
 import pytest
 from tests.helpers import SHARED_MODELS
-from tests.integration.test_localize import plant_fault
+from tests.model_edits import plant_fault
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM (none installed)")]

@@ -3,44 +3,26 @@ fault is named, and honest comparisons name no layer.
 
 The default model cut to 4 layers; the fault is layer 2's ``o_proj`` scaled by 1.02 (a copy of the
 checkpoint). One CLI run with ``--localize`` (vLLM reference, transformers target on the faulty copy)
-checks the command end to end; three more hidden-state workers at the same positions (vLLM on the
-faulty copy, vLLM and transformers on the clean one) give the other pairs without more parity runs.
+checks the command end to end; ``localize RUN_DIR`` then reruns the hidden states of the same run (its
+new vLLM reference against the first one: identical sides), and two more hidden-state workers at the
+same positions (vLLM on the faulty copy, transformers on the clean one) give the other pairs without
+more parity runs.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from tests.helpers import SHARED_MODELS, make_cache_dir, run_cli
+from tests.model_edits import plant_fault
 
 pytestmark = pytest.mark.integration
 
 LAYERS, FAULT_LAYER = 4, 2
-
-
-def plant_fault(src: Path, dest: Path, key: str, scale: float | None = None, head: int | None = None,
-                head_dim: int = 64) -> Path:
-    """A copy of a model folder with one tensor edited: scaled, or one attention head's input columns zeroed."""
-    from safetensors.numpy import load_file, save_file
-
-    dest.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        if f.is_file() and not f.name.startswith(".") and f.name != "model.safetensors":
-            shutil.copy2(f, dest / f.name)
-    weights = load_file(src / "model.safetensors")
-    w = weights[key].copy()
-    if scale is not None:
-        w = (w * scale).astype(w.dtype)
-    if head is not None:
-        w[:, head * head_dim:(head + 1) * head_dim] = 0
-    weights[key] = w
-    save_file(weights, str(dest / "model.safetensors"), metadata={"format": "pt"})
-    return dest
 
 
 @pytest.fixture(scope="module")
@@ -96,16 +78,26 @@ def _hidden_jobs(faulty_run, specs):
 
 
 @pytest.fixture(scope="module")
-def other_pairs(faulty_run):
+def relocalized(faulty_run):
+    """``localize RUN_DIR`` on the run, the first localisation's reference kept aside."""
+    first = faulty_run["root"] / "first-reference"
+    shutil.copytree(faulty_run["run_dir"] / "localize" / "reference" / "hidden", first)
+    res = run_cli(["localize", str(faulty_run["run_dir"]), "--no-color", "--cache-dir", str(faulty_run["cache"])],
+                  cwd=faulty_run["root"], env={"COLUMNS": "160"})
+    return res, first
+
+
+@pytest.fixture(scope="module")
+def other_pairs(faulty_run, relocalized):
     from vllm_rbln_exec.capture.hidden import load_hidden
     from vllm_rbln_exec.worker.spawn import start_worker, wait_workers
 
     chosen, jobs = _hidden_jobs(faulty_run, [("vllm-fault", "vllm", faulty_run["fault"]),
-                                             ("vllm-clean", "vllm", faulty_run["clean"]),
                                              ("hf-clean", "transformers", faulty_run["clean"])])
     results = wait_workers([start_worker(j) for j in jobs])
     caps = {j.task.label: load_hidden(Path(r["hidden"])) for j, r in zip(jobs, results)}
     caps["vllm-ref"] = load_hidden(faulty_run["run_dir"] / "localize" / "reference" / "hidden")
+    caps["vllm-first"] = load_hidden(relocalized[1])
     return chosen, caps
 
 
@@ -124,7 +116,7 @@ def test_vllm_against_vllm_names_the_edited_layer(other_pairs):
 
 def test_honest_and_identical_sides_name_no_layer(other_pairs):
     chosen, caps = other_pairs
-    identical = _report(chosen, caps, "vllm-ref", "vllm-clean")
+    identical = _report(chosen, caps, "vllm-first", "vllm-ref")  # two vLLM workers on the same checkpoint
     assert identical["verdict"] == "none" and max(r["rel_l2"] for r in identical["layers"]) == 0.0
     honest = _report(chosen, caps, "vllm-ref", "hf-clean")
     assert honest["verdict"] == "none", honest["layers"]
@@ -133,11 +125,8 @@ def test_honest_and_identical_sides_name_no_layer(other_pairs):
     assert np.isfinite(errs).all()
 
 
-def test_localize_command_reruns_only_the_hidden_states(faulty_run):
-    if os.environ.get("VRE_SKIP_SLOW"):
-        pytest.skip("VRE_SKIP_SLOW")
-    res = run_cli(["localize", str(faulty_run["run_dir"]), "--no-color", "--cache-dir", str(faulty_run["cache"])],
-                  cwd=faulty_run["root"], env={"COLUMNS": "160"})
+def test_localize_command_reruns_only_the_hidden_states(faulty_run, relocalized):
+    res = relocalized[0]
     assert res.returncode == 1, res.stdout + res.stderr  # a layer departs
     assert f"the difference is created at layers.{FAULT_LAYER}" in res.stdout
     report = json.loads((faulty_run["run_dir"] / "parity.json").read_text())["run"]["localization"]

@@ -57,10 +57,11 @@ def test_a_jump_is_created_and_what_follows_is_inherited():
 
 def test_slow_growth_is_drift_not_created():
     floor = FLOOR["float32"]
-    errs = [floor * x for x in (1.0, 2.0, 3.5, 5.5, 8.0)]  # x1.5 per entry: above K without a jump of G
+    errs = [floor * x for x in (1.0, 1.6, 2.5, 3.8, 6.0)]  # x1.6 per entry: above K without a jump of G
     judged = judge_chain(errs, None, floor)
+    assert errs[3] / floor > K and 1.6 < G
     assert judged.verdict == "drift" and judged.first == 3
-    assert judged.status[3] == "inherited"
+    assert judged.status[3:] == ["inherited", "inherited"]
 
 
 def test_the_yardstick_sets_the_scale_at_each_entry():
