@@ -35,6 +35,7 @@ import numpy as np
 #   honest, transformers bfloat16 against the vLLM bfloat16 yardstick: ratio <= 1.98 at every entry
 #     (exactly 1.0 when target and yardstick are the same engine);
 #   planted, layer 12 o_proj x1.02, vLLM vs vLLM float32: ratio 27..77 at layer 12 (from exactly 0 before);
+#   planted, layer 20 down_proj x1.01, transformers vs vLLM float32: ratio 28.5..39.5 at layer 20 (<= 0.012 before);
 #   planted, layer 12 head 3 zeroed, vLLM bfloat16 against its yardstick: ratio 3.36..7.31 at layer 12.
 # K sits between the honest 1.98 and the faulty 3.36.
 K = 3.0
