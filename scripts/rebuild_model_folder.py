@@ -27,10 +27,10 @@ from pathlib import Path
 
 def main(gguf: Path, folder: Path) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from vllm_rbln_exec.setup.manifest import verify_folder
-
     import transformers
     from transformers import AutoModelForCausalLM
+
+    from vllm_rbln_exec.setup.manifest import verify_folder
 
     transformers.logging.set_verbosity_error()
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")

@@ -117,6 +117,8 @@ def run(
     markdown_out: str | None = typer.Option(None, "--markdown", help="Write a Markdown summary for a pull request."),
     html_out: str | None = typer.Option(None, "--html", help="Write a self-contained HTML report with plots (opens offline in any browser)."),
     plots_dir: str | None = typer.Option(None, "--plots", help="Write the report's plots as PNG and SVG files into DIR."),
+    localize: bool = typer.Option(False, "--localize", help="After the run, localise the failing positions (the worst ones when none failed) to the first layer whose output departs: hidden states of every side at those positions, judged layer by layer (docs/localize.md). Adds `localization` to parity.json and a plot."),
+    localize_modules: bool = typer.Option(False, "--localize-modules", help="--localize, and also the attention and MLP outputs inside each layer."),
 ) -> None:
     """Run the parity check (the default command)."""
     if ctx.invoked_subcommand is not None:
@@ -161,7 +163,15 @@ def execute(options) -> int:
     render_run(console, outcome.run, options.display)
     render_noise(console, outcome.noise)
     render_verdict(console, outcome.verdict, outcome.files)
+    _render_localization(console, outcome.run)
     return outcome.exit_code
+
+
+def _render_localization(console, run: dict) -> None:
+    if isinstance(run.get("localization"), dict):
+        from .outputs.localize_view import render_localization
+
+        render_localization(console, run["localization"])
 
 
 @app.command("compare")
@@ -206,6 +216,7 @@ def compare_cmd(
                                                     snippet=not no_snippet))
     render_noise(console, outcome.noise)
     render_verdict(console, outcome.verdict, outcome.files)
+    _render_localization(console, outcome.run)
     raise typer.Exit(outcome.exit_code)
 
 
@@ -240,6 +251,37 @@ def compare_trend(saved: list[str], gates, one_run_file: str | None, html_out: s
     for name, path in files.items():
         console.print(f"{name:<9} {path}", markup=False, highlight=False)
     return trend.exit_code
+
+
+@app.command("localize")
+def localize_cmd(
+    run_dir: str = typer.Argument(..., metavar="RUN_DIR", help="A run folder (with its parity.json)."),
+    modules: bool = typer.Option(False, "--modules", help="Also the attention and MLP outputs inside each layer."),
+    yardstick: bool = typer.Option(True, "--yardstick/--no-yardstick", help="With a half-precision target and a float32 reference, rerun the reference at the target's precision as the honest error to compare with (default: on)."),
+    prompts: int = typer.Option(2, "--max-prompts", help="Failing prompts to localise, at most."),
+    positions: int = typer.Option(2, "--max-decode-positions", help="Failing decode positions per prompt, besides position 0 (the prefill)."),
+    cache_dir: str = typer.Option("cache", "--cache-dir", help="Folder for the workers' compile caches."),
+    no_color: bool = typer.Option(False, "--no-color"),
+) -> None:
+    """Localise a saved run's failure to the first layer whose output departs (reruns only the hidden-state capture).
+
+    Writes `localization` into RUN_DIR/parity.json and RUN_DIR/localize/error_by_layer.png.
+    Exit codes: 0 no layer departs, 1 a layer departs (created or drifting), 2 bad usage, 3 a worker failed."""
+    from .outputs.localize_view import render_localization
+    from .outputs.terminal import ProgressView, make_console
+    from .pipeline.localize import localize_folder
+
+    console = make_console(no_color=no_color)
+    try:
+        if prompts < 1 or positions < 0:
+            raise UsageError("--max-prompts must be at least 1 and --max-decode-positions at least 0")
+        with ProgressView(make_console(no_color=no_color, stderr=True)) as view:
+            report = localize_folder(run_dir, modules=modules, use_yardstick=yardstick, max_prompts=prompts,
+                                     max_decode=positions, cache_dir=cache_dir, progress=view)
+    except HarnessError as exc:
+        raise typer.Exit(report_error(exc, no_color))
+    render_localization(console, report)
+    raise typer.Exit(0 if report["verdict"] == "none" else 1)
 
 
 @app.command("devices")

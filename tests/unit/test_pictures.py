@@ -75,22 +75,27 @@ def test_noise_floor_yardstick_and_layers_are_drawn_when_the_report_has_them():
     yard_comps = [{"series": {"kl": [0.01, 0.02]}}]
     run = report(yardstick={"label": "bf16", "summary": {"distribution": {"kl_mean": 0.004}},
                             "comparisons": yard_comps},
-                 localization={"layers": [{"name": "embed", "rel_error": 1e-6}, {"name": "layers.0", "rel_error": None},
-                                          {"layer": 1, "rel_error": 3e-3, "rel_error_max": 1e-2}], "threshold": 1e-3})
+                 localization={"layers": [{"name": "embed", "rel_l2": 1e-6, "yardstick_rel_l2": None},
+                                          {"name": "layers.0", "rel_l2": None, "yardstick_rel_l2": None},
+                                          {"name": "layers.1", "rel_l2": 3e-3, "yardstick_rel_l2": 1e-3}],
+                               "layer": "layers.1", "verdict": "created", "yardstick": None,
+                               "rule": {"k": 3.0, "floor": 1e-4}})
     noise = {"overall": {"distribution.kl_mean": {"noise": 0.002}}}
     plots = by_name(run, noise)
     lines = dict(plots["kl-distribution"].data["lines"])
     assert lines["noise floor (KL mean)"] == 0.002 and lines["yardstick KL mean"] == 0.004
     assert plots["kl-distribution"].data["others"]["yardstick"] == [0.01, 0.02]
     layers = plots["layers"].data["layers"]
-    assert [name for name, _, _ in layers] == ["embed", "layers.0", "1"]
+    assert [name for name, _, _ in layers] == ["embed", "layers.0", "layers.1"]
     assert layers[1][1] is None and "layers.0" in plots["layers"].notes[0]  # not measured: said, not drawn as 0
+    assert plots["layers"].data["first_over"] == "layers.1" and plots["layers"].data["threshold"] == 3.0 * 1e-4
 
 
 def test_figures_become_inline_svg_that_follows_the_page_colour_and_keeps_ids_apart():
     from vllm_rbln_exec.outputs import plots
 
-    run = report(localization={"layers": [{"name": "a", "rel_error": 1e-4}, {"name": "b", "rel_error": 1e-2}]})
+    run = report(localization={"layers": [{"name": "a", "rel_l2": 1e-4, "yardstick_rel_l2": 1e-4},
+                                          {"name": "b", "rel_l2": 1e-2, "yardstick_rel_l2": 1e-4}], "layer": "b"})
     svgs = {}
     for plot in plotdata.run_plots(run):
         if plot.data is not None:

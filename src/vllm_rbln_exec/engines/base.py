@@ -20,6 +20,7 @@ Emit = Callable[..., None]
 
 class Engine(ABC):
     name = "engine"
+    hidden_pass = False  # set before start(): a localisation pass (vLLM: eager, one sequence, no prefix cache)
 
     def __init__(self, request: CaptureRequest, emit: Emit):
         self.request = request
@@ -63,6 +64,13 @@ class Engine(ABC):
             out["cudnn_allow_tf32"] = bool(torch.backends.cudnn.allow_tf32)
             out["gpu"] = torch.cuda.get_device_name(0)
         return out
+
+    def capture_hidden(self, prompts: list[str], force: list[list[int]], positions: list[list[int]],
+                       modules: bool) -> tuple[list[str], dict[int, dict[str, Any]], dict[str, Any]]:
+        """Hidden states at the generated ``positions`` of each prompt, teacher-forced on ``force``
+        (``engines.hidden_hooks`` names the modules): (names in model order, rows[prompt][name]
+        as float32 [positions, width], what decided how they were taken)."""
+        raise NotImplementedError(f"the {self.name} engine cannot capture hidden states")
 
     # Profiling: ``request.profile`` (a ``ProfileRequest``)
     # says where traces go. This default runs torch.profiler in the worker's own

@@ -213,3 +213,33 @@ class TransformersEngine(Engine):
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         writer.add(index, prompt, prompt_ids, tokens, text)
 
+
+    # -- hidden states (a localisation pass) ------------------------------------
+    def capture_hidden(self, prompts: list[str], force: list[list[int]], positions: list[list[int]],
+                       modules: bool) -> tuple[list[str], dict[int, dict[str, Any]], dict[str, Any]]:
+        """The same stepping as the capture (prefill, then one forced token per decode step with the KV
+        cache), with ``engines.hidden_hooks`` copying rows at the positions asked."""
+        import torch
+
+        from . import hidden_hooks
+
+        recorder = hidden_hooks.Recorder(self.model, "transformers", modules)
+        keep = {self.keep_kw: 1} if self.keep_kw else {}
+        rows: dict[int, dict[str, Any]] = {}
+        try:
+            for i, prompt in enumerate(prompts):
+                ids = [int(t) for t in self.tokenizer(prompt)["input_ids"]]
+                steps = max(positions[i]) + 1
+                recorder.arm(list(positions[i]), [])
+                with torch.inference_mode():
+                    out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True, **keep)
+                    for t in range(1, steps):
+                        token = torch.tensor([[int(force[i][t - 1])]], device=self.device)
+                        out = self.model(input_ids=token, past_key_values=out.past_key_values, use_cache=True,
+                                         **keep)
+                rows[i] = recorder.arrays()
+                self.emit("hidden", f"{i + 1}/{len(prompts)} prompts", done=i + 1, total=len(prompts))
+        finally:
+            recorder.remove()
+        return recorder.names, rows, {"attn_implementation": getattr(self.model.config, "_attn_implementation", None),
+                                      "steps": "prefill of the prompt, then one decode step per forced token"}

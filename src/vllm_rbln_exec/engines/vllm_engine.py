@@ -75,6 +75,17 @@ class VllmEngine(Engine):
 
             kwargs.update(vllm_profiler_kwargs(r.profile, llm_cls))
         kwargs.update(side.effective_engine_args())
+        if self.hidden_pass:
+            # hooks must see every forward: no torch.compile, no CUDA graphs; one sequence per step, and each
+            # prompt prefilled whole (no prefix-cache hit from the previous prompt, no chunk split)
+            kwargs.update(enforce_eager=True, enable_prefix_caching=False, max_num_seqs=1)
+            kwargs["max_num_batched_tokens"] = max(int(kwargs.get("max_num_batched_tokens") or 0), r.max_model_len)
+            import dataclasses
+
+            from vllm.engine.arg_utils import EngineArgs
+
+            if "async_scheduling" in {f.name for f in dataclasses.fields(EngineArgs)}:
+                kwargs["async_scheduling"] = False  # one forward per step, in order
         return kwargs
 
     def effective_settings(self) -> dict[str, Any]:
@@ -152,6 +163,44 @@ class VllmEngine(Engine):
             if callable(shutdown):
                 shutdown()
             self.llm = None
+
+    # -- hidden states (a localisation pass) ------------------------------------
+    def capture_hidden(self, prompts: list[str], force: list[list[int]], positions: list[list[int]],
+                       modules: bool) -> tuple[list[str], dict[int, dict[str, Any]], dict[str, Any]]:
+        """Hooks installed in the process that runs the model (the engine core, through ``apply_model``),
+        one prompt at a time: generate with the forced tokens up to the last position asked, copy the
+        rows at the steps asked, dump them to a file this process reads back."""
+        from functools import partial
+
+        from vllm import TokensPrompt
+
+        from . import hidden_hooks
+
+        names = self.llm.apply_model(partial(hidden_hooks.install, engine="vllm", modules=modules))[0]
+        scratch = Path(tempfile.mkdtemp(prefix="vre-hidden-"))
+        rows: dict[int, dict[str, Any]] = {}
+        try:
+            for i, prompt in enumerate(prompts):
+                ids = [int(t) for t in self.tokenizer(prompt)["input_ids"]]
+                steps = max(positions[i]) + 1
+                self.llm.apply_model(partial(hidden_hooks.arm, wanted=list(positions[i]),
+                                             counts=[len(ids)] + [1] * steps))
+                params = self._sampling_params({"force": [int(t) for t in force[i]]}, None)
+                params.max_tokens = steps
+                self.llm.generate([TokensPrompt(prompt_token_ids=ids)], [params], use_tqdm=False)
+                path = scratch / f"p{i}.npz"
+                self.llm.apply_model(partial(hidden_hooks.dump, path=str(path)))
+                with np.load(path, allow_pickle=False) as data:
+                    rows[i] = {name: np.asarray(data[name]) for name in names}
+                self.emit("hidden", f"{i + 1}/{len(prompts)} prompts", done=i + 1, total=len(prompts))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        config = self.llm.llm_engine.vllm_config
+        how = {"enforce_eager": bool(config.model_config.enforce_eager),
+               "compilation_mode": _name(config.compilation_config.mode),
+               "cudagraph_mode": _name(config.compilation_config.cudagraph_mode),
+               "steps": "prefill of the prompt, then one decode step per forced token (as in the run)"}
+        return names, rows, how
 
     # -- capture --------------------------------------------------------------
     def _sampling_params(self, extra: dict[str, Any] | None, api_logprobs: int | None):

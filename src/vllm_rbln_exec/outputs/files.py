@@ -63,6 +63,14 @@ def load_report(path: str | Path) -> tuple[dict[str, Any], dict[str, Any] | None
     return data, None, None
 
 
+def add_to_report(path: str | Path, key: str, value: Any) -> Path:
+    """Put ``value`` under ``key`` of the run in a saved report (combined or plain), everything else untouched."""
+    data = json.loads(Path(path).read_text())
+    run = data["run"] if isinstance(data, dict) and data.get("kind") == PARITY_REPORT_KIND else data
+    run[key] = value
+    return write_text_atomic(Path(path), json.dumps(strict_json(data), indent=2, allow_nan=False) + "\n")
+
+
 # -- JUnit XML ----------------------------------------------------------------------
 def write_junit(path: str | Path, run_json: dict[str, Any], verdict: Verdict) -> Path:
     """One ``<testsuite>``: an ``overall`` testcase, then ``prompt_<i>`` per prompt."""

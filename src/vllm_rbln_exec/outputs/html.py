@@ -21,7 +21,7 @@ from typing import Any
 from .. import __version__
 from ..compare.catalogue import OVERALL, key_metrics, metric_value
 from ..core.jsonio import write_text_atomic
-from .plotdata import Plot, run_plots, summary_value
+from .plotdata import Plot, layer_errors, run_plots, summary_value
 from .trend import series as trend_series
 from .trend import table_rows
 
@@ -242,6 +242,19 @@ def write_plots(folder: str | Path, run: dict[str, Any], noise: Any = None) -> l
     if missing:
         written.append(write_text_atomic(folder / "README.txt", "\n".join(missing) + "\n"))
     return written
+
+
+def write_layer_plot(localization: dict[str, Any], path: Path) -> Path | None:
+    """The error-by-layer plot of a localisation as one PNG (what ``localize`` leaves beside the run);
+    None when the report lists no layers."""
+    from .plots import draw, write_files
+
+    plot = layer_errors({"localization": localization})
+    if plot.data is None:
+        return None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_files(draw(plot, "file"), path.parent, path.stem, formats=("png",))[0]
 
 
 # -- several runs -------------------------------------------------------------------------------

@@ -21,11 +21,10 @@ Keys read, all optional except ``summary`` and ``comparisons``:
   "comparisons": [{"series": {"kl": [...]}}, ...]}``; ``label`` and the
   per-position ``comparisons`` are optional, and ``yardstick.distribution`` is
   read where ``summary`` is absent.
-* ``localization`` (issue 14, per-layer error of the target against the
-  reference): ``{"layers": [{"name": str (or "layer": int), "rel_error": float,
-  "rel_error_max": float (optional)}, ...], "threshold": float (optional),
-  "first_over": name or index (optional)}``; ``per_layer`` is read where
-  ``layers`` is absent. A null ``rel_error`` is a layer that was not measured.
+* ``localization`` (``pipeline.localize``): ``{"layers": [{"name": str, "rel_l2": float,
+  "yardstick_rel_l2": float or null, ...}, ...], "layer": the first departing entry or null,
+  "verdict": str, "yardstick": side or null, "rule": {"k", "floor", ...}}`` (the largest relative L2
+  error of each entry over the localised positions). A null ``rel_l2`` is an entry that was not measured.
 * ``sides.*.profile`` and ``sides.*.timings``: the speed of profiled sides.
 * the noise floor (``verdict.noise`` JSON or ``NoiseFloor``) and ``reference_self``/``repeats``.
 """
@@ -211,13 +210,17 @@ def layer_errors(run: dict[str, Any]) -> Plot:
     if not isinstance(loc, dict):
         plot.missing = "the run was not localised (no per-layer errors in the report)"
         return plot
-    layers = loc.get("layers") or loc.get("per_layer") or []
-    rows = [(str(r.get("name", r.get("layer", i))), r.get("rel_error"), r.get("rel_error_max"))
-            for i, r in enumerate(layers) if isinstance(r, dict)]
+    rows = [(str(r.get("name", i)), r.get("rel_l2"), r.get("yardstick_rel_l2"))
+            for i, r in enumerate(loc.get("layers") or []) if isinstance(r, dict)]
     if not rows:
         plot.missing = "the localisation in this report lists no layers"
         return plot
-    plot.data = {"layers": rows, "threshold": loc.get("threshold"), "first_over": loc.get("first_over")}
+    rule = loc.get("rule") or {}
+    # without a yardstick an entry departs above K x the precision's floor: that line is the threshold
+    threshold = (rule["k"] * rule["floor"] if loc.get("yardstick") is None and isinstance(rule.get("k"), (int, float))
+                 and isinstance(rule.get("floor"), (int, float)) else None)
+    plot.data = {"layers": rows, "threshold": threshold, "first_over": loc.get("layer"),
+                 "verdict": loc.get("verdict")}
     unmeasured = [name for name, v, _ in rows if v is None]
     if unmeasured:
         plot.notes.append(f"not measured (no point drawn): {', '.join(unmeasured[:8])}"

@@ -192,18 +192,22 @@ def _layers(plt, data: dict[str, Any]):
     rows = data["layers"]
     fig, ax = plt.subplots(figsize=(WIDTH_IN, 3.4), layout="constrained")
     xs = [i for i, (_, v, _) in enumerate(rows) if v is not None]
-    ax.plot(xs, [rows[i][1] for i in xs], marker="o", color=BLUE, label="relative error (mean)")
-    top = [i for i, (_, _, m) in enumerate(rows) if m is not None]
-    if top:
-        ax.plot(top, [rows[i][2] for i in top], marker="^", ls=":", color=ORANGE, label="relative error (max)")
+    ax.plot(xs, [max(rows[i][1], 1e-12) for i in xs], marker="o", color=BLUE, label="target vs reference")
+    yard = [i for i, (_, _, y) in enumerate(rows) if y is not None]
+    if yard:
+        ax.plot(yard, [max(rows[i][2], 1e-12) for i in yard], marker="s", ls="--", color=ORANGE,
+                label="yardstick vs reference")
     if isinstance(data.get("threshold"), (int, float)):
-        ax.axhline(data["threshold"], color=RED, ls="--", lw=1.5, label=f"threshold {data['threshold']:g}")
+        ax.axhline(data["threshold"], color=RED, ls="--", lw=1.5, label=f"K x floor {data['threshold']:g}")
+    names = [name for name, _, _ in rows]
+    if data.get("first_over") in names:
+        ax.axvline(names.index(data["first_over"]), color=RED, alpha=0.4,
+                   label=f"{data.get('verdict') or 'departs'}: {data['first_over']}")
     step = max(1, len(rows) // 24)
     ax.set_xticks(range(0, len(rows), step), [rows[i][0] for i in range(0, len(rows), step)], rotation=45,
                   ha="right", fontsize=8)
-    if any(rows[i][1] > 0 for i in xs):
-        ax.set_yscale("log")
-    ax.set_ylabel("relative error")
+    ax.set_yscale("log")
+    ax.set_ylabel("relative L2 error (max over positions)")
     _legend_if_any(ax, loc="upper left", fontsize=9)
     return fig
 

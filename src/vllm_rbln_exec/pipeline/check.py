@@ -133,7 +133,17 @@ def check_parity(options: RunOptions, progress=None) -> ParityOutcome:
     noise = noise_floor(run)
     outcome = ParityOutcome(run=run, verdict=judge_run(run, options.gates, spec, noise), noise=noise, result=result)
     out = options.outputs
-    write_reports(outcome, out.json, out.junit, out.markdown, Path(result.run_dir), out.html, out.plots)
+    localizing = options.localize.enabled  # the pictures wait for the per-layer errors
+    write_reports(outcome, out.json, out.junit, out.markdown, Path(result.run_dir),
+                  None if localizing else out.html, None if localizing else out.plots)
+    if localizing:
+        from .localize import localize_folder
+
+        outcome.run["localization"] = localize_folder(
+            result.run_dir, run, outcome.verdict.to_json(), modules=options.localize.modules,
+            cache_dir=options.cache_dir, progress=progress)
+        # parity.json and --json carry it, and the HTML report and plots draw it
+        write_reports(outcome, out.json, None, None, Path(result.run_dir), out.html, out.plots)
     return outcome
 
 

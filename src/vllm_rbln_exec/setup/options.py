@@ -38,7 +38,7 @@ FLAT_DEFAULTS: dict[str, Any] = {
     "html_out": None, "plots_dir": None,
     "markdown_out": None, "reference_file": None, "save_reference": None, "devices_file": None,
     "cache_dir": "cache", "runs_dir": "runs", "run_dir": None, "timeout": 1800.0, "kv_cache_gib": None,
-    "verbose": False,
+    "verbose": False, "localize": False, "localize_modules": False,
 }  # fmt: skip
 
 
@@ -140,6 +140,14 @@ class ProfileOptions:
 
 
 @dataclass(frozen=True)
+class LocalizeOptions:
+    """``--localize``: after the run, find the first layer whose output departs (``pipeline.localize``)."""
+
+    enabled: bool = False
+    modules: bool = False  # attention and MLP outputs too
+
+
+@dataclass(frozen=True)
 class RunOptions:
     model: str
     reference: SideOptions
@@ -156,6 +164,7 @@ class RunOptions:
     cache_dir: str
     devices_file: str | None
     explicit: frozenset[str] = frozenset()
+    localize: LocalizeOptions = LocalizeOptions()
 
     def side(self, role: str) -> SideOptions:
         return self.reference if role == REFERENCE else self.target
@@ -206,6 +215,7 @@ def _records(v: dict[str, Any], explicit: frozenset[str]) -> RunOptions:
         profile=ProfileOptions(profiled_sides(v), bool(v["profile_memory"]), bool(v["profile_shapes"]),
                                bool(v["profile_stack"]), v["profile_dir"]),
         repeat=v["repeat"], cache_dir=v["cache_dir"], devices_file=v["devices_file"], explicit=explicit,
+        localize=LocalizeOptions(bool(v["localize"] or v["localize_modules"]), bool(v["localize_modules"])),
     )
 
 

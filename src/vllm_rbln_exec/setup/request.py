@@ -1,7 +1,8 @@
 """The typed, versioned records that cross into a worker process, and back out of it.
 
 The parent builds a ``WorkerTask`` (a task name, its folder and a typed payload:
-``CaptureRequest`` built from a ``Side``, or ``ConvertRequest``), writes it as
+``CaptureRequest`` built from a ``Side``, ``HiddenRequest`` (hidden states for a
+localisation) or ``ConvertRequest``), writes it as
 JSON, and the child reads it back through the same types (``read_task``); a
 file of another schema version, or with unknown or missing fields, is refused
 before any engine starts. This module owns those records only: it must not
@@ -19,8 +20,8 @@ from ..core.records import RecordError, from_data, to_data
 from ..profiling.request import ProfileRequest
 from .sides import Side
 
-REQUEST_SCHEMA_VERSION = 1
-CAPTURE, CONVERT = "capture", "convert_gguf"
+REQUEST_SCHEMA_VERSION = 2  # 2: the hidden_states task
+CAPTURE, CONVERT, HIDDEN = "capture", "convert_gguf", "hidden_states"
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,20 @@ class CaptureRequest:
 
 
 @dataclass(frozen=True)
+class HiddenRequest:
+    """Hidden states of ``capture.side`` at chosen generated positions (a localisation pass).
+
+    ``capture`` says what to run: its prompts, ``force`` (the reference's tokens, fed as in the run)
+    and ``max_tokens`` (one past the last position asked). ``positions[i]``: the generated positions of
+    prompt ``i`` to record (0 is the prefill's last token, ``t`` the decode step that produces row ``t``).
+    ``modules``: attention and MLP outputs too, besides each layer's output."""
+
+    capture: CaptureRequest
+    positions: tuple[tuple[int, ...], ...]
+    modules: bool = False
+
+
+@dataclass(frozen=True)
 class ConvertRequest:
     """Turn a GGUF file into a model folder at ``dest`` (once; the folder lock makes concurrent runs wait)."""
 
@@ -57,11 +72,12 @@ class ConvertRequest:
 
 @dataclass(frozen=True)
 class WorkerTask:
-    task: str  # capture | convert_gguf
+    task: str  # capture | convert_gguf | hidden_states
     label: str  # the side or job name shown in messages
     folder: str
     capture: CaptureRequest | None = None
     convert: ConvertRequest | None = None
+    hidden: HiddenRequest | None = None
     schema_version: int = REQUEST_SCHEMA_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -70,6 +86,10 @@ class WorkerTask:
 
 def capture_task(label: str, folder: Path | str, request: CaptureRequest) -> WorkerTask:
     return WorkerTask(task=CAPTURE, label=label, folder=str(folder), capture=request)
+
+
+def hidden_task(label: str, folder: Path | str, request: HiddenRequest) -> WorkerTask:
+    return WorkerTask(task=HIDDEN, label=label, folder=str(folder), hidden=request)
 
 
 def convert_task(folder: Path | str, request: ConvertRequest) -> WorkerTask:
@@ -87,7 +107,7 @@ def read_task(path: Path) -> WorkerTask:
         raise RecordError(f"worker request {path} has schema version {version!r}, this worker reads "
                           f"{REQUEST_SCHEMA_VERSION}: the parent and the worker come from different installs")
     task = from_data(WorkerTask, data)
-    payload = {CAPTURE: task.capture, CONVERT: task.convert}
+    payload = {CAPTURE: task.capture, CONVERT: task.convert, HIDDEN: task.hidden}
     if task.task not in payload or payload[task.task] is None:
         raise RecordError(f"worker request {path}: task {task.task!r} without its payload")
     return task

@@ -3,6 +3,7 @@
 Tasks:
   capture       build an engine, check its platform, capture, write the capture folder
   convert_gguf  turn a GGUF file into a model folder (needs transformers + gguf)
+  hidden_states build an engine for a localisation pass, write the hidden states (capture.hidden)
 
 Runs with the device's environment already in place (the parent built it). The
 result is ``result.json``: ``{"ok": true, ..., "peak_rss_mib": ...}`` or ``{"ok": false, "error": ...}``.
@@ -27,7 +28,7 @@ from typing import Any
 from ..capture.store import FULL, TOKENS, TOPN, CaptureWriter, SideInfo
 from ..core.jsonio import write_json_atomic
 from ..core.records import RecordError
-from ..setup.request import CAPTURE, CONVERT, CaptureRequest, WorkerTask, read_task
+from ..setup.request import CAPTURE, CONVERT, HIDDEN, CaptureRequest, WorkerTask, read_task
 from .spawn import EVENTS, RESULT
 
 EXIT_FAILED = 1
@@ -146,6 +147,42 @@ def _capture(engine, request: CaptureRequest, info: SideInfo, capture_dir: Path,
     return result
 
 
+def task_hidden(task: WorkerTask, emit: Events) -> dict[str, Any]:
+    """Hidden states at chosen positions, teacher-forced, into ``FOLDER/hidden`` (``capture.hidden``)."""
+    from ..capture.hidden import write_hidden
+    from ..engines import ENGINES
+
+    hidden = task.hidden
+    request = hidden.capture
+    side = request.side
+    # vLLM on CUDA runs the model in an engine-core process: the hook functions travel there pickled
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    engine = ENGINES.load(side.engine)(request, emit)
+    engine.hidden_pass = True
+    info = SideInfo(side=task.label, device=side.device, engine=side.engine, dtype=str(side.dtype or "auto"),
+                    model=side.model_name)
+    try:
+        platform = _start_engine(engine, request, info, emit)
+        emit("hidden", f"0/{len(request.prompts)} prompts", done=0, total=len(request.prompts))
+        t0 = time.perf_counter()
+        names, rows, how = engine.capture_hidden(list(request.prompts), [list(t) for t in request.force or ()],
+                                                 [list(p) for p in hidden.positions], hidden.modules)
+        elapsed = time.perf_counter() - t0
+        settings = engine.effective_settings()
+    finally:
+        try:
+            engine.close()
+        except Exception:  # closing must not hide the real outcome
+            traceback.print_exc()
+    meta = {"side": task.label, "device": side.device, "engine": side.engine, "dtype": str(side.dtype or "auto"),
+            "platform": platform, "engine_version": info.engine_version, "checkpoint": side.checkpoint,
+            "modules": hidden.modules, "pass": how, "effective": settings,
+            "timings": {**info.timings, "hidden_s": elapsed}}
+    folder = write_hidden(Path(task.folder) / "hidden", meta, names,
+                          {i: list(p) for i, p in enumerate(hidden.positions)}, rows)
+    return {"hidden": str(folder), "platform": platform}
+
+
 def task_convert_gguf(task: WorkerTask, emit: Events) -> dict[str, Any]:
     from ..setup.manifest import write_manifest
     from ..setup.models import folder_lock, is_model_folder
@@ -188,7 +225,7 @@ def peak_rss() -> dict[str, float]:
     return {"peak_rss_mib": mib(resource.RUSAGE_SELF), "peak_rss_children_mib": mib(resource.RUSAGE_CHILDREN)}
 
 
-TASKS = {CAPTURE: task_capture, CONVERT: task_convert_gguf}
+TASKS = {CAPTURE: task_capture, CONVERT: task_convert_gguf, HIDDEN: task_hidden}
 
 
 PARENT_ENV = "VLLM_RBLN_EXEC_PARENT_PID"  # set by worker.spawn: the run this worker belongs to
