@@ -4,7 +4,9 @@
 #   scripts/gpu_localize.sh OUT_DIR
 #
 # On a machine with one NVIDIA GPU, vLLM importable and this checkout's src/ on PYTHONPATH (for the slim
-# vLLM 0.24 bundle: PYTHONPATH=/tmp/site:$PWD/src:$PWD VLLM_USE_FLASHINFER_SAMPLER=0). Side by side:
+# vLLM 0.24 bundle: PYTHONPATH=/tmp/site:$PWD/src:$PWD VLLM_USE_FLASHINFER_SAMPLER=0). One after the other
+# (side by side on one GPU, a vLLM engine's start-up memory profiling failed when the other process's
+# memory changed meanwhile):
 #   example   tiny-llama3 with layer 1's o_proj scaled x2 on the target (vLLM CUDA bf16, compile and CUDA graphs
 #             on for the run, eager for the localisation pass) against transformers float32 on the CPU,
 #             with --localize, --html and --json: the report names the layer, the page draws it
@@ -32,10 +34,9 @@ EOF
     --target-model "$W/tiny-fault" --reference-engine transformers --max-tokens 8 --num-prompts 2 --no-color \
     --no-inspect-logits --target-args '{"gpu_memory_utilization": 0.3}' --localize \
     --json "$OUT/example.json" --html "$OUT/example.html" > "$OUT/example.log" 2>&1
-  echo "=== example: exit $?" >> "$OUT/example.log" ) &
+  echo "=== example: exit $?" >> "$OUT/example.log" )
 ( python3 -m pytest -q tests/gpu/test_gpu_localize.py -v -p no:cacheprovider > "$OUT/tests.log" 2>&1
-  echo "=== tests: exit $?" >> "$OUT/tests.log" ) &
-wait
+  echo "=== tests: exit $?" >> "$OUT/tests.log" )
 cp "$W/example/localize/error_by_layer.png" "$OUT/" 2>/dev/null
 cat "$OUT/example.log" "$OUT/tests.log"
 e=$(sed -n 's/^=== example: exit //p' "$OUT/example.log"); t=$(sed -n 's/^=== tests: exit //p' "$OUT/tests.log")
