@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..core.jsonio import strict_json
-from .distribution import divergence_point, position_stats, summarize_positions, worst_positions
+from .distribution import divergence_point, phase_kl, phase_means, position_stats, summarize_positions, worst_positions
 from .kernels import Scratch, block_rows, map_row_blocks, ranked_ids
 
 PEARSON_PASS = 0.99
@@ -77,6 +77,8 @@ class PromptComparison:
     argmax_divergence: dict[str, Any] | None = None  # first target argmax != reference token, classified
     worst_positions: list[dict[str, Any]] = field(default_factory=list)
     position_stats: Any = field(default=None, repr=False, compare=False)
+    kl_prefill: float = math.nan  # KL at position 0: the prompt's forward pass
+    kl_decode: float = math.nan  # mean KL over positions 1..: decode steps
 
     @property
     def pearson_ok(self) -> bool:
@@ -291,6 +293,7 @@ def compare_prompt(
         argmax_divergence=divergence_point(stats, tie_margin),
         worst_positions=worst_list,
         position_stats=stats,
+        **dict(zip(("kl_prefill", "kl_decode"), phase_kl(stats))),
     )
 
 
@@ -306,10 +309,8 @@ def _dense_rows(index: int, reference: dict[str, Any], target: dict[str, Any], n
     ref_rows = to_dense(np.asarray(reference["logprobs"][:n_pos]), _ids(reference, n_pos), vocab_size)
     tgt_rows = to_dense(np.asarray(target["logprobs"][:n_pos]), _ids(target, n_pos), vocab_size)
     if ref_rows.shape[1] != tgt_rows.shape[1]:
-        raise ValueError(
-            f"prompt {index}: vocabulary sizes differ (reference {ref_rows.shape[1]}, "
-            f"target {tgt_rows.shape[1]})"
-        )
+        raise ValueError(f"prompt {index}: vocabulary sizes differ (reference {ref_rows.shape[1]}, "
+                         f"target {tgt_rows.shape[1]})")
     return ref_rows, tgt_rows
 
 
@@ -317,10 +318,8 @@ def _elementwise_fields(ref_rows: np.ndarray, tgt_rows: np.ndarray, eps: float) 
     """PromptComparison's element-wise fields, over the entries finite on both sides (NaN when none is)."""
     ew = elementwise(ref_rows, tgt_rows, eps)
     finite_entries, total = ew.count, ref_rows.size
-    out: dict[str, Any] = {
-        "finite_entries": finite_entries,
-        "finite_overlap": float(finite_entries / total) if total else float("nan"),
-    }
+    out: dict[str, Any] = {"finite_entries": finite_entries,
+                           "finite_overlap": float(finite_entries / total) if total else float("nan")}
     if finite_entries:
         out.update(max_abs_diff=ew.max_abs, mean_abs_diff=ew.sum_abs / finite_entries, pearson=ew.pearson(),
                    outliers=ew.outliers, worst_position=ew.worst)
@@ -392,6 +391,8 @@ class RunSummary:
     distribution: dict[str, Any] = field(default_factory=dict)  # over every compared position of every prompt
     argmax_divergences: int = 0  # prompts whose target argmax left the reference tokens
     disagreements: int = 0  # ... of those, where the reference was not at a near-tie
+    kl_prefill: float = math.nan  # mean over prompts of the KL at position 0 (the prompt's forward pass)
+    kl_decode: float = math.nan  # mean KL over every prompt's positions 1.. (decode steps)
 
     def to_json(self) -> dict[str, Any]:
         return strict_json(asdict(self))
@@ -403,11 +404,8 @@ def summarize(comparisons: list[PromptComparison]) -> RunSummary:
 
     weights = [c.finite_entries for c in comparisons]
     positions = [c.positions_compared for c in comparisons]
-    mean_abs = (
-        sum(c.mean_abs_diff * w for c, w in zip(comparisons, weights) if w) / sum(weights)
-        if sum(weights)
-        else float("nan")
-    )
+    mean_abs = (sum(c.mean_abs_diff * w for c, w in zip(comparisons, weights) if w) / sum(weights)
+                if sum(weights) else float("nan"))
 
     def pos_weighted(attr):
         pairs = [(getattr(c, attr), p) for c, p in zip(comparisons, positions) if p and not math.isnan(getattr(c, attr))]
@@ -436,7 +434,9 @@ def summarize(comparisons: list[PromptComparison]) -> RunSummary:
             c.argmax_divergence is not None and c.argmax_divergence.get("kind") == "disagreement"
             for c in comparisons
         ),
+        **phase_means([(c.kl_prefill, c.kl_decode, c.positions_compared - 1) for c in comparisons]),
     )
+
 
 
 def _ids(side: dict[str, Any], n_pos: int) -> np.ndarray | None:

@@ -37,7 +37,7 @@ FLAT_DEFAULTS: dict[str, Any] = {
     "no_default_gates": False, "near_ties_fail": None, "repeat": 1, "json_out": None, "junit_out": None,
     "markdown_out": None, "reference_file": None, "save_reference": None, "devices_file": None,
     "cache_dir": "cache", "runs_dir": "runs", "run_dir": None, "timeout": 1800.0, "kv_cache_gib": None,
-    "verbose": False,
+    "verbose": False, "yardstick": "auto",
 }  # fmt: skip
 
 
@@ -153,6 +153,7 @@ class RunOptions:
     cache_dir: str
     devices_file: str | None
     explicit: frozenset[str] = frozenset()
+    yardstick: str = "auto"  # auto | none | ENGINE[:DTYPE] | DTYPE (setup.sides.parse_yardstick)
 
     def side(self, role: str) -> SideOptions:
         return self.reference if role == REFERENCE else self.target
@@ -202,6 +203,7 @@ def _records(v: dict[str, Any], explicit: frozenset[str]) -> RunOptions:
         profile=ProfileOptions(profiled_sides(v), bool(v["profile_memory"]), bool(v["profile_shapes"]),
                                bool(v["profile_stack"]), v["profile_dir"]),
         repeat=v["repeat"], cache_dir=v["cache_dir"], devices_file=v["devices_file"], explicit=explicit,
+        yardstick=str(v["yardstick"] or "auto"),
     )
 
 

@@ -52,6 +52,18 @@ DEFAULT_TOLERANCES: dict[str, list[tuple[str, str]]] = {
         ("prompt:kl_mean>5e-2", "one prompt far off while the average hides it (5x the run limit)"),
     ],
 }
+# With a yardstick (an honest side at the target's precision, against the same reference): the same
+# metrics relative to it. A target K times further from the reference than honest rounding at its own
+# precision is computing something else. K and the reasoning: see YARDSTICK_K.
+YARDSTICK_K = 3.0
+YARDSTICK_TOLERANCES = [
+    (f"kl_mean>{YARDSTICK_K:g}*yardstick", "honest bf16 engines land within 1.4x of each other's KL (measured, "
+     "docs/yardstick.md); a fault at the yardstick's own size is the smallest a precision can show"),
+    (f"kl_p99>{YARDSTICK_K:g}*yardstick", "the tail, relative to the yardstick's tail"),
+    (f"dp_rms>{YARDSTICK_K:g}*yardstick", "the probability of the fed token moved K times more than rounding moves it"),
+    (f"mismatches>{YARDSTICK_K:g}*yardstick", "argmax flips: K times the yardstick's (counted as 1 when it has none)"),
+    (f"prompt:kl_mean>{YARDSTICK_K:g}*yardstick", "one prompt far off while the average hides it"),
+]
 # Every tier: structural failures that are never rounding.
 STRUCTURAL_TOLERANCES = [
     ("positions_compared<1", "nothing was compared: an empty comparison must not pass"),
@@ -68,13 +80,16 @@ def default_tier(ref_dtype: str | None, tgt_dtype: str | None, ref_device: str |
 
 
 def default_gates(ref_dtype: str | None, tgt_dtype: str | None, *, ref_device: str | None = "cpu",
-                  tgt_device: str | None = None, near_ties_fail: bool = False) -> list[Gate]:
-    """The built-in gates for a dtype pair (judged by its coarser side), plus the argmax rule."""
+                  tgt_device: str | None = None, near_ties_fail: bool = False, yardstick: bool = False) -> list[Gate]:
+    """The built-in gates for a dtype pair (judged by its coarser side), plus the argmax rule; with a
+    yardstick, the tolerances relative to it too (the absolute ones stay as a backstop)."""
     ref = canonical_dtype(ref_dtype, ref_device)
     tgt = canonical_dtype(tgt_dtype, tgt_device)
     tier = max(ref, tgt, key=PRECISION_ORDER.index)
     source = f"{SOURCE_DEFAULT} ({ref}:{tgt})"
     gates: list[Gate] = [parse_gate(expr, source) for expr, _ in DEFAULT_TOLERANCES[tier]]
+    if yardstick:
+        gates += [parse_gate(expr, f"{source}, yardstick") for expr, _ in YARDSTICK_TOLERANCES]
     for expr, _ in STRUCTURAL_TOLERANCES:
         gate = parse_gate(expr, source)
         if gate.path == "distribution.kl_nonfinite":
