@@ -6,10 +6,16 @@ import json
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
-
 from vllm_rbln_exec.core.errors import UsageError
-from vllm_rbln_exec.setup.faults import BF16_UNIT_ROUNDOFF, parse_fault, plant
+from vllm_rbln_exec.setup.faults import BF16_UNIT_ROUNDOFF, parse_fault, plant, read_safetensors, write_safetensors
+
+
+def load_file(path):
+    return read_safetensors(path)[0]
+
+
+def save_file(tensors, path):
+    write_safetensors(path, tensors, {name: "F32" for name in tensors}, {"format": "pt"})
 
 HEADS, HEAD_DIM, HIDDEN = 2, 4, 8
 
@@ -77,3 +83,15 @@ def test_a_fault_that_hits_nothing_is_an_error(folder, tmp_path):
         plant(folder, tmp_path / "x", parse_fault("scale:7:o_proj:1.01"))
     with pytest.raises(UsageError, match="out of range"):
         plant(folder, tmp_path / "y", parse_fault("zero-head:0:5"))
+
+
+def test_safetensors_round_trip_keeps_every_dtype_and_rounds_bf16_to_nearest(tmp_path):
+    path = tmp_path / "t.safetensors"
+    values = np.array([1.0, 1.00390625, -2.5, 3.0e-3], np.float32)
+    tensors = {"a": values.reshape(2, 2), "h": values.astype(np.float16), "b": values, "i": np.arange(3)}
+    write_safetensors(path, tensors, {"a": "F32", "h": "F16", "b": "BF16", "i": "I64"}, {"format": "pt"})
+    back, stored, meta = read_safetensors(path)
+    assert stored == {"a": "F32", "h": "F16", "b": "BF16", "i": "I64"} and meta == {"format": "pt"}
+    assert np.array_equal(back["a"], tensors["a"]) and np.array_equal(back["h"], tensors["h"])
+    assert np.array_equal(back["i"], tensors["i"])
+    assert np.allclose(back["b"], values, rtol=2.0**-8) and back["b"][1] == 1.0  # a tie goes to even

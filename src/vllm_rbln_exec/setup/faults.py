@@ -5,8 +5,10 @@ A fault is named by a short spec (``scale:L:MODULE:F``, ``zero-head:L:H``,
 Llama-style model folder (safetensors and ``config.json``): the copy is what a
 target with that bug would compute, so running it as ``--target-model`` against
 the honest folder shows whether the verdict catches the bug. This module owns
-parsing the specs and editing the copies; it is plain file work with numpy and
-safetensors' numpy API, and must not run engines, judge, or import torch or vLLM.
+parsing the specs and editing the copies; it is plain file work with numpy (the
+safetensors format is read and written here: an 8-byte header length, a JSON
+header, raw little-endian data), and must not run engines, judge, or import
+torch or vLLM.
 """
 
 from __future__ import annotations
@@ -74,8 +76,6 @@ def parse_fault(spec: str) -> Fault:
 
 def plant(source: Path, dest: Path, fault: Fault, seed: int = 0) -> Path:
     """Copy the model folder ``source`` to ``dest`` and apply ``fault`` to the copy; returns ``dest``."""
-    from safetensors.numpy import load_file, save_file
-
     source, dest = Path(source), Path(dest)
     if dest.exists():
         shutil.rmtree(dest)
@@ -92,10 +92,10 @@ def plant(source: Path, dest: Path, fault: Fault, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     touched = 0
     for path in files:
-        tensors = load_file(str(path))
+        tensors, stored, metadata = read_safetensors(path)
         hit = _edit_tensors(tensors, fault, config, rng)
         if hit:
-            save_file(tensors, str(path), metadata={"format": "pt"})
+            write_safetensors(path, tensors, stored, metadata)
             touched += hit
     if not touched:
         raise UsageError(f"fault {fault.spec!r} hits no weight of {source} (layers: "
@@ -139,3 +139,54 @@ def _edit_tensors(tensors: dict[str, np.ndarray], fault: Fault, config: dict, rn
         t[:, head * head_dim:(head + 1) * head_dim] = 0
     tensors[name] = t
     return 1
+
+
+# -- safetensors, with numpy only ----------------------------------------------------------------
+_NUMPY = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+          "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str], dict | None]:
+    """(tensors, their stored dtype names, the file's metadata); BF16 tensors come back as float32."""
+    raw = Path(path).read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + size])
+    metadata = header.pop("__metadata__", None)
+    data = memoryview(raw)[8 + size:]
+    tensors, stored = {}, {}
+    for name, info in header.items():
+        start, end = info["data_offsets"]
+        kind = info["dtype"]
+        if kind == "BF16":
+            bits = np.frombuffer(data[start:end], dtype="<u2").astype(np.uint32) << 16
+            array = bits.view(np.float32)
+        elif kind in _NUMPY:
+            array = np.frombuffer(data[start:end], dtype=np.dtype(_NUMPY[kind]).newbyteorder("<")).copy()
+        else:
+            raise UsageError(f"{path}: tensor {name} has dtype {kind}, which planted faults do not handle")
+        tensors[name], stored[name] = array.reshape(info["shape"]), kind
+    return tensors, stored, metadata
+
+
+def write_safetensors(path: Path, tensors: dict[str, np.ndarray], stored: dict[str, str],
+                      metadata: dict | None = None) -> None:
+    """Write ``tensors`` back in their stored dtypes (BF16 rounded to nearest even from float32)."""
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    blobs, offset = [], 0
+    for name, array in tensors.items():
+        kind = stored.get(name, "F32")
+        if kind == "BF16":
+            bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
+            blob = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2").tobytes()
+        else:
+            blob = np.ascontiguousarray(array, dtype=np.dtype(_NUMPY[kind]).newbyteorder("<")).tobytes()
+        header[name] = {"dtype": kind, "shape": list(array.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for blob in blobs:
+            f.write(blob)
