@@ -79,7 +79,8 @@ def cases(args, model_path: Path, config: dict) -> list[tuple[str, dict]]:
     """(case name, flat options of the target) for every case."""
     layers = args.num_hidden_layers or int(config.get("num_hidden_layers") or 1)
     specs = args.faults or default_faults(layers)
-    out: list[tuple[str, dict]] = [("identical", {}), ("transformers", {"target_engine": "transformers"})]
+    out: list[tuple[str, dict]] = [] if args.faults_only else [("identical", {}),
+                                                                ("transformers", {"target_engine": "transformers"})]
     for raw in specs:
         fault = parse_fault(resolve_relative(raw, config))
         folder = Path(args.cache_dir) / "faults" / model_path.name / fault.slug
@@ -135,6 +136,7 @@ def main() -> int:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--faults", nargs="*", help="fault specs (setup.faults.parse_fault); default: the planted set")
     p.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"])
+    p.add_argument("--faults-only", action="store_true", help="leave out the honest cases")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--num-prompts", type=int, default=4)
     p.add_argument("--num-hidden-layers", type=int, default=None)
