@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from vllm_rbln_exec.compare.catalogue import metric_value  # noqa: E402
 from vllm_rbln_exec.compare.yardstick import ratio  # noqa: E402
 from vllm_rbln_exec.pipeline.check import check_parity, rejudge  # noqa: E402
-from vllm_rbln_exec.setup.faults import parse_fault, plant  # noqa: E402
+from vllm_rbln_exec.setup.faults import parse_fault, plant, planted  # noqa: E402
 from vllm_rbln_exec.setup.models import read_config, resolve_model, text_config  # noqa: E402
 from vllm_rbln_exec.setup.options import GateOptions, build_options  # noqa: E402
 
@@ -84,7 +84,7 @@ def cases(args, model_path: Path, config: dict) -> list[tuple[str, dict]]:
     for raw in specs:
         fault = parse_fault(resolve_relative(raw, config))
         folder = Path(args.cache_dir) / "faults" / model_path.name / fault.slug
-        if not (folder / "config.json").is_file():
+        if not planted(folder, fault):
             plant(model_path, folder, fault)
         out.append((fault.spec, {"target_model": str(folder)}))
     return out

@@ -7,7 +7,14 @@ import json
 import numpy as np
 import pytest
 from vllm_rbln_exec.core.errors import UsageError
-from vllm_rbln_exec.setup.faults import BF16_UNIT_ROUNDOFF, parse_fault, plant, read_safetensors, write_safetensors
+from vllm_rbln_exec.setup.faults import (
+    BF16_UNIT_ROUNDOFF,
+    parse_fault,
+    plant,
+    planted,
+    read_safetensors,
+    write_safetensors,
+)
 
 
 def load_file(path):
@@ -50,6 +57,7 @@ def test_a_scale_fault_scales_one_weight_and_nothing_else(folder, tmp_path):
     np.testing.assert_allclose(b["model.layers.1.self_attn.o_proj.weight"],
                                a["model.layers.1.self_attn.o_proj.weight"] * np.float32(1.01), rtol=1e-7)
     assert not (out / ".vre-manifest.json").exists()  # the copy is not the folder the manifest describes
+    assert planted(out, parse_fault("scale:1:o_proj:1.01")) and not planted(out, parse_fault("scale:1:o_proj:1.02"))
 
 
 def test_final_norm_zero_head_and_noise(folder, tmp_path):
@@ -81,6 +89,7 @@ def test_bad_fault_specs(spec):
 def test_a_fault_that_hits_nothing_is_an_error(folder, tmp_path):
     with pytest.raises(UsageError, match="hits no weight"):
         plant(folder, tmp_path / "x", parse_fault("scale:7:o_proj:1.01"))
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x*"))  # nothing half made is left
     with pytest.raises(UsageError, match="out of range"):
         plant(folder, tmp_path / "y", parse_fault("zero-head:0:5"))
 

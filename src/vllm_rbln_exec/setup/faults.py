@@ -74,19 +74,45 @@ def parse_fault(spec: str) -> Fault:
                      "rope-theta:VALUE, norm-eps:VALUE or weight-noise:REL|bf16")
 
 
+MARKER = ".planted-fault.json"  # written last: a folder without it is half made
+
+
+def planted(dest: Path, fault: Fault) -> bool:
+    """Whether ``dest`` is a finished copy with ``fault`` planted."""
+    try:
+        return json.loads((Path(dest) / MARKER).read_text()).get("spec") == fault.spec
+    except (OSError, ValueError):
+        return False
+
+
 def plant(source: Path, dest: Path, fault: Fault, seed: int = 0) -> Path:
-    """Copy the model folder ``source`` to ``dest`` and apply ``fault`` to the copy; returns ``dest``."""
+    """Copy the model folder ``source`` to ``dest`` and apply ``fault`` to the copy; returns ``dest``.
+
+    Made under a temporary name and renamed when done, so an interrupted plant never leaves a folder that
+    looks finished (``planted`` checks the marker written last)."""
     source, dest = Path(source), Path(dest)
-    if dest.exists():
-        shutil.rmtree(dest)
-    shutil.copytree(source, dest, ignore=shutil.ignore_patterns(".*"))  # the manifest and hashes describe source
-    config_path = dest / "config.json"
+    work = dest.with_name(f".{dest.name}.partial")
+    for path in (work, dest):
+        if path.exists():
+            shutil.rmtree(path)
+    shutil.copytree(source, work, ignore=shutil.ignore_patterns(".*"))  # the manifest and hashes describe source
+    try:
+        _apply(source, work, fault, seed)
+        (work / MARKER).write_text(json.dumps({"spec": fault.spec, "source": str(source), "seed": seed}))
+        work.rename(dest)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return dest
+
+
+def _apply(source: Path, work: Path, fault: Fault, seed: int) -> None:
+    config_path = work / "config.json"
     config = json.loads(config_path.read_text())
     if fault.kind in ("rope-theta", "norm-eps"):
         _edit_config(config, fault)
         config_path.write_text(json.dumps(config, indent=2))
-        return dest
-    files = sorted(dest.glob("*.safetensors"))
+        return
+    files = sorted(work.glob("*.safetensors"))
     if not files:
         raise UsageError(f"{source} has no safetensors file to plant {fault.spec!r} in")
     rng = np.random.default_rng(seed)
@@ -100,7 +126,6 @@ def plant(source: Path, dest: Path, fault: Fault, seed: int = 0) -> Path:
     if not touched:
         raise UsageError(f"fault {fault.spec!r} hits no weight of {source} (layers: "
                          f"{config.get('num_hidden_layers')})")
-    return dest
 
 
 def _edit_config(config: dict, fault: Fault) -> None:
