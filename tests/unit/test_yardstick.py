@@ -206,3 +206,13 @@ def test_reports_show_the_yardstick_and_old_reports_render_without_one():
     old = report([1e-3], None)
     old_text = markdown_summary(old, judge(old, gates_for_run(old)))
     assert "Yardstick" not in old_text and yardstick_sentence(old) is None
+
+
+def test_spec_files_take_yardstick_tolerances_per_dtype_pair():
+    from vllm_rbln_exec.verdict.spec import parse_spec, resolve_gates
+
+    spec = parse_spec({"dtypes": {"float32:bfloat16": {"fail-on": ["kl_mean>1.5*yardstick"]}}}, "inline")
+    gates = resolve_gates(spec, "m", "float32", "bfloat16", yardstick=True)
+    kl = [g for g in gates if getattr(g, "path", None) == KL and g.scope == "overall"]
+    assert [g.text for g in kl] == ["kl_mean>1.5*yardstick"]  # replaces the defaults on that metric
+    assert kl[0].yardstick_k == 1.5 and "spec" in kl[0].source
