@@ -111,6 +111,7 @@ def run(
     spec: str | None = typer.Option(None, "--spec", help="TOML parity spec (tolerances per model and dtype pair); default: [tool.vllm-rbln-exec] of ./pyproject.toml."),
     no_default_gates: bool = typer.Option(False, "--no-default-gates", help="Drop the built-in tolerances of the dtype pair."),
     near_ties_fail: bool | None = typer.Option(None, "--near-ties-fail/--near-ties-pass", help="Whether an argmax disagreement at a near-tie fails the run (default: it does not)."),
+    yardstick: str = typer.Option("auto", "--yardstick", help="A third side, honest at the target's precision, that the target's error is judged against (KL, p99, Δp RMS and argmax flips: target, yardstick, ratio): auto (one when the target's dtype is coarser than the reference's; costs one more engine start, cached with --use-cache), none, or ENGINE[:DTYPE] / DTYPE, e.g. vllm:bfloat16, transformers. Runs where the reference runs, on the reference's tokens. Tolerances may say K*yardstick."),
     repeat: int = typer.Option(1, "--repeat", help="Run the target N times (and an uncached reference twice) to measure the noise floor."),
     json_out: str | None = typer.Option(None, "--json", help="Write every metric, the verdict and the run's metadata as JSON."),
     junit_out: str | None = typer.Option(None, "--junit", help="Write a JUnit XML report (one test case per prompt)."),

@@ -184,3 +184,11 @@ def test_a_report_path_that_cannot_be_written_is_refused_before_the_run(cli_run)
     assert p.returncode == 2, p.stderr
     assert "--junit" in p.flat_err and "is not a writable folder" in p.flat_err
     assert_nothing_ran(cli_run.tmp_path)
+
+
+@pytest.mark.parametrize("value, hint", [("bogus", "Known: auto"), ("vlm:bf16", "Did you mean 'vllm'")])
+def test_bad_yardstick_lists_the_choices(cli_run, value, hint):
+    p = cli_run("--yardstick", value, "--target", "cpu", "--target-dtype", "bfloat16", *ABSENT_MODEL)
+    assert p.returncode == 2, p.stderr
+    assert "--yardstick" in p.flat_err and hint in p.flat_err and "ENGINE[:DTYPE]" in p.flat_err
+    assert_nothing_ran(cli_run.tmp_path)

@@ -9,12 +9,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from vllm_rbln_exec.compare.elementwise import pearson
 from vllm_rbln_exec.compare.kernels import topk_ids
 from vllm_rbln_exec.compare.metrics import (
     PromptComparison,
     compare_prompt,
     first_divergence,
-    pearson,
     summarize,
     to_dense,
 )

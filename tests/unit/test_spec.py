@@ -109,7 +109,7 @@ def test_defaults_switches():
     assert resolve_gates(on, "m", "float32", "float32", use_defaults=False) == []
     # a model table can turn them back on
     back = parse_spec({"defaults": False, "models": {"m": {"defaults": True}}}, "inline")
-    assert "kl_mean>1e-4" in by_text(resolve_gates(back, "m", "float32", "float32"))
+    assert "kl_mean>3e-8" in by_text(resolve_gates(back, "m", "float32", "float32"))
 
 
 def test_ignore_drops_inherited_gates():

@@ -19,7 +19,7 @@ from vllm_rbln_exec.capture.store import (
     unpack_capture,
 )
 from vllm_rbln_exec.compare import distribution as dist
-from vllm_rbln_exec.compare import kernels, metrics
+from vllm_rbln_exec.compare import elementwise, kernels, metrics
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -74,20 +74,20 @@ def test_streamed_elementwise_statistics_match_the_whole_array_ones(monkeypatch,
     both = np.isfinite(ref) & np.isfinite(tgt)
     with np.errstate(invalid="ignore"):
         diff = np.where(both, np.abs(tgt - ref), 0.0)
-    ew = metrics.elementwise(ref, tgt, eps=0.1)
+    ew = elementwise.elementwise(ref, tgt, eps=0.1)
     assert ew.count == both.sum()
     assert ew.max_abs == diff.max()
     assert ew.worst == np.unravel_index(diff.argmax(), diff.shape)[0]
     assert ew.outliers == (diff >= np.float32(0.1)).sum()
     assert ew.sum_abs == pytest.approx(diff.sum(dtype=np.float64), rel=1e-12)
-    assert ew.pearson() == pytest.approx(metrics.pearson(ref[both], tgt[both]), rel=1e-12)
+    assert ew.pearson() == pytest.approx(elementwise.pearson(ref[both], tgt[both]), rel=1e-12)
 
 
 def test_streamed_pearson_nan_for_a_constant_side():
     ref = log_softmax(np.random.default_rng(0).standard_normal((3, 40)))
     const = np.full_like(ref, -math.log(40))
-    assert math.isnan(metrics.elementwise(ref, const, 0.5).pearson())
-    assert math.isnan(metrics.pearson(ref.ravel(), const.ravel()))
+    assert math.isnan(elementwise.elementwise(ref, const, 0.5).pearson())
+    assert math.isnan(elementwise.pearson(ref.ravel(), const.ravel()))
 
 
 def test_results_do_not_depend_on_threads_or_blocks(monkeypatch):

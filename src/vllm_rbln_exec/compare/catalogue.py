@@ -60,6 +60,7 @@ class Metric:
     prompt_label: str | None = None  # the per-prompt table's shorter label, where it differs
     key: tuple[str, ...] = ()  # scopes whose report tables show it as a key metric
     derived: bool = False  # computed from other fields of the same record (``metric_value``)
+    floor: float | None = None  # what honest sides reach through the q16 store alone (see ``FLOORS``)
 
     def path_in(self, scope: str) -> str | None:
         """The dotted path in ``scope``; None where the metric does not exist."""
@@ -90,13 +91,25 @@ def _dist(name: str, description: str, **kw: Any) -> Metric:
 
 def _kl(name: str, description: str, **kw: Any) -> Metric:
     """A KL or Δp statistic: 0 between identical sides, worst at the largest-KL position."""
-    return _dist(name, description, **{"identity": 0.0, "position": WORST_KL, "better": LOWER, **kw})
+    floor = FLOORS.get(name.split("_")[0])
+    return _dist(name, description, **{"identity": 0.0, "position": WORST_KL, "better": LOWER, "floor": floor, **kw})
 
 
 def _agree(metric: Metric) -> Metric:
     """An agreement rate: 1 between identical sides, worst at the first argmax divergence."""
     return replace(metric, identity=1.0, position=ARGMAX, better=HIGHER)
 
+
+# The floor of a metric: the value two honest float32 captures of one model reach through the q16 store's
+# rounding alone (entries kept to 2.44e-4 nats). A yardstick below it is taken at it, so a ratio to a
+# yardstick that sits at the floor does not explode. Measured on SmolLM2-135M, 4 built-in prompts x 32
+# tokens, vLLM CPU fp32 reference vs transformers CPU fp32 target, q16 store: KL mean 8.9e-10, p99 1.7e-8,
+# max 2.2e-8, Δp RMS 2.6e-6, no flip (docs/yardstick.md "Floors" has the command):
+FLOORS = {
+    "kl": 1e-8,  # KL statistics (nats)
+    "dp": 1e-5,  # Δp statistics (probability)
+    "mismatches": 1.0,  # argmax flips are counts: a yardstick with no flip is counted as one
+}
 
 # Grouped by family; within a scope, ``metric_paths`` and the key metrics of reports follow this order.
 METRICS: tuple[Metric, ...] = (
@@ -116,6 +129,10 @@ METRICS: tuple[Metric, ...] = (
     _kl("kl_p999", "KL 99.9th percentile"),
     _kl("kl_max", "KL max", label="KL max", key=BOTH),
     _kl("kl_nonfinite", "positions whose KL is inf or NaN (left out of the other kl_* statistics)"),
+    _both("kl_prefill", "KL at position 0, the prompt's forward pass (overall: the mean over prompts)",
+          identity=0.0, better=LOWER, floor=FLOORS["kl"], label="KL at position 0 (prefill)"),
+    _both("kl_decode", "KL mean over positions 1.. (decode steps, reading the KV cache)", identity=0.0,
+          better=LOWER, floor=FLOORS["kl"], label="KL after position 0 (decode)"),
     Metric("kl_confident_mean", BOTH, f"KL mean over positions whose reference top-1 probability is in "
            f"{CONFIDENT_BUCKET}", identity=0.0, position=WORST_KL, better=LOWER, derived=True),
     Metric("kl_confident_max", BOTH, f"KL max over positions whose reference top-1 probability is in "
@@ -124,8 +141,8 @@ METRICS: tuple[Metric, ...] = (
     _agree(_dist("top1_rate", "share of positions whose argmax agrees", aliases=("top1", "same_top1"),
                  label="same top-1 rate", prompt_label="top-1", key=BOTH)),
     _dist("top1_se", "binomial standard error of top1_rate", identity=0.0),
-    _dist("top1_mismatches", "positions whose argmax differs", aliases=("mismatches",), identity=0.0,
-          position=ARGMAX, better=LOWER),
+    _dist("top1_mismatches", "positions whose argmax differs", aliases=("mismatches", "flips"), identity=0.0,
+          position=ARGMAX, better=LOWER, floor=FLOORS["mismatches"], label="top-1 mismatches"),
     _dist("mismatches_near_tie", "top-1 mismatches where the reference's top-2 margin is below the tie margin",
           aliases=("near_tie_mismatches",), identity=0.0, position=ARGMAX, better=LOWER),
     Metric("confident_mismatches", BOTH, "top-1 mismatches where the reference was not at a near-tie",
@@ -149,7 +166,7 @@ METRICS: tuple[Metric, ...] = (
           better=HIGHER),
     # -- Δp: target minus reference probability of the reference token
     _kl("dp_mean", "mean Δp", better=None),
-    _kl("dp_rms", "root mean square of Δp"),
+    _kl("dp_rms", "root mean square of Δp", label="Δp RMS"),
     _kl("dp_p01", "Δp 1st percentile", better=None),
     _kl("dp_p99", "Δp 99th percentile", better=None),
     _kl("dp_abs_p99", "99th percentile of |Δp|"),
@@ -297,6 +314,12 @@ def label(path: str, scope: str = OVERALL) -> str:
 def key_metrics(scope: str) -> list[tuple[str, str]]:
     """(label, dotted path) of the metrics report tables show for ``scope``, in catalogue order."""
     return [(label(m.path_in(scope), scope), m.path_in(scope)) for m in METRICS if scope in m.key]
+
+
+def floor(path: str) -> float:
+    """The floor of a metric (0 where it has none)."""
+    metric = lookup(path)
+    return (metric.floor if metric is not None else None) or 0.0
 
 
 def _derived(record: dict[str, Any], path: str) -> float | None:

@@ -246,6 +246,25 @@ def divergence_point(stats: PositionStats, tie_margin: float = DEFAULT_TIE_MARGI
     }
 
 
+def phase_kl(stats: PositionStats) -> tuple[float, float]:
+    """(KL at position 0, mean finite KL over positions 1..): the prompt's forward pass (prefill) against
+    the steps after it (decode, reading the KV cache). NaN where a phase has no finite position."""
+    kl = stats.kl
+    first = float(kl[0]) if kl.size and np.isfinite(kl[0]) else math.nan
+    rest = kl[1:][np.isfinite(kl[1:])]
+    return first, (float(rest.mean()) if rest.size else math.nan)
+
+
+def phase_means(prompts: list[tuple[float, float, int]]) -> dict[str, float]:
+    """The run's ``kl_prefill`` (mean over prompts) and ``kl_decode`` (position-weighted) from each prompt's
+    (kl_prefill, kl_decode, decode positions)."""
+    first = [f for f, _, _ in prompts if not math.isnan(f)]
+    rest = [(d, n) for _, d, n in prompts if not math.isnan(d) and n > 0]
+    weight = sum(n for _, n in rest)
+    return {"kl_prefill": sum(first) / len(first) if first else math.nan,
+            "kl_decode": sum(d * n for d, n in rest) / weight if weight else math.nan}
+
+
 def worst_positions(stats: PositionStats, n: int = 5) -> list[int]:
     """Indices of the ``n`` largest-KL positions, KL descending, ties by index (NaN last)."""
     idx = np.arange(len(stats))

@@ -21,7 +21,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ..compare.catalogue import OVERALL, PROMPT, key_metrics, metric_value
+from ..compare.catalogue import OVERALL, PROMPT, key_metrics, label, metric_value
+from ..compare.yardstick import ratio_table
 from ..core.jsonio import strict_json, write_text_atomic
 from ..verdict.judge import Verdict
 from ..verdict.noise import NoiseFloor, noise_from_json, noise_to_json
@@ -84,7 +85,8 @@ def write_junit(path: str | Path, run_json: dict[str, Any], verdict: Verdict) ->
     for i, comp in enumerate(comparisons):
         index = comp.get("index", i)
         messages = [v.message for v in verdict.violations if v.scope == PROMPT and v.prompt_index == index]
-        cases.append((f"prompt_{index}", 0.0, messages, _prompt_text(comp)))
+        cases.append((f"prompt_{index}", 0.0, messages, "\n".join([_prompt_text(comp),
+                                                                      *_yardstick_lines(run_json, i)])))
     failures = sum(1 for _, _, messages, _ in cases if messages)
 
     counts = {"tests": str(len(cases)), "failures": str(failures), "errors": "0", "skipped": "0",
@@ -115,6 +117,11 @@ def _properties(run_json: dict[str, Any], verdict: Verdict) -> list[tuple[str, s
         s = sides.get(side) or {}
         out.append((f"{side}_side", f"{s.get('device', '?')} {s.get('engine', '?')} {s.get('engine_version', '')} "
                                f"{s.get('dtype', '?')}".replace("  ", " ")))
+    yard = run_json.get("yardstick")
+    if isinstance(yard, dict):
+        y = yard.get("side") or {}
+        out.append(("yardstick_side", f"{y.get('device', '?')} {y.get('engine', '?')} {y.get('engine_version', '')} "
+                                      f"{y.get('dtype', '?')} ({y.get('source', '?')})".replace("  ", " ")))
     out.append(("passed", str(verdict.passed).lower()))
     out.append(("gates", ", ".join(c["gate"] for c in verdict.checked)))
     for s in verdict.skipped:
@@ -125,9 +132,21 @@ def _properties(run_json: dict[str, Any], verdict: Verdict) -> list[tuple[str, s
 def _overall_text(run_json: dict[str, Any], verdict: Verdict) -> str:
     summary = run_json.get("summary") or {}
     lines = [f"{label}: {_num(metric_value(summary, path))}" for label, path, _ in KEY_METRICS]
+    lines += _yardstick_lines(run_json, None)
+    lines += list(getattr(verdict, "findings", None) or [])
     lines += [f"note: {n}" for n in verdict.notes]
     lines += [f"warning: {w}" for w in verdict.warnings]
     return "\n".join(lines)
+
+
+def _yardstick_lines(run_json: dict[str, Any], index: int | None) -> list[str]:
+    """``yardstick <metric>: target T, yardstick Y, ratio R`` for the run (``index`` None) or one prompt."""
+    if not isinstance(run_json.get("yardstick"), dict):
+        return []
+    table = ratio_table(run_json)
+    rows = table["overall"] if index is None else (table["prompts"][index] if index < len(table["prompts"]) else {})
+    return [f"yardstick {label(path)}: target {_num(r['target'])}, yardstick {_num(r['yardstick'])}, "
+            f"ratio {_num(r['ratio'])}" for path, r in rows.items()]
 
 
 def _prompt_text(comp: dict[str, Any]) -> str:
@@ -163,6 +182,8 @@ def markdown_summary(run_json: dict[str, Any], verdict: Verdict, noise: NoiseFlo
         lines = [f"### ❌ Parity fails: {n} violation{'s' if n != 1 else ''} ({n_gates} tolerances checked)"]
     lines += ["", _setup_line(run_json), ""]
     lines += _md_key_metrics(run_json.get("summary") or {}, verdict, noise)
+    lines += _md_yardstick(run_json)
+    lines += _md_findings(verdict)
     lines += _md_prompts(run_json.get("comparisons") or [], verdict)
     lines += _md_violations_and_worst(run_json.get("comparisons") or [], verdict)
     return "\n".join(lines) + "\n"
@@ -177,7 +198,7 @@ def _md_key_metrics(summary: dict[str, Any], verdict: Verdict, noise: NoiseFloor
     header = "| metric | value | tolerance |" if noise is None else "| metric | value | noise | tolerance |"
     lines = [header, "|---|---|---|" + ("---|" if noise is not None else "")]
     failed_paths = {v.path for v in verdict.violations if v.scope == OVERALL}
-    for label, path, scope in KEY_METRICS:
+    for name, path, scope in KEY_METRICS:
         shown = _num(metric_value(summary, path))
         if path == "distribution.kl_mean" and metric_value(summary, "distribution.kl_sem") is not None:
             shown += f" ± {_num(metric_value(summary, 'distribution.kl_sem'))}"
@@ -185,10 +206,35 @@ def _md_key_metrics(summary: dict[str, Any], verdict: Verdict, noise: NoiseFloor
             shown += f" ± {_num(metric_value(summary, 'distribution.top1_se'))}"
         mark = " ❌" if path in failed_paths else ""
         tol = ", ".join(f"`{t}`" for t in tolerances.get((scope, path), [])) or "–"
-        cells = [_md_cell(label), shown + mark]
+        cells = [_md_cell(name), shown + mark]
         if noise is not None:
             cells.append(_num(noise.value(path)))
         lines.append("| " + " | ".join([*cells, tol]) + " |")
+    return lines
+
+
+def _md_findings(verdict: Verdict) -> list[str]:
+    found = list(getattr(verdict, "findings", None) or [])
+    return ["", *[f"- {_md_inline(f)}" for f in found]] if found else []
+
+
+def _md_yardstick(run_json: dict[str, Any]) -> list[str]:
+    """The yardstick table: the target's value, the yardstick's and their ratio, overall and per prompt."""
+    yard = run_json.get("yardstick")
+    if not isinstance(yard, dict):
+        return []
+    side = yard.get("side") or {}
+    table = ratio_table(run_json)
+    paths = list(table["overall"])
+    lines = ["", f"**Yardstick**: {side.get('engine', '?')} {side.get('dtype', '?')} on `{side.get('device', '?')}` "
+             f"({_md_inline(str(yard.get('why', '')))}); ratio = target / max(yardstick, floor)", "",
+             "| | " + " | ".join(f"{_md_cell(label(p))}: target / yardstick / ratio" for p in paths) + " |",
+             "|---" * (len(paths) + 1) + "|"]
+    rows = [("overall", table["overall"])] + [(f"prompt {i}", r) for i, r in enumerate(table["prompts"])]
+    for name, row in rows[:MAX_MARKDOWN_PROMPTS + 1]:
+        cells = [f"{_num(row[p]['target'])} / {_num(row[p]['yardstick'])} / **{_num(row[p]['ratio'])}**"
+                 for p in paths]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
 

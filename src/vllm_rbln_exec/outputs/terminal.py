@@ -18,7 +18,9 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from ..compare.catalogue import label
 from ..compare.metrics import PEARSON_PASS
+from ..compare.yardstick import ratio_table
 from ..setup.options import DisplayOptions
 from .profile_tables import render_run_profile
 
@@ -293,6 +295,7 @@ def render_run(console: Console, run: dict[str, Any], display: DisplayOptions | 
             render_prompt(console, c, display.snippet, display.snippet_elems)
     render_summary(console, run)
     render_distribution(console, run)
+    render_yardstick(console, run)
     render_run_profile(console, run)
     console.print(f"run folder   {escape(str(run.get('run_dir')))}")
 
@@ -345,6 +348,26 @@ def render_cache_entries(console: Console, entries: list[dict[str, Any]]) -> Non
     console.print(table)
 
 
+def render_yardstick(console: Console, run: dict[str, Any]) -> None:
+    """The target's headline metrics beside the yardstick's (honest at the target's precision), and the ratio."""
+    yard = run.get("yardstick")
+    if not isinstance(yard, dict):
+        return
+    side = yard.get("side") or {}
+    title = (f"yardstick {side.get('engine', '?')} {side.get('dtype', '?')} on {side.get('device', '?')} "
+             f"({side.get('source', '?')}): {yard.get('why', '')}")
+    table = Table(title=escape(title), title_justify="left")
+    for name in ("metric", "target", "yardstick", "ratio"):
+        table.add_column(name, justify="left" if name == "metric" else "right")
+    ratios = ratio_table(run)
+    for path, row in ratios["overall"].items():
+        table.add_row(label(path), fmt(row["target"]), fmt(row["yardstick"]), fmt(row["ratio"], 3))
+    for i, prompt in enumerate(ratios["prompts"]):
+        row = prompt["distribution.kl_mean"]
+        table.add_row(f"prompt {i} KL mean", fmt(row["target"]), fmt(row["yardstick"]), fmt(row["ratio"], 3))
+    console.print(table)
+
+
 def render_noise(console: Console, noise) -> None:
     """The run-to-run spread of the headline metrics (``--repeat``)."""
     if noise is None:
@@ -375,5 +398,7 @@ def render_verdict(console: Console, verdict, files: dict[str, str] | None = Non
             console.print(Text(f"  ✗ {v.message}  [{v.source}]", style="red"))
     for w in verdict.warnings:
         console.print(Text(f"  ! {w}", style="yellow"))
+    for line in getattr(verdict, "findings", None) or []:
+        console.print(Text(f"  · {line}"))
     for name, path in (files or {}).items():
         console.print(f"{name:<9} {path}", markup=False, highlight=False)

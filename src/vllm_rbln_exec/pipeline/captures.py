@@ -61,7 +61,7 @@ def side_settings(options: RunOptions, side: Side) -> dict[str, Any]:
         "logprobs": c.logprobs, "batch": c.batch, "block_size": side.block_size, "tp": side.parallel.tp,
         "pp": side.parallel.pp, "dp": side.parallel.dp, "ep": side.parallel.ep, "capture": c.capture,
         "store": c.store, "num_hidden_layers": c.num_hidden_layers,
-        "align": c.align if side.role == "target" else "free", "engine_args": dict(side.engine_args),
+        "align": "free" if side.role == "reference" else c.align, "engine_args": dict(side.engine_args),
     }  # fmt: skip
 
 

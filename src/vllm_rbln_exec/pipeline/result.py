@@ -15,6 +15,7 @@ from typing import Any
 from .. import __version__
 from ..capture.store import Capture
 from ..compare.metrics import PromptComparison, RunSummary
+from ..compare.yardstick import ratio_table
 
 REPORT_SCHEMA_VERSION = 2
 
@@ -56,6 +57,9 @@ class RunResult:
     reference_self: dict[str, Any] | None = None  # --repeat: the reference against a second capture of itself
     options: dict[str, Any] = field(default_factory=dict)  # what the user asked for
     resolved: dict[str, Any] = field(default_factory=dict)  # what the run decided on its own
+    # an honest side at the target's precision against the same reference: {why, side, cache, summary,
+    # comparisons}; to_json adds its ratios. None: the run had no yardstick (and reports before it have no key)
+    yardstick: dict[str, Any] | None = None
     harness_version: str = __version__
     schema_version: int = REPORT_SCHEMA_VERSION
 
@@ -79,7 +83,10 @@ class RunResult:
             "reference_tokens": self.reference_tokens,
             "repeats": self.repeats,
             "reference_self": self.reference_self,
+            "yardstick": dict(self.yardstick) if self.yardstick else None,
         }
+        if self.yardstick:
+            data["yardstick"]["ratios"] = ratio_table(data)
         return data
 
 

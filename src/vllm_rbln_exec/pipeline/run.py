@@ -38,6 +38,7 @@ from .reference import (
 )
 from .result import RunResult, side_result
 from .sides import ResolvedSides, resolve_devices, resolve_sides
+from .yardstick import YardstickRun, capture_yardstick
 
 
 def run_parity(options: RunOptions, progress: Progress | None = None) -> RunResult:
@@ -61,9 +62,13 @@ def run_parity(options: RunOptions, progress: Progress | None = None) -> RunResu
         reference, target, source, cache_info = capture_sides(ctx, options, ref_plan, tgt_plan, ref_file, fields,
                                                               run_dir)
         comparisons = compare(options, reference.capture, target.capture)
+        yardstick = capture_yardstick(ctx, options, sides.yardstick, sides.decisions.get("yardstick", ""), models,
+                                      reference, run_dir, compare)
         repeats, reference_self = measure_repeats(ctx, options, reference, source, ref_plan, tgt_plan, run_dir)
-        return assemble(ctx, asked, options, models, sides, (reference, target, source), comparisons, cache_info,
-                        repeats, reference_self)
+        result = assemble(ctx, asked, options, models, sides, (reference, target, source), comparisons, cache_info,
+                          repeats, reference_self)
+        result.yardstick = yardstick_record(yardstick)
+        return result
     finally:
         if ref_file is not None:
             shutil.rmtree(ref_file.scratch, ignore_errors=True)
@@ -172,6 +177,21 @@ def assemble(ctx: RunContext, asked: RunOptions, options: RunOptions, models: Pr
     )
 
 
+def yardstick_record(yard: YardstickRun | None) -> dict[str, Any] | None:
+    """The report's ``yardstick`` block (ratios are added from it by ``RunResult.to_json``)."""
+    if yard is None:
+        return None
+    side = yard.side
+    return {
+        "why": yard.why,
+        "side": asdict(side_result(yard.captured.capture, yard.captured.elapsed_s, yard.source, side.engine_args,
+                                   side.torch_device)),
+        "cache": yard.cache,
+        "summary": summarize(yard.comparisons).to_json(),
+        "comparisons": [c.to_json() for c in yard.comparisons],
+    }
+
+
 def resolved_record(options: RunOptions, asked: RunOptions, sides: ResolvedSides) -> dict[str, Any]:
     """What the run decided beyond what was asked: shown in the report next to the options."""
     adopted = {name: _count(getattr(options.capture, name)) for name in ("prompts", "max_tokens", "logprobs", "store")
@@ -183,8 +203,9 @@ def resolved_record(options: RunOptions, asked: RunOptions, sides: ResolvedSides
                            "torch_device": s.torch_device, "checkpoint": s.checkpoint, "block_size": s.block_size,
                            "parallel": asdict(s.parallel),
                            "engine_args": s.effective_engine_args()}
-                  for s in (sides.reference, sides.target)},
+                  for s in sides.all()},
         "differences": [[what, _plain(a), _plain(b)] for what, a, b in side_differences(sides.reference, sides.target)],
+        "yardstick": sides.decisions.get("yardstick"),
     }
 
 
@@ -205,6 +226,7 @@ def flat_settings(options: RunOptions, sides: ResolvedSides) -> dict[str, Any]:
         "reference_file": options.reference_source.file, "save_reference": options.reference_source.save,
         "fail_on": list(options.gates.fail_on), "spec": options.gates.spec,
         "no_default_gates": not options.gates.use_defaults, "near_ties_fail": options.gates.near_ties_fail,
+        "yardstick": options.yardstick,
     }  # fmt: skip
 
 

@@ -15,7 +15,7 @@ from ..setup.devices import DeviceProfile, get_profile, resolve_auto_target
 from ..setup.engine_args import check_engine_args
 from ..setup.models import read_config, text_config
 from ..setup.options import RunOptions
-from ..setup.sides import Side, resolve_side
+from ..setup.sides import Side, YardstickSpec, parse_yardstick, resolve_side, yardstick_options
 from .context import RunContext
 from .models import PreparedModels
 
@@ -29,6 +29,7 @@ class Devices:
     reference: DeviceProfile
     target: DeviceProfile
     decisions: dict[str, Any] = field(default_factory=dict, hash=False)
+    yardstick: YardstickSpec = YardstickSpec()
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,10 @@ class ResolvedSides:
     reference: Side
     target: Side
     decisions: dict[str, Any] = field(default_factory=dict, hash=False)  # what the run chose on its own
+    yardstick: Side | None = None  # an honest side at the target's precision (setup.sides.yardstick_options)
+
+    def all(self) -> tuple[Side, ...]:
+        return (self.reference, self.target) + ((self.yardstick,) if self.yardstick else ())
 
 
 def resolve_devices(ctx: RunContext, options: RunOptions) -> Devices:
@@ -55,7 +60,8 @@ def resolve_devices(ctx: RunContext, options: RunOptions) -> Devices:
         ENGINES.check(side.engine, option=f"--{side.role}-engine")
         if side.engine == "vllm":  # transformers' arguments are checked against the model's config later
             check_engine_args(side.engine, side.engine_args, side.role)
-    return Devices(reference, target, decisions)
+    yardstick = parse_yardstick(options.yardstick, ENGINES.names())
+    return Devices(reference, target, decisions, yardstick)
 
 
 def resolve_sides(ctx: RunContext, options: RunOptions, devices: Devices, models: PreparedModels) -> ResolvedSides:
@@ -72,7 +78,12 @@ def resolve_sides(ctx: RunContext, options: RunOptions, devices: Devices, models
                              ref_model)
     target = resolve_side(options.target, devices.target, options.capture, str(models.target_path), tgt_model,
                           parallel)
-    for side, path in ((reference, models.reference_path), (target, models.target_path)):
-        if side.engine != "vllm":
+    asked, why = yardstick_options(devices.yardstick, reference, target)
+    decisions["yardstick"] = why
+    yardstick = None if asked is None else resolve_side(asked, devices.reference, options.capture,
+                                                        str(models.reference_path), ref_model)
+    for side, path in ((reference, models.reference_path), (target, models.target_path),
+                       (yardstick, models.reference_path)):
+        if side is not None and side.engine != "vllm":
             check_engine_args(side.engine, side.engine_args, side.role, text_config(read_config(path)))
-    return ResolvedSides(reference, target, decisions)
+    return ResolvedSides(reference, target, decisions, yardstick)

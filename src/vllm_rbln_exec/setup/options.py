@@ -38,7 +38,7 @@ FLAT_DEFAULTS: dict[str, Any] = {
     "html_out": None, "plots_dir": None,
     "markdown_out": None, "reference_file": None, "save_reference": None, "devices_file": None,
     "cache_dir": "cache", "runs_dir": "runs", "run_dir": None, "timeout": 1800.0, "kv_cache_gib": None,
-    "verbose": False, "localize": False, "localize_modules": False,
+    "verbose": False, "localize": False, "localize_modules": False, "yardstick": "auto",
 }  # fmt: skip
 
 
@@ -165,6 +165,7 @@ class RunOptions:
     devices_file: str | None
     explicit: frozenset[str] = frozenset()
     localize: LocalizeOptions = LocalizeOptions()
+    yardstick: str = "auto"  # auto | none | ENGINE[:DTYPE] | DTYPE (setup.sides.parse_yardstick)
 
     def side(self, role: str) -> SideOptions:
         return self.reference if role == REFERENCE else self.target
@@ -216,6 +217,7 @@ def _records(v: dict[str, Any], explicit: frozenset[str]) -> RunOptions:
                                bool(v["profile_stack"]), v["profile_dir"]),
         repeat=v["repeat"], cache_dir=v["cache_dir"], devices_file=v["devices_file"], explicit=explicit,
         localize=LocalizeOptions(bool(v["localize"] or v["localize_modules"]), bool(v["localize_modules"])),
+        yardstick=str(v["yardstick"] or "auto"),
     )
 
 

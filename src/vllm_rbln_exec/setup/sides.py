@@ -1,19 +1,32 @@
 """A side: what produces one capture, as a typed value.
 
-A ``Side`` is a role (reference, target, later others) on a device profile,
-with an engine, a dtype, a checkpoint, engine arguments and the torch device.
-``resolve_side`` turns what the user asked (``SideOptions``) and the device
-profile into one, filling the profile's defaults; it is a pure function. This
-module must not start workers, read models or import torch or vLLM.
+A ``Side`` is a role (reference, target, yardstick, later others) on a device
+profile, with an engine, a dtype, a checkpoint, engine arguments and the torch
+device. ``resolve_side`` turns what the user asked (``SideOptions``) and the
+device profile into one, filling the profile's defaults; it is a pure function.
+``parse_yardstick`` and ``yardstick_options`` say whether a run gets a
+yardstick (an honest side at the target's precision, see docs/yardstick.md) and
+what it is asked to be: any later step that wants one (per-layer localisation)
+reuses them. This module must not start workers, read models or import torch
+or vLLM.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..core.dtypes import DTYPE_ALIASES, PRECISION_ORDER, canonical_dtype
+from ..core.errors import UsageError
+from ..core.registry import suggest
 from .devices import DeviceProfile
 from .options import CaptureOptions, Parallel, SideOptions
+
+YARDSTICK = "yardstick"
+YARDSTICK_MODES = ("auto", "none")
+YARDSTICK_HELP = ("auto (a yardstick when the target's dtype is coarser than the reference's), none, or "
+                  "ENGINE[:DTYPE] / DTYPE (e.g. vllm:bfloat16, transformers, bfloat16)")
 
 # Profile engine defaults that are vLLM engine arguments, passed through unless the side's own args say otherwise.
 PROFILE_ENGINE_ARGS = ("enforce_eager", "gpu_memory_utilization")
@@ -83,3 +96,57 @@ def side_differences(a: Side, b: Side) -> list[tuple[str, Any, Any]]:
         if ea.get(key) != eb.get(key):
             out.append((f"engine arg {key}", ea.get(key), eb.get(key)))
     return out
+
+
+@dataclass(frozen=True)
+class YardstickSpec:
+    """``--yardstick`` parsed: ``mode`` auto | none | named; a named one may leave engine or dtype open."""
+
+    mode: str = "auto"
+    engine: str | None = None
+    dtype: str | None = None
+
+
+def parse_yardstick(value: str | None, engines: Iterable[str]) -> YardstickSpec:
+    """``--yardstick`` -> YardstickSpec; UsageError listing the choices (with a did-you-mean) otherwise."""
+    raw = (value or "auto").strip().lower()
+    if raw in YARDSTICK_MODES:
+        return YardstickSpec(raw)
+    engines = list(engines)
+    parts = [p.strip() for p in raw.split(":")]
+    engine = dtype = None
+    for part in parts if len(parts) <= 2 else ["", ""]:
+        if part in DTYPE_ALIASES and dtype is None:
+            dtype = DTYPE_ALIASES[part]
+        elif part in engines and engine is None:
+            engine = part
+        else:
+            known = [*YARDSTICK_MODES, *engines, *sorted(set(DTYPE_ALIASES.values()))]
+            hint = suggest("choice", part or raw, known) if part else f"unknown choice {value!r}"
+            raise UsageError(f"--yardstick {value!r}: {hint}. Use {YARDSTICK_HELP}", option="--yardstick")
+    return YardstickSpec("named", engine, dtype)
+
+
+def yardstick_options(spec: YardstickSpec, reference: Side, target: Side) -> tuple[SideOptions | None, str]:
+    """What the yardstick is asked to be (None: the run has none) and why, as one line for the report.
+
+    The yardstick runs where the reference runs (its device profile and checkpoint, so its weights are
+    the honest ones), at the target's precision unless named, on the same forced tokens."""
+    ref_dtype = canonical_dtype(reference.dtype, reference.platform)
+    tgt_dtype = canonical_dtype(target.dtype, target.platform)
+    if spec.mode == "none":
+        return None, "none: --yardstick none"
+    coarser = PRECISION_ORDER.index(tgt_dtype) > PRECISION_ORDER.index(ref_dtype)
+    if spec.mode == "auto" and not coarser:
+        return None, f"none: the target's {tgt_dtype} is not coarser than the reference's {ref_dtype}"
+    # unnamed: the reference's engine. With the default vLLM reference that is vLLM's CPU bf16, which predicted
+    # vLLM CUDA bf16's KL within 2 % where transformers' CPU bf16 was 21 % off (docs/yardstick.md)
+    engine = spec.engine or reference.engine
+    dtype = spec.dtype or tgt_dtype
+    why = (f"auto: the target's {tgt_dtype} is coarser than the reference's {ref_dtype}" if spec.mode == "auto"
+           else "named with --yardstick")
+    same_engine = engine == reference.engine
+    asked = SideOptions(role=YARDSTICK, device=reference.device, engine=engine, dtype=dtype,
+                        torch_device=None if engine == "vllm" else reference.torch_device, checkpoint=None,
+                        engine_args=dict(reference.engine_args) if same_engine else {})
+    return asked, why

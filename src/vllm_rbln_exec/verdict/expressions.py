@@ -13,12 +13,18 @@ Syntax (``METRIC OP VALUE`` means "fail when METRIC OP VALUE holds")::
     METRIC a short name (kl_mean, top1, pearson, ...), an alias, or a dotted path
            of the report (distribution.kl_p99)
     OP     >  >=  <  <=
-    VALUE  NUMBER | [K*]noise | NUMBER+[K*]noise (with > or >=) | NUMBER-[K*]noise (with < or <=)
+    VALUE  NUMBER | [K*]REF | NUMBER+[K*]REF (with > or >=) | NUMBER-[K*]noise (with < or <=)
+    REF    noise | yardstick
 
 ``noise`` is the run-to-run spread of the same metric in the same scope (see
 ``noise``); a noise term always widens the tolerance. A measured noise of 0
 (deterministic hardware) makes ``kl_mean>3*noise`` mean "any nonzero value
-fails".
+fails". ``yardstick`` is the same metric of the run's yardstick (an honest side
+at the target's precision, compared with the same reference), floored where
+the catalogue gives the metric a floor: ``kl_mean>3*yardstick`` fails a target
+three times further from the reference than honest rounding at its precision.
+A yardstick term is an upper bound only (a lower bound relative to it, such as
+``top1<...``, has no meaning the verdict could check).
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ _EXPR = re.compile(
     re.VERBOSE,
 )
 _NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
-_NOISE_TERM = re.compile(rf"^(?:(?P<k>{_NUMBER})\s*\*\s*)?noise$")
+_NOISE_TERM = re.compile(rf"^(?:(?P<k>{_NUMBER})\s*\*\s*)?(?P<ref>noise|yardstick)$")
 _BASE_AND_NOISE = re.compile(rf"^(?P<base>{_NUMBER})\s*(?P<sign>[+-])\s*(?P<term>.+)$")
 
 
@@ -55,6 +61,7 @@ class Tolerance:
     op: str
     base: float
     noise_k: float | None = None  # None: a fixed tolerance (sign folded into noise_k)
+    yardstick_k: float | None = None  # the tolerance is base + yardstick_k * max(yardstick, floor)
 
 
 def parse_tolerance(expr: str) -> Tolerance:
@@ -72,38 +79,43 @@ def parse_tolerance(expr: str) -> Tolerance:
     op = m["op"]
     metric = m["metric"]
     path = resolve_metric(metric, scope, context=f" in tolerance {expr!r}")
-    base, noise_k = _parse_value(m["value"], op, expr)
+    base, k, ref = _parse_value(m["value"], op, expr)
     text = re.sub(r"\s+", "", expr)
-    return Tolerance(text=text, scope=scope, metric=metric, path=path, op=op, base=base, noise_k=noise_k)
+    if ref == "yardstick":
+        if op not in (">", ">="):
+            raise UsageError(f"tolerance {expr!r}: a yardstick term is an upper bound only (> or >=), e.g. "
+                             f"{metric}>3*yardstick", option="--fail-on")
+        return Tolerance(text=text, scope=scope, metric=metric, path=path, op=op, base=base, yardstick_k=k)
+    return Tolerance(text=text, scope=scope, metric=metric, path=path, op=op, base=base, noise_k=k)
 
 
-def _parse_value(raw: str, op: str, expr: str) -> tuple[float, float | None]:
+def _parse_value(raw: str, op: str, expr: str) -> tuple[float, float | None, str | None]:
     raw = raw.strip()
     upper = op in (">", ">=")
     if re.fullmatch(_NUMBER, raw) or raw.lower() in ("inf", "+inf", "-inf"):
         value = float(raw)
         if math.isnan(value):
             raise UsageError(f"tolerance {expr!r}: NaN is not a tolerance", option="--fail-on")
-        return value, None
+        return value, None, None
     term = _NOISE_TERM.match(raw)
     if term:
         if not upper:
-            raise UsageError(f"tolerance {expr!r}: a lower bound relative to noise needs a base value, "
+            raise UsageError(f"tolerance {expr!r}: a lower bound relative to {term['ref']} needs a base value, "
                              f"e.g. {expr.split(op)[0].strip()}{op}0.99-3*noise", option="--fail-on")
-        return 0.0, _noise_k(term, expr)
+        return 0.0, _noise_k(term, expr), term["ref"]
     both = _BASE_AND_NOISE.match(raw)
     if both and (term := _NOISE_TERM.match(both["term"].strip())):
         k = _noise_k(term, expr)
         if (both["sign"] == "+") != upper:
-            raise UsageError(f"tolerance {expr!r}: the noise term must widen the tolerance "
+            raise UsageError(f"tolerance {expr!r}: the {term['ref']} term must widen the tolerance "
                              f"({'+' if upper else '-'} with {op})", option="--fail-on")
-        return float(both["base"]), k if upper else -k
-    raise UsageError(f"tolerance {expr!r}: value {raw!r} is not a number, K*noise or NUMBER±K*noise",
-                     option="--fail-on")
+        return float(both["base"]), (k if upper else -k), term["ref"]
+    raise UsageError(f"tolerance {expr!r}: value {raw!r} is not a number, K*noise, K*yardstick or "
+                     "NUMBER±K*noise", option="--fail-on")
 
 
 def _noise_k(term: re.Match, expr: str) -> float:
     k = float(term["k"]) if term["k"] else 1.0
     if not k >= 0 or math.isinf(k):
-        raise UsageError(f"tolerance {expr!r}: the noise multiple must be a finite number >= 0", option="--fail-on")
+        raise UsageError(f"tolerance {expr!r}: the {term['ref']} multiple must be a finite number >= 0", option="--fail-on")
     return k

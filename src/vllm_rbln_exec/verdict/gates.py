@@ -24,6 +24,7 @@ from ..compare.catalogue import (
     null_means_never,
     prompt_counterpart,
 )
+from ..compare.yardstick import yardstick_record, yardstick_value
 from .expressions import parse_tolerance
 from .judge import GateOutcome, Violation
 
@@ -67,6 +68,7 @@ class MetricGate(Gate):
     noise_k: float | None = None  # the tolerance is base + noise_k * noise (sign folded into noise_k)
     source: str = SOURCE_CLI
     requires_full_vocab: bool = False
+    yardstick_k: float | None = None  # the tolerance is base + yardstick_k * max(yardstick, floor)
 
     @property
     def key(self) -> tuple:
@@ -76,32 +78,53 @@ class MetricGate(Gate):
         return MetricGate(**{**asdict(self), "source": source})
 
     def threshold(self, noise: float | None) -> float:
-        if self.noise_k is None:
+        """The limit, given the noise (or, for a yardstick tolerance, the floored yardstick value)."""
+        k = self.yardstick_k if self.yardstick_k is not None else self.noise_k
+        if k is None:
             return self.base
-        return self.base + self.noise_k * (noise or 0.0)
+        return self.base + k * (noise or 0.0)
+
+    def _reference_value(self, run_json: dict[str, Any], noise: Any, index: int | None) -> float | None:
+        if self.yardstick_k is not None:
+            return yardstick_value(run_json, self.path, index)
+        return noise.value(self.path, index)
+
+    def _skip_reason(self, run_json: dict[str, Any], noise: Any, records: list) -> str | None:
+        if self.yardstick_k is not None:
+            if yardstick_record(run_json) is None:
+                return (f"{self.text} is relative to the yardstick, and this run has none (--yardstick auto "
+                        "adds one when the target's dtype is coarser than the reference's; or name one)")
+            if records and all(yardstick_value(run_json, self.path, i) is None for i, _ in records):
+                return f"the yardstick has no value of {self.path}"
+            return None
+        if self.noise_k is None:
+            return None
+        if noise is None:
+            return (f"{self.text} is relative to the noise floor, and no noise floor was measured "
+                    "(repeat the target capture to measure one)")
+        if records and all(noise.value(self.path, i) is None for i, _ in records):
+            where = "the whole run" if self.scope == OVERALL else "any prompt"
+            return f"the noise floor has no value of {self.path} for {where}"
+        return None
 
     def evaluate(self, run_json: dict[str, Any], noise: Any = None) -> GateOutcome:
         out = GateOutcome()
-        if self.noise_k is not None and noise is None:
-            out.skipped = (f"{self.text} is relative to the noise floor, and no noise floor was measured "
-                           "(repeat the target capture to measure one)")
-            return out
         if self.scope == OVERALL:
             records = [(None, run_json.get("summary") or {})]
         else:
             records = [(c.get("index", i), c) for i, c in enumerate(run_json.get("comparisons") or [])]
-        if self.noise_k is not None and records and all(noise.value(self.path, i) is None for i, _ in records):
-            where = "the whole run" if self.scope == OVERALL else "any prompt"
-            out.skipped = f"the noise floor has no value of {self.path} for {where}"
+        out.skipped = self._skip_reason(run_json, noise, records)
+        if out.skipped:
             return out
+        relative = "yardstick" if self.yardstick_k is not None else "noise"
         for index, record in records:
             value = metric_value(record, self.path)
             where = "overall" if index is None else f"prompt {index}"
             spread = None
-            if self.noise_k is not None:
-                spread = noise.value(self.path, index)
+            if self.noise_k is not None or self.yardstick_k is not None:
+                spread = self._reference_value(run_json, noise, index)
                 if spread is None:
-                    out.notes.append(f"{where}: no noise measured for {self.path}; {self.text} not checked there")
+                    out.notes.append(f"{where}: no {relative} value of {self.path}; {self.text} not checked there")
                     continue
             if value is None:
                 if not null_means_never(self.path):
@@ -126,13 +149,16 @@ class MetricGate(Gate):
         else:
             position = metric_position(record, self.path)
             head = f'prompt {index} "{prompt}"' + _at(position)
-        noise_text = f", noise {_fmt(spread)}" if spread is not None else ""
+        noise_text = ""
+        if spread is not None:
+            noise_text = f", {'yardstick' if self.yardstick_k is not None else 'noise'} {_fmt(spread)}"
         message = (f"{head}: {self.metric} = {_fmt(value)} {self.op} {_fmt(limit)} "
                    f"(tolerance {self.text}{noise_text}){tail}")
         return Violation(
             gate=self.text, source=self.source, scope=self.scope, metric=self.metric, path=self.path,
             value=value, op=self.op, threshold=limit, message=message, prompt_index=index, prompt=prompt,
-            position=position, noise=spread,
+            position=position, noise=spread if self.yardstick_k is None else None,
+            yardstick=spread if self.yardstick_k is not None else None,
         )  # fmt: skip
 
 

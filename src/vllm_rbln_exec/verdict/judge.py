@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from ..compare.catalogue import PROMPT
 from ..core.errors import EXIT_OK, EXIT_PARITY_FAILED
 from ..core.jsonio import strict_json
+from .findings import findings
 from .noise import NoiseFloor, noise_from_json
 from .precision import precision_warnings
 
@@ -44,6 +45,7 @@ class Violation:
     prompt: str | None = None  # shortened
     position: int | None = None
     noise: float | None = None
+    yardstick: float | None = None  # the yardstick's value the limit was relative to (floored)
 
     def to_json(self) -> dict[str, Any]:
         return strict_json(asdict(self))
@@ -74,6 +76,7 @@ class Verdict:
     skipped: list[dict[str, Any]]  # {"gate", "source", "reason"}
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    findings: list[str] = field(default_factory=list)  # prefill or decode; the yardstick's reading
     schema_version: int = VERDICT_SCHEMA_VERSION
 
     @property
@@ -89,6 +92,7 @@ class Verdict:
             "skipped": [dict(s) for s in self.skipped],
             "notes": list(self.notes),
             "warnings": list(self.warnings),
+            "findings": list(self.findings),
         }
 
 
@@ -118,4 +122,4 @@ def judge(run_json: dict[str, Any], gates: list[Check], noise: NoiseFloor | dict
                         "path": getattr(gate, "path", "argmax_divergence"), "violations": len(outcome.violations)})
     warnings += precision_warnings(run_json)
     return Verdict(passed=not violations, violations=violations, checked=checked, skipped=skipped, notes=notes,
-                   warnings=warnings)
+                   warnings=warnings, findings=findings(run_json))

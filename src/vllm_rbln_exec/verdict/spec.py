@@ -145,6 +145,7 @@ def resolve_gates(
     near_ties_fail: bool | None = None,
     ref_device: str | None = "cpu",
     tgt_device: str | None = None,
+    yardstick: bool = False,
 ) -> list[Gate]:
     """The gates of one run with their source recorded, by the precedence in the module docstring.
 
@@ -169,7 +170,7 @@ def resolve_gates(
 
     gates: list[Gate] = []
     if defaults_on:
-        gates = default_gates(ref, tgt, near_ties_fail=ties)
+        gates = default_gates(ref, tgt, near_ties_fail=ties, yardstick=yardstick)
         if ties_source:
             gates = [g.with_source(ties_source) if isinstance(g, ArgmaxGate) else g for g in gates]
     elif ties_source:
@@ -188,7 +189,7 @@ def gates_for_run(run_json: dict[str, Any], spec: ParitySpec | None = None, cli_
     """``resolve_gates`` with the model and dtypes read from a report (for re-judging a saved one)."""
     ref, tgt = run_dtypes(run_json)
     return resolve_gates(spec, run_json.get("model"), ref, tgt, cli_exprs, use_defaults,
-                         near_ties_fail=near_ties_fail)
+                         near_ties_fail=near_ties_fail, yardstick=isinstance(run_json.get("yardstick"), dict))
 
 
 # -- helpers ----------------------------------------------------------------------
