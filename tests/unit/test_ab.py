@@ -45,11 +45,11 @@ def test_a_preset_sets_both_sides_prompts_and_gates():
 
 def test_what_the_user_gives_overrides_the_preset():
     options = build_options(ab="chunked-prefill", target_args='{"max_num_batched_tokens": 32}', batch=2,
-                            fail_on=("kl_max>1e-3", "top1<0.5"), num_prompts=2)
+                            fail_on=("kl_max>1e-3", "max_abs>1e-2", "top1<0.5"), num_prompts=2)
     assert options.target.engine_args == {"enable_chunked_prefill": True, "max_num_batched_tokens": 32}
     assert options.capture.batch == 2
-    # the user's kl_max and top1 replace the preset's; its kl_mean stays
-    assert options.gates.fail_on == ("kl_mean>1e-5", "kl_max>1e-3", "top1<0.5")
+    # the user's max_abs replaces the preset's; the others add to it
+    assert options.gates.fail_on == ("kl_max>1e-3", "max_abs>1e-2", "top1<0.5")
     assert options.capture.prompts == get_preset("chunked-prefill").options["prompts"][:2]
     given = build_options(ab="chunked-prefill", prompts=("hello",))
     assert given.capture.prompts == ("hello",)

@@ -77,20 +77,24 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            {"enable_prefix_caching": False}, {"enable_prefix_caching": True},
            # batch 1: a request finds the blocks of the earlier ones cached (a batch prefilled together hits nothing)
            {"prompts": PREFIX_PROMPTS, "batch": 1},
-           # measured on the CPU: max|Δ| 0 (docs/ab.md); a hit reads back the very K/V a miss would compute
-           ("max_abs>1e-4",),
-           "exact in effect: a hit reuses the K/V the same kernels wrote; only the suffix's prefill is "
-           "shorter. 1e-4 is below q16 storage's resolution x2 (2.5e-4), far under any real change"),
+           # CPU fp32, 2 layers, 3 prompts x 8 tokens (docs/ab.md): max|Δ| 0, KL 0. Not promised bit-exact by vLLM
+           # (a hit prefills only the suffix, attending to cached K/V): 1e-3 is ~19x the fp32 rounding scale
+           # measured by batch-invariance (5.3e-5), far under a wrong block (KL 1e-2 and more)
+           ("max_abs>1e-3",),
+           "a hit reuses the K/V the same kernels wrote; only the suffix's prefill is shorter. Measured "
+           "bit-identical on the CPU; the limit allows fp32 rounding, not a wrong cached block"),
     Preset("chunked-prefill", "does splitting a long prompt into chunks change the logprobs?",
            {"enable_chunked_prefill": False}, {"enable_chunked_prefill": True, "max_num_batched_tokens": 64},
            {"prompts": LONG_PROMPTS, "batch": 1},
-           ("kl_mean>1e-5", "kl_max>1e-4", "top1<1"),
+           # CPU fp32 (docs/ab.md): max|Δ| 0, KL 0 with 64-token chunks of ~280-token prompts; 1e-3 as above
+           ("max_abs>1e-3",),
            "not promised bit-exact: a chunk attends to the earlier chunks' cached K/V with another kernel "
-           "split, so sums run in another order; fp32 rounding only (measured in docs/ab.md)"),
+           "split, so sums may run in another order; fp32 rounding at most (bit-identical on the CPU)"),
     Preset("batch-invariance", "does a prompt's result depend on its batch and its slot in it?",
            {"max_num_seqs": 1}, {},
            {"prompts": BATCH_SLOT_PROMPTS, "batch": 4},
-           ("kl_mean>1e-5", "kl_max>1e-4", "top1<1"),
+           # CPU fp32 (docs/ab.md): max|Δ| 5.3e-5 in every prompt, KL max 1.4e-11, top-1 1.0; 1e-3 is ~19x that
+           ("max_abs>1e-3",),
            "vLLM promises batch invariance only in its batch-invariant mode (VLLM_BATCH_INVARIANT=1, CUDA); "
            "elsewhere batch 1 and batch N may differ by rounding (measured in docs/ab.md)"),
     Preset("eager", "do compilation and graphs (torch.compile, CUDA graphs) change the logprobs?",
