@@ -119,6 +119,7 @@ def run(
     html_out: str | None = typer.Option(None, "--html", help="Write a self-contained HTML report with plots (opens offline in any browser)."),
     plots_dir: str | None = typer.Option(None, "--plots", help="Write the report's plots as PNG and SVG files into DIR."),
     localize: bool = typer.Option(False, "--localize", help="After the run, localise the failing positions (the worst ones when none failed) to the first layer whose output departs: hidden states of every side at those positions, judged layer by layer (docs/localize.md). Adds `localization` to parity.json and a plot."),
+    ab: str | None = typer.Option(None, "--ab", help="A/B preset: both sides on the target's device, differing in one feature, with its prompts and tolerances (each overridable): prefix-caching, chunked-prefill, batch-invariance, eager, spec-decode, kv-cache-dtype, tp (docs/ab.md)."),
     localize_modules: bool = typer.Option(False, "--localize-modules", help="--localize, and also the attention and MLP outputs inside each layer."),
 ) -> None:
     """Run the parity check (the default command)."""

@@ -30,6 +30,8 @@ from ..capture.store import CaptureWriter
 from .base import Engine
 
 PROCESSOR = "vllm_rbln_exec.engines.vllm_logits:CaptureLogitsProcessor"
+SPEC_CAPTURE_NOTE = ("api: vLLM's own logprobs of the accepted tokens, no teacher forcing (vLLM refuses custom "
+                     "logits processors with speculative decoding)")
 
 
 class VllmEngine(Engine):
@@ -38,6 +40,7 @@ class VllmEngine(Engine):
     def start(self) -> None:
         from vllm import LLM
 
+        self.speculative = bool(self.request.side.effective_engine_args().get("speculative_config"))
         self.kwargs = self.engine_kwargs(LLM)
         self.llm = LLM(**self.kwargs)
         self.tokenizer = self.llm.get_tokenizer()
@@ -58,8 +61,9 @@ class VllmEngine(Engine):
             pipeline_parallel_size=side.parallel.pp,
             max_num_seqs=r.batch,
             max_logprobs=r.max_logprobs_cap or (-1 if full else r.logprobs),
-            # plain: vLLM exactly as it runs without this harness
-            logits_processors=[] if r.capture == "plain" else [PROCESSOR],
+            # plain: vLLM exactly as it runs without this harness; speculative decoding: vLLM refuses custom
+            # logits processors with it, so that side captures through vLLM's own logprobs (_capture_mode)
+            logits_processors=[] if r.capture == "plain" or getattr(self, "speculative", False) else [PROCESSOR],
             seed=r.seed,
         )
         if side.parallel.dp > 1:
@@ -75,6 +79,8 @@ class VllmEngine(Engine):
 
             kwargs.update(vllm_profiler_kwargs(r.profile, llm_cls))
         kwargs.update(side.effective_engine_args())
+        if getattr(self, "speculative", False):
+            kwargs["disable_log_stats"] = False  # the acceptance counters (spec_decode_stats) need the stats
         if self.hidden_pass:
             # hooks must see every forward: no torch.compile, no CUDA graphs; one sequence per step, and each
             # prompt prefilled whole (no prefix-cache hit from the previous prompt, no chunk split)
@@ -111,6 +117,9 @@ class VllmEngine(Engine):
             "cudagraph_mode": _name(getattr(compilation, "cudagraph_mode", None)),
             "attention_backend": _attention_backend(config),
         })
+        if getattr(self, "speculative", False):
+            out["capture_path"] = SPEC_CAPTURE_NOTE
+            out["spec_decode"] = self.spec_decode_stats()
         core = self._engine_core_settings()
         out["engine_core"] = core or "not recorded (no logits processor ran)"
         if core:
@@ -121,6 +130,21 @@ class VllmEngine(Engine):
                         "cuda_matmul_allow_tf32", "cudnn_allow_tf32", "triton_fp32_dot"):
                 if key in core:
                     out[key] = core[key]
+        return out
+
+    def spec_decode_stats(self) -> dict[str, Any]:
+        """Drafts, draft tokens and accepted tokens over the whole capture (vLLM's counters), and their rate."""
+        try:
+            metrics = self.llm.get_metrics()
+        except Exception as exc:  # stats off or not kept by this vLLM
+            return {"error": f"{type(exc).__name__}: {exc}"}
+        names = {"vllm:spec_decode_num_drafts": "drafts", "vllm:spec_decode_num_draft_tokens": "draft_tokens",
+                 "vllm:spec_decode_num_accepted_tokens": "accepted_tokens"}
+        out: dict[str, Any] = {v: 0 for v in names.values()}
+        for metric in metrics:
+            if metric.name in names and isinstance(getattr(metric, "value", None), (int, float)):
+                out[names[metric.name]] += int(metric.value)
+        out["acceptance_rate"] = (out["accepted_tokens"] / out["draft_tokens"]) if out["draft_tokens"] else None
         return out
 
     def _engine_core_settings(self) -> dict[str, Any] | None:
@@ -225,15 +249,17 @@ class VllmEngine(Engine):
     ) -> None:
         r = self.request
         topn = None if r.logprobs == -1 else int(r.logprobs)
-        mode = r.capture
+        mode = "api" if self.speculative and r.capture != "plain" else r.capture
         fast = mode == "fast"
         plain = mode == "plain"
-        if plain and force is not None:
-            raise ValueError("capture 'plain' registers no logits processor, so it cannot force tokens")
+        if (plain or self.speculative) and force is not None:
+            raise ValueError("this side registers no logits processor (capture 'plain', or speculative decoding, "
+                             "with which vLLM refuses custom logits processors), so it cannot force tokens")
         batch = max(1, int(r.batch))
         max_tokens = int(r.max_tokens)
         done = 0
-        if not plain:  # the first request asks the engine core to record its settings (effective_settings)
+        recorded = not plain and not self.speculative  # a logits processor runs that can record the settings
+        if recorded:  # the first request asks the engine core to record its settings (effective_settings)
             self._meta_path = Path(tempfile.mkdtemp(prefix="vre-core-")) / "engine_core.json"
         for start in range(0, len(prompts), batch):
             group = list(range(start, min(start + batch, len(prompts))))
@@ -246,7 +272,7 @@ class VllmEngine(Engine):
                     extra.update(file=str(lp_path), ids_file=str(ids_path) if ids_path else None, topn=topn)
                 if force is not None:
                     extra["force"] = [int(t) for t in force[i]]
-                if i == 0 and not plain:
+                if i == 0 and recorded:
                     extra["meta"] = str(self._meta_path)
                 params.append(self._sampling_params(extra or None, None if fast or plain else r.logprobs))
             t0 = time.perf_counter()

@@ -62,6 +62,7 @@ def render_header(console: Console, run: dict[str, Any]) -> None:
     vocab = comparisons[0].get("vocab_size") if comparisons else "?"
     logprobs = f"full vocabulary ({vocab})" if s.get("logprobs", -1) == -1 else f"top {s.get('logprobs')}"
     console.rule("[bold]vllm-rbln-exec parity run")
+    render_ab(console, run)
     console.print(f"model        {escape(str(run.get('model')))}  ({escape(str(run.get('model_path')))})")
     console.print(
         f"parallelism  tp={s.get('tp', 1)} pp={s.get('pp', 1)} dp={s.get('dp', 1)} ep={'on' if s.get('ep') else 'off'}"
@@ -72,6 +73,29 @@ def render_header(console: Console, run: dict[str, Any]) -> None:
     render_sides(console, run)
     for note in run.get("notes") or []:
         console.print(f"[yellow]note:[/] {escape(note)}")
+
+
+def render_ab(console: Console, run: dict[str, Any]) -> None:
+    """``--ab``: the preset, its question and what differs between the two sides, first of all."""
+    resolved = run.get("resolved") or {}
+    ab = resolved.get("ab")
+    if not isinstance(ab, dict):
+        return
+    differences = resolved.get("differences") or []
+    shown = "; ".join(f"{what}: {_brief(a)} vs {_brief(b)}" for what, a, b in differences) or "nothing"
+    console.print(f"[bold]A/B          {escape(str(ab.get('preset')))}[/]: {escape(str(ab.get('question')))}")
+    console.print(f"[bold]A differs B[/]  {escape(shown)}  (A: reference, B: target)")
+    render_spec_decode(console, run)
+
+
+def render_spec_decode(console: Console, run: dict[str, Any]) -> None:
+    """The acceptance rate of each side that decoded speculatively."""
+    for name in ("reference", "target"):
+        spec = ((run.get("sides") or {}).get(name) or {}).get("effective", {}).get("spec_decode")
+        if isinstance(spec, dict) and "draft_tokens" in spec:
+            rate = spec.get("acceptance_rate")
+            console.print(f"spec decode  {name}: acceptance {fmt(rate, 3)} ({spec.get('accepted_tokens')} of "
+                          f"{spec.get('draft_tokens')} draft tokens accepted, {spec.get('drafts')} drafts)")
 
 
 def render_sides(console: Console, run: dict[str, Any]) -> None:
@@ -201,6 +225,7 @@ def render_summary(console: Console, run: dict[str, Any]) -> None:
         fmt(s.get("topk_overlap"), 3), fmt(d.get("kl_mean")), fmt(d.get("kl_max")), style="bold",
     )
     console.print(table)
+    render_spec_decode(console, run)
 
 
 class TokenText:

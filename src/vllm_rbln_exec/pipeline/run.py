@@ -21,6 +21,7 @@ from ..capture.cache import cache_key
 from ..compare.captures import compare_captures
 from ..compare.metrics import PromptComparison, summarize
 from ..core.errors import UsageError
+from ..setup.ab import get_preset
 from ..setup.options import OutputOptions, RunOptions
 from ..setup.prompts import check_prompt_lengths
 from ..setup.sides import side_differences
@@ -197,6 +198,7 @@ def resolved_record(options: RunOptions, asked: RunOptions, sides: ResolvedSides
     adopted = {name: _count(getattr(options.capture, name)) for name in ("prompts", "max_tokens", "logprobs", "store")
                if getattr(options.capture, name) != getattr(asked.capture, name)}
     return {
+        "ab": ab_record(options.ab),
         "decisions": dict(sides.decisions),
         "adopted_from_reference_file": adopted,
         "sides": {s.role: {"device": s.device, "platform": s.platform, "engine": s.engine, "dtype": s.dtype,
@@ -207,6 +209,14 @@ def resolved_record(options: RunOptions, asked: RunOptions, sides: ResolvedSides
         "differences": [[what, _plain(a), _plain(b)] for what, a, b in side_differences(sides.reference, sides.target)],
         "yardstick": sides.decisions.get("yardstick"),
     }
+
+
+def ab_record(name: str | None) -> dict[str, Any] | None:
+    """The A/B preset of the run (``--ab``): its name, question and tolerances (the user's may replace some)."""
+    if name is None:
+        return None
+    preset = get_preset(name)
+    return {"preset": name, "question": preset.question, "fail_on": list(preset.fail_on), "why": preset.why}
 
 
 def flat_settings(options: RunOptions, sides: ResolvedSides) -> dict[str, Any]:
@@ -227,6 +237,7 @@ def flat_settings(options: RunOptions, sides: ResolvedSides) -> dict[str, Any]:
         "fail_on": list(options.gates.fail_on), "spec": options.gates.spec,
         "no_default_gates": not options.gates.use_defaults, "near_ties_fail": options.gates.near_ties_fail,
         "yardstick": options.yardstick,
+        "ab": options.ab,
     }  # fmt: skip
 
 

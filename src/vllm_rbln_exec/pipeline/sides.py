@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..engines import ENGINES
+from ..setup.ab import check_preset_device, check_speculative
 from ..setup.devices import DeviceProfile, get_profile, resolve_auto_target
 from ..setup.engine_args import check_engine_args
 from ..setup.models import read_config, text_config
@@ -51,15 +52,21 @@ def resolve_devices(ctx: RunContext, options: RunOptions) -> Devices:
         decisions["target_device"] = f"auto -> {target_name}"
         if note:
             ctx.note(note)
-    reference = get_profile(options.reference.device or DEFAULT_REFERENCE_DEVICE, ctx.profiles,
-                            option="--reference-device")
     target = get_profile(target_name, ctx.profiles, option="--target")
+    reference_name = options.reference.device or DEFAULT_REFERENCE_DEVICE
+    if options.ab is not None:
+        check_preset_device(options.ab, target.name)
+        if options.reference.device is None:  # A/B: both sides on one device
+            reference_name = target.name
+            decisions["reference_device"] = f"--ab {options.ab}: the target's ({target.name})"
+    reference = get_profile(reference_name, ctx.profiles, option="--reference-device")
     p = options.parallel
     target.check_parallel(tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep)
     for side in (options.reference, options.target):
         ENGINES.check(side.engine, option=f"--{side.role}-engine")
         if side.engine == "vllm":  # transformers' arguments are checked against the model's config later
             check_engine_args(side.engine, side.engine_args, side.role)
+            check_speculative(side.engine_args, side.role, options.capture.align)
     yardstick = parse_yardstick(options.yardstick, ENGINES.names())
     return Devices(reference, target, decisions, yardstick)
 

@@ -25,10 +25,14 @@ VLLM_OWNED = {
     "model": "--model / --target-model", "tokenizer": "--model", "dtype": "--{role}-dtype",
     "max_model_len": "--max-model-len", "trust_remote_code": "--trust-remote-code",
     "tensor_parallel_size": "--tp", "pipeline_parallel_size": "--pp", "data_parallel_size": "--dp",
-    "enable_expert_parallel": "--ep", "max_num_seqs": "--batch", "max_logprobs": "--max-logprobs-cap",
-    "max_num_batched_tokens": "--max-batched", "logits_processors": "(the capture's own logits processor)",
+    "enable_expert_parallel": "--ep", "max_logprobs": "--max-logprobs-cap",
+    "logits_processors": "(the capture's own logits processor)",
     "seed": "(greedy decoding: the seed is fixed)",
 }  # fmt: skip
+# max_num_seqs and max_num_batched_tokens are accepted per side (over --batch and --max-batched, which set
+# both sides): one side at batch 1 against the other at batch N is what --ab batch-invariance compares. The
+# harness still hands the engine --batch prompts per generate call; max_num_seqs below that runs them fewer
+# at a time. Both are recorded in the side's engine args, its differences and the cache key.
 TRANSFORMERS_OWNED = {
     "dtype": "--{role}-dtype", "torch_dtype": "--{role}-dtype", "device_map": "--{role}-device",
     "local_files_only": "(the harness never fetches weights)", "trust_remote_code": "--trust-remote-code",

@@ -38,7 +38,7 @@ FLAT_DEFAULTS: dict[str, Any] = {
     "html_out": None, "plots_dir": None,
     "markdown_out": None, "reference_file": None, "save_reference": None, "devices_file": None,
     "cache_dir": "cache", "runs_dir": "runs", "run_dir": None, "timeout": 1800.0, "kv_cache_gib": None,
-    "verbose": False, "localize": False, "localize_modules": False, "yardstick": "auto",
+    "verbose": False, "localize": False, "localize_modules": False, "yardstick": "auto", "ab": None,
 }  # fmt: skip
 
 
@@ -166,6 +166,7 @@ class RunOptions:
     explicit: frozenset[str] = frozenset()
     localize: LocalizeOptions = LocalizeOptions()
     yardstick: str = "auto"  # auto | none | ENGINE[:DTYPE] | DTYPE (setup.sides.parse_yardstick)
+    ab: str | None = None  # --ab NAME: the A/B preset folded into these options (setup.ab)
 
     def side(self, role: str) -> SideOptions:
         return self.reference if role == REFERENCE else self.target
@@ -184,8 +185,14 @@ def build_options(explicit: frozenset[str] | set[str] | None = None, **flat: Any
 
         raise UsageError("; ".join(suggest("option", name, FLAT_DEFAULTS) for name in unknown))
     v = {**FLAT_DEFAULTS, **flat}
+    explicit = frozenset(explicit if explicit is not None else flat)
+    if v["ab"] is not None:
+        from .ab import apply_preset
+
+        given = {role: parse_engine_args(v[f"{role}_args"], f"--{role}-args") for role in (REFERENCE, TARGET)}
+        v = apply_preset(v, explicit, given)
     check_flat(v)
-    return _records(v, frozenset(explicit if explicit is not None else flat))
+    return _records(v, explicit)
 
 
 def _records(v: dict[str, Any], explicit: frozenset[str]) -> RunOptions:
@@ -218,6 +225,7 @@ def _records(v: dict[str, Any], explicit: frozenset[str]) -> RunOptions:
         repeat=v["repeat"], cache_dir=v["cache_dir"], devices_file=v["devices_file"], explicit=explicit,
         localize=LocalizeOptions(bool(v["localize"] or v["localize_modules"]), bool(v["localize_modules"])),
         yardstick=str(v["yardstick"] or "auto"),
+        ab=v["ab"],
     )
 
 

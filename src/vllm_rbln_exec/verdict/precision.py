@@ -35,7 +35,8 @@ def precision_warnings(run_json: dict[str, Any]) -> list[str]:
 
 def reduced_precision(effective: dict[str, Any]) -> list[str]:
     """What in an engine's reported settings computes float32 work below float32 (empty: nothing known)."""
-    layers = [effective, effective.get("engine_core") or {}]
+    core = effective.get("engine_core")
+    layers = [effective, core if isinstance(core, dict) else {}]  # a text when no logits processor ran
     reasons = []
     if any(layer.get("float32_matmul_precision") in ("high", "medium") for layer in layers):
         reasons.append("torch's float32 matmul precision is 'high' (TF32 or bfloat16 passes)")
