@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from tests.helpers import make_cache_dir
 
+from vllm_rbln_exec.verdict.defaults import DEFAULT_TOLERANCES
+
 pytestmark = pytest.mark.integration
 pytest_plugins = ["pytester"]
 
@@ -69,7 +71,8 @@ def test_plugin_fixture_passes_fails_and_selects_devices(pytester, tmp_path):
     flat = " ".join(out.split())
     # the failure names prompt, position, metric, value and tolerance
     assert "parity fails for smollm2-135m on cpu" in flat
-    assert "(tolerance kl_mean>1e-4)" in flat
+    kl_gate = next(expr for expr, _ in DEFAULT_TOLERANCES["float32"] if expr.startswith("kl_mean>"))
+    assert f"(tolerance {kl_gate})" in flat
     assert 'prompt 0 "' in flat and "position" in flat
     assert "parity device rbln is not present here" in flat
 
@@ -77,7 +80,7 @@ def test_plugin_fixture_passes_fails_and_selects_devices(pytester, tmp_path):
     cases = {c.get("name"): c for c in suite.iter("testcase")}
     assert cases["test_cpu_matches"].find("failure") is None
     failure = cases["test_perturbed_checkpoint_fails"].find("failure")
-    assert failure is not None and "kl_mean>1e-4" in (failure.get("message", "") + (failure.text or ""))
+    assert failure is not None and kl_gate in (failure.get("message", "") + (failure.text or ""))
     assert cases["test_rbln"].find("skipped") is not None
 
 
