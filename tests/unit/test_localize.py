@@ -171,6 +171,11 @@ def test_sides_from_a_saved_run_and_the_automatic_yardstick():
     yard = auto_yardstick(ref, tgt)
     assert yard.role == "yardstick" and yard.dtype == "bfloat16" and yard.engine == ref.engine
     assert auto_yardstick(*sides_from_run(_resolved_run(tgt_dtype="float32"))) is None
+    # the run's own rule: a CUDA target's "auto" dtype counts as bfloat16
+    from dataclasses import replace
+
+    cuda_auto = replace(tgt, dtype="auto", platform="cuda", device="cuda")
+    assert auto_yardstick(ref, cuda_auto).dtype == "bfloat16"
     from vllm_rbln_exec.core.errors import UsageError
 
     with pytest.raises(UsageError, match="older version"):

@@ -22,12 +22,11 @@ from ..core.errors import UsageError
 from ..setup.devices import get_profile
 from ..setup.options import Parallel
 from ..setup.request import CaptureRequest, HiddenRequest, hidden_task
-from ..setup.sides import Side
+from ..setup.sides import Side, YardstickSpec, yardstick_options
 from ..worker.spawn import WorkerJob, start_worker, wait_workers
 from .captures import side_env
 from .context import Progress, RunContext
 
-HALF = ("bfloat16", "float16")
 RULE = (f"an entry departs when its error exceeds K={K:g} times the yardstick's error at that entry (or the "
         f"precision's honest floor without a yardstick); it creates the difference when that ratio also jumped "
         f"by G={G:g} or more over the previous entry's (its input was still close), else it inherits it")
@@ -76,11 +75,11 @@ def sides_from_run(run: dict[str, Any]) -> tuple[Side, Side]:
 
 
 def auto_yardstick(reference: Side, target: Side) -> Side | None:
-    """The reference rerun at the target's precision (an honest implementation at that precision), when the
-    target runs at half precision and the reference does not; None otherwise."""
-    if target.dtype in HALF and reference.dtype != target.dtype:
-        return replace(reference, role="yardstick", dtype=target.dtype)
-    return None
+    """The reference rerun at the target's precision (an honest implementation at that precision), by the
+    run's own ``--yardstick auto`` rule (``setup.sides.yardstick_options``: a device's ``auto`` dtype counts);
+    None when the target's dtype is not coarser than the reference's."""
+    asked, _ = yardstick_options(YardstickSpec("auto"), reference, target)
+    return None if asked is None else replace(reference, role=asked.role, dtype=asked.dtype)
 
 
 def localize_saved(run: dict[str, Any], verdict: dict[str, Any] | None, folder: Path, *,
