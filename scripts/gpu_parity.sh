@@ -16,7 +16,10 @@
 #   vllm-bf16-profiled  vllm-bf16 under the torch profiler (CUDA kernels in the device table)
 #   gpuref-hf-fp32      no file: transformers CUDA float32 as the reference, vLLM CUDA bf16 as the target
 #   gpuref-vllm-fp32    no file: vLLM cuda-fp32 as the reference, vLLM CUDA bf16 as the target
-# (default: all). The runs go side by side, each with its own cache folder (no compile cache is shared,
+#   ab-PRESET           no file: --ab PRESET on vLLM CUDA as shipped (both sides on the GPU, docs/ab.md)
+#   ab-PRESET-fp32      the same on --target cuda-fp32 (true float32)
+#   ab-PRESET-bi        the same as ab-PRESET with VLLM_BATCH_INVARIANT=1 (vLLM's batch-invariant kernels)
+# (default: all but the ab- runs). The runs go side by side, each with its own cache folder (no compile cache is shared,
 # so an ieee run cannot reuse a TF32 kernel) and one shared folder of converted models; vLLM sides share
 # the GPU through a fixed 256 MiB KV cache (no memory profiling), which changes no number.
 # Writes OUT_DIR/NAME.{log,json,md} per run and OUT_DIR/summary.txt; exits with the worst run's code.
@@ -49,6 +52,9 @@ args_of() {  # the options of one run, by name
     gpuref-hf-fp32) echo --target cuda --reference-device cuda --reference-engine transformers \
       --reference-dtype float32 ;;
     gpuref-vllm-fp32) echo --target cuda --reference-device cuda-fp32 --reference-dtype float32 ;;
+    ab-*-fp32) local p=${1#ab-}; echo --ab "${p%-fp32}" --target cuda-fp32 ;;
+    ab-*-bi) local p=${1#ab-}; echo --ab "${p%-bi}" --target cuda ;;
+    ab-*) echo --ab "${1#ab-}" --target cuda ;;
     *) return 1 ;;
   esac
 }
@@ -57,13 +63,15 @@ job() {  # one harness run in the background; its printed output in $OUT/NAME.lo
   local name=$1 cache=$W/cache-$1
   local -a opts extra=()
   read -r -a opts <<< "$(args_of "$name")" || { echo "unknown run $name (one of $ALL)" >&2; return 1; }
-  [[ $name == gpuref-* ]] || extra+=("${FILE[@]}")
+  local -a env=()
+  [[ $name == gpuref-* || $name == ab-* ]] || extra+=("${FILE[@]}")
   [[ $name == hf-* ]] || extra+=(--target-args "$SMALL")
-  [[ $name == gpuref-vllm-* ]] && extra+=(--reference-args "$SMALL")
+  [[ $name == gpuref-vllm-* || $name == ab-* ]] && extra+=(--reference-args "$SMALL")
+  [[ $name == ab-*-bi ]] && env+=(VLLM_BATCH_INVARIANT=1)
   mkdir -p "$cache" && ln -sfn "$W/models" "$cache/models"  # one conversion, under the harness's own lock
   echo "=== $name: ${VRE[*]} ${opts[*]} ${extra[*]}" > "$OUT/$name.log"
   ( s=$(date +%s)
-    timeout "${VRE_RUN_TIMEOUT:-480}" "${VRE[@]}" "${opts[@]}" "${extra[@]}" --cache-dir "$cache" \
+    env "${env[@]}" timeout "${VRE_RUN_TIMEOUT:-480}" "${VRE[@]}" "${opts[@]}" "${extra[@]}" --cache-dir "$cache" \
       --run-dir "$W/runs/$name" --json "$OUT/$name.json" --markdown "$OUT/$name.md" >> "$OUT/$name.log" 2>&1
     echo "=== $name: exit $? after $(( $(date +%s) - s )) s" >> "$OUT/$name.log" ) &
 }

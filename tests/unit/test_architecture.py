@@ -131,7 +131,7 @@ def test_functions_are_short():
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines (or add them to LONG_FUNCTIONS with why): {long}"
 
 
-@pytest.mark.parametrize("module", ["cli", "pipeline.run", "pipeline.check", "setup.options", "outputs.terminal"])
+@pytest.mark.parametrize("module", ["cli", "cli.common", "cli.saved", "cli.info", "cli.cache", "pipeline.run", "pipeline.check", "setup.options", "outputs.terminal"])
 def test_the_main_process_never_imports_torch_or_vllm(module):
     text = modules()[module].read_text()
     tree = ast.parse(text)

@@ -1,0 +1,106 @@
+"""The ``cache`` commands: list, show, clear, export and import cached references."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ..core.errors import UsageError
+from .common import report_error
+
+cache_app = typer.Typer(help="Manage cached references (ls, show, clear, export, import).", no_args_is_help=True)
+CACHE_DIR_OPTION = typer.Option("cache", "--cache-dir", help="The harness's cache folder.")
+
+
+def _with_cache(cache_dir: str, action) -> None:
+    """Open the reference cache, run ``action(cache)``, map failures to exit codes."""
+    from ..capture.cache import ReferenceCache
+    from ..capture.store import CaptureError
+
+    root = Path(cache_dir) / "references"
+    try:
+        with ReferenceCache(root) as cache:
+            action(cache)
+    except KeyError as exc:
+        raise typer.Exit(report_error(UsageError(str(exc.args[0]))))
+    except (CaptureError, OSError) as exc:
+        raise typer.Exit(report_error(UsageError(str(exc))))
+
+
+@cache_app.command("ls")
+def cache_ls(cache_dir: str = CACHE_DIR_OPTION) -> None:
+    """List cached references."""
+    from ..outputs.terminal import make_console, render_cache_entries
+
+    _with_cache(cache_dir, lambda cache: render_cache_entries(make_console(), cache.entries()))
+
+
+@cache_app.command("show")
+def cache_show(key: str = typer.Argument(..., help="A key or a unique prefix of one."),
+               cache_dir: str = CACHE_DIR_OPTION) -> None:
+    """Print the fields that make up one entry's key."""
+    import json
+
+    def show(cache) -> None:
+        full = cache.resolve(key)
+        entry = next(e for e in cache.entries() if e["key"] == full)
+        print(json.dumps(entry, indent=2, sort_keys=True))
+
+    _with_cache(cache_dir, show)
+
+
+@cache_app.command("clear")
+def cache_clear(keys: list[str] = typer.Argument(None, help="Keys (or prefixes) to delete; none: every entry."),
+                yes: bool = typer.Option(False, "--yes", "-y", help="Really delete (required)."),
+                cache_dir: str = CACHE_DIR_OPTION) -> None:
+    """Delete cached references (all, or the given keys). Needs --yes."""
+
+    def clear(cache) -> None:
+        if not yes:
+            what = f"{len(keys)} entries" if keys else f"all {len(cache.entries())} entries"
+            raise typer.Exit(report_error(UsageError(f"this deletes {what} of {cache.root}; add --yes")))
+        if keys:
+            full = [cache.resolve(k) for k in keys]  # resolve all first: nothing is deleted on a typo
+            for k in full:
+                cache.delete(k)
+            print(f"deleted {len(full)} reference(s)")
+        else:
+            print(f"deleted {cache.clear()} reference(s)")
+
+    _with_cache(cache_dir, clear)
+
+
+@cache_app.command("export")
+def cache_export(key: str = typer.Argument(..., help="A key or a unique prefix of one."),
+                 dest: str = typer.Argument(..., help="The reference file to write."),
+                 cache_dir: str = CACHE_DIR_OPTION) -> None:
+    """Write one entry as a portable reference file (use it with --reference or `cache import`)."""
+
+    def export(cache) -> None:
+        full = cache.resolve(key)
+        size = cache.export(full, Path(dest))
+        print(f"{full[:12]} -> {dest} ({size / 2**20:.1f} MiB)")
+
+    _with_cache(cache_dir, export)
+
+
+@cache_app.command("import")
+def cache_import(files: list[str] = typer.Argument(..., help="Reference files (from --save-reference or export)."),
+                 cache_dir: str = CACHE_DIR_OPTION) -> None:
+    """Store reference files in the cache under the key their own metadata gives."""
+
+    from ..capture.store import CaptureError
+
+    def do_import(cache) -> None:
+        for f in files:
+            if not Path(f).is_file():
+                raise typer.Exit(report_error(UsageError(f"{f} does not exist")))
+        for f in files:
+            try:
+                key = cache.import_file(Path(f))
+            except CaptureError as exc:
+                raise typer.Exit(report_error(UsageError(f"{f} is not a reference file: {exc}")))
+            print(f"{f} -> {key[:12]}")
+
+    _with_cache(cache_dir, do_import)
