@@ -25,6 +25,7 @@ from ..setup.ab import get_preset
 from ..setup.options import OutputOptions, RunOptions
 from ..setup.prompts import check_prompt_lengths
 from ..setup.sides import side_differences
+from ..verdict.presets import AB_TOLERANCES, FLOAT32, HALF
 from .captures import Captured, SidePlan, forced, plan_side, run_both, run_side, side_job, unprofiled
 from .context import Progress, RunContext
 from .models import PreparedModels, prepare_models
@@ -212,11 +213,14 @@ def resolved_record(options: RunOptions, asked: RunOptions, sides: ResolvedSides
 
 
 def ab_record(name: str | None) -> dict[str, Any] | None:
-    """The A/B preset of the run (``--ab``): its name, question and tolerances (the user's may replace some)."""
+    """The A/B preset of the run (``--ab``): its name, question and tolerances per precision tier with why (the
+    verdict applies the run's tier; a user's tolerance on the same metric replaces the preset's)."""
     if name is None:
         return None
-    preset = get_preset(name)
-    return {"preset": name, "question": preset.question, "fail_on": list(preset.fail_on), "why": preset.why}
+    tolerances = AB_TOLERANCES[name]
+    tiers = {tier: [list(t) for t in tolerances.of(tier)] for tier in (FLOAT32, HALF)}
+    return {"preset": name, "question": get_preset(name).question, "tolerances": tiers,
+            "ignore": [list(t) for t in tolerances.ignore]}
 
 
 def flat_settings(options: RunOptions, sides: ResolvedSides) -> dict[str, Any]:

@@ -2,13 +2,15 @@
 
 One table, ``PRESETS``: each preset names the question it answers, the engine
 arguments of each side, the flat options it sets (prompts that exercise the
-feature, batch, alignment), the tolerances that fit it and why, and the devices
-where it cannot run. ``apply_preset`` folds a preset into the flat options
-before they are checked, under everything the user gave: the user's engine
-arguments win key by key, the user's ``--fail-on`` replaces a preset gate on the
-same metric, and any option given on the command line stays as given. The
-reference runs on the target's device (``pipeline.sides``). Nothing here starts
-an engine or imports torch or vLLM.
+feature, batch, alignment) and the devices where it cannot run. Its tolerances,
+one set per precision tier with the measurements behind them, are the verdict's
+(``verdict.presets``): they are chosen when the run's dtypes are known, and a
+re-judged saved run gets them again. ``apply_preset`` folds a preset into the
+flat options before they are checked, under everything the user gave: the
+user's engine arguments win key by key and any option given on the command line
+stays as given (a ``--fail-on`` on a preset's metric replaces the preset's
+tolerance when the run is judged). The reference runs on the target's device
+(``pipeline.sides``). Nothing here starts an engine or imports torch or vLLM.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from typing import Any
 
 from ..core.errors import UsageError
 from ..core.registry import suggest
-from ..verdict.gates import parse_gate
 
 # A shared prefix of about 330 tokens (SmolLM2's tokenizer): more than two blocks of the CPU profile's 128,
 # so prefix caching has whole blocks to hit (it caches full blocks only).
@@ -67,56 +68,30 @@ class Preset:
     reference_args: dict[str, Any] = field(default_factory=dict, hash=False)
     target_args: dict[str, Any] = field(default_factory=dict, hash=False)
     options: dict[str, Any] = field(default_factory=dict, hash=False)  # flat options (names of FLAT_DEFAULTS)
-    fail_on: tuple[str, ...] = ()  # tolerances; the built-in defaults of the dtype pair stay on as well
-    why: str = ""  # why these tolerances (numbers: docs/ab.md, with the command that measured them)
     refuse: dict[str, str] = field(default_factory=dict, hash=False)  # device profile -> why it cannot run there
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
+    # batch 1: a request finds the blocks of the earlier ones cached (a batch prefilled together hits nothing)
     Preset("prefix-caching", "does a prefix-cache hit change the logprobs?",
            {"enable_prefix_caching": False}, {"enable_prefix_caching": True},
-           # batch 1: a request finds the blocks of the earlier ones cached (a batch prefilled together hits nothing)
-           {"prompts": PREFIX_PROMPTS, "batch": 1},
-           # CPU fp32, 2 layers, 3 prompts x 8 tokens (docs/ab.md): max|Δ| 0, KL 0. Not promised bit-exact by vLLM
-           # (a hit prefills only the suffix, attending to cached K/V): 1e-3 is ~19x the fp32 rounding scale
-           # measured by batch-invariance (5.3e-5), far under a wrong block (KL 1e-2 and more)
-           ("max_abs>1e-3",),
-           "a hit reuses the K/V the same kernels wrote; only the suffix's prefill is shorter. Measured "
-           "bit-identical on the CPU; the limit allows fp32 rounding, not a wrong cached block"),
+           {"prompts": PREFIX_PROMPTS, "batch": 1}),
     Preset("chunked-prefill", "does splitting a long prompt into chunks change the logprobs?",
            {"enable_chunked_prefill": False}, {"enable_chunked_prefill": True, "max_num_batched_tokens": 64},
-           {"prompts": LONG_PROMPTS, "batch": 1},
-           # CPU fp32 (docs/ab.md): max|Δ| 0, KL 0 with 64-token chunks of ~280-token prompts; 1e-3 as above
-           ("max_abs>1e-3",),
-           "not promised bit-exact: a chunk attends to the earlier chunks' cached K/V with another kernel "
-           "split, so sums may run in another order; fp32 rounding at most (bit-identical on the CPU)"),
+           {"prompts": LONG_PROMPTS, "batch": 1}),
     Preset("batch-invariance", "does a prompt's result depend on its batch and its slot in it?",
            {"max_num_seqs": 1}, {},
-           {"prompts": BATCH_SLOT_PROMPTS, "batch": 4},
-           # CPU fp32 (docs/ab.md): max|Δ| 5.3e-5 in every prompt, KL max 1.4e-11, top-1 1.0; 1e-3 is ~19x that
-           ("max_abs>1e-3",),
-           "vLLM promises batch invariance only in its batch-invariant mode (VLLM_BATCH_INVARIANT=1, CUDA); "
-           "elsewhere batch 1 and batch N may differ by rounding (measured in docs/ab.md)"),
+           {"prompts": BATCH_SLOT_PROMPTS, "batch": 4}),
     Preset("eager", "do compilation and graphs (torch.compile, CUDA graphs) change the logprobs?",
-           {"enforce_eager": True}, {"enforce_eager": False}, {},
-           ("kl_mean>1e-4", "top1<0.99"),
-           "compiled kernels fuse and reorder arithmetic: rounding differences, never a different model"),
+           {"enforce_eager": True}, {"enforce_eager": False}, {}),
+    # vLLM refuses custom logits processors with speculative decoding: no teacher forcing on that side
     Preset("spec-decode", "does speculative decoding (n-gram; a draft model by --target-args) keep greedy tokens?",
            {}, {"speculative_config": SPEC_NGRAM},
-           # vLLM refuses custom logits processors with speculative decoding: no teacher forcing on that side
-           {"prompts": REPEATING_PROMPTS, "batch": 1, "align": "free"},
-           ("prompt:tokens_equal<1",),
-           "greedy speculative decoding must give the greedy tokens; the logprobs of the accepted tokens "
-           "are judged by the default tier of the dtype pair (verification scores k+1 positions at once)"),
+           {"prompts": REPEATING_PROMPTS, "batch": 1, "align": "free"}),
     Preset("kv-cache-dtype", "how far does an 8-bit KV cache move the logprobs?",
-           {"kv_cache_dtype": "auto"}, {"kv_cache_dtype": "fp8"}, {},
-           ("kl_mean>1e-2", "kl_p99>1e-1", "top1<0.9"),
-           "fp8 (e4m3) keeps 3 mantissa bits: K/V round by up to 6%, a quantisation far coarser than bf16; "
-           "the bf16 tier is the right order of magnitude, not exact equality"),
+           {"kv_cache_dtype": "auto"}, {"kv_cache_dtype": "fp8"}, {}),
     Preset("tp", "does tensor parallelism (tp 1 against tp 2, --tp N for another N) change the logprobs?",
            {}, {}, {"tp": 2},
-           ("kl_mean>1e-4", "top1<0.99"),
-           "all-reduce sums the partial products in another order: rounding only",
            refuse={"cpu": "tensor parallelism on the CPU profile would split the same cores between ranks "
                           "(and the harness runs vLLM's CPU engine core in-process); it measures nothing a "
                           "multi-device target would. Run --ab tp on a device profile with several devices"}),
@@ -143,9 +118,6 @@ def apply_preset(flat: dict[str, Any], explicit: frozenset[str], given_args: dic
             out[name] = value
     for role in ("reference", "target"):
         out[f"{role}_args"] = {**getattr(preset, f"{role}_args"), **given_args[role]}
-    user = tuple(flat.get("fail_on") or ())
-    replaced = {parse_gate(e).key for e in user}
-    out["fail_on"] = tuple(e for e in preset.fail_on if parse_gate(e).key not in replaced) + user
     return out
 
 

@@ -93,6 +93,12 @@ def _check_files(v: dict[str, Any]) -> None:
         raise UsageError(f"reference file {v['reference_file']} does not exist", option="--reference")
     if v["reference_file"] and v["save_reference"]:
         raise UsageError("--reference and --save-reference cannot be combined", option="--save-reference")
+    if v["reference_file"] and v["ab"] is not None:
+        # the file is a capture made elsewhere, with its own settings: it cannot be the preset's side A
+        raise UsageError(f"--ab {v['ab']} runs both sides live on the target's device, A with the preset's "
+                         "settings; --reference FILE would replace side A with a capture made elsewhere. Drop "
+                         "--reference (side A is cached after its first run) or drop --ab and set --target-args",
+                         option="--reference")
     if v["plots_dir"] is not None and Path(v["plots_dir"]).exists() and not Path(v["plots_dir"]).is_dir():
         raise UsageError(f"--plots {v['plots_dir']} is a file; give a folder", option="--plots")
     for option, value in (("--json", v["json_out"]), ("--junit", v["junit_out"]), ("--markdown", v["markdown_out"]),

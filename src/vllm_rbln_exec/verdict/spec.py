@@ -26,7 +26,8 @@ prefix)::
     [tool.vllm-rbln-exec.models."smollm2-135m".dtypes."float32:bfloat16"]
     fail-on = ["prompt:kl_max>0.2"]
 
-Precedence, least to most specific: built-in defaults, the top table,
+Precedence, least to most specific: built-in defaults, an ``--ab`` preset's
+tolerances for the run's precision (``presets``), the top table,
 ``dtypes`` (``*:*``, then one-sided wildcards, then the exact pair), the model's
 table, the model's ``dtypes``, then the command line. A layer's tolerance
 replaces every tolerance of earlier layers on the same metric, scope and
@@ -50,6 +51,7 @@ from ..core.dtypes import canonical_dtype
 from ..core.errors import UsageError
 from .defaults import default_gates, run_dtypes
 from .gates import ArgmaxGate, Gate, parse_gate
+from .presets import preset_gates
 
 TOOL_TABLE = "vllm-rbln-exec"
 LAYER_KEYS = ("fail-on", "near-ties-fail", "defaults", "ignore")
@@ -146,8 +148,10 @@ def resolve_gates(
     ref_device: str | None = "cpu",
     tgt_device: str | None = None,
     yardstick: bool = False,
+    ab: str | None = None,
 ) -> list[Gate]:
-    """The gates of one run with their source recorded, by the precedence in the module docstring.
+    """The gates of one run with their source recorded, by the precedence in the module docstring; an
+    ``--ab`` preset's tolerances (``presets``) sit right above the built-in defaults.
 
     ``use_defaults=False`` (e.g. ``--no-default-gates``) drops the built-in
     tolerances whatever the spec says; with True the spec's ``defaults`` decides.
@@ -177,6 +181,8 @@ def resolve_gates(
         # setting the near-tie policy asks for the argmax rule even without the defaults
         gates = [ArgmaxGate(near_ties_fail=ties, source=ties_source)]
 
+    preset, dropped = preset_gates(ab, ref, tgt)
+    layers = [SpecLayer(f"--ab {ab}", preset, [_ignore_key(k, f"--ab {ab}", "") for k in dropped]), *layers]
     for layer in layers:
         gates = [g for g in gates if not any(_ignored(g, k) for k in layer.ignore)]
         gates = _apply(gates, layer.gates)
@@ -186,10 +192,13 @@ def resolve_gates(
 
 def gates_for_run(run_json: dict[str, Any], spec: ParitySpec | None = None, cli_exprs: list[str] | tuple = (),
                   use_defaults: bool = True, near_ties_fail: bool | None = None) -> list[Gate]:
-    """``resolve_gates`` with the model and dtypes read from a report (for re-judging a saved one)."""
+    """``resolve_gates`` with the model, dtypes and ``--ab`` preset read from a report (a live run's and a
+    re-judged saved run's gates are the same)."""
     ref, tgt = run_dtypes(run_json)
+    options = run_json.get("options") if isinstance(run_json.get("options"), dict) else {}
+    ab = options.get("ab") if isinstance(options.get("ab"), str) else None
     return resolve_gates(spec, run_json.get("model"), ref, tgt, cli_exprs, use_defaults,
-                         near_ties_fail=near_ties_fail, yardstick=isinstance(run_json.get("yardstick"), dict))
+                         near_ties_fail=near_ties_fail, yardstick=isinstance(run_json.get("yardstick"), dict), ab=ab)
 
 
 # -- helpers ----------------------------------------------------------------------
