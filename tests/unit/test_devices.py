@@ -94,6 +94,14 @@ def test_rbln_and_cuda_envs(profiles, tmp_path):
     assert env["VLLM_TARGET_DEVICE"] == "cuda"
 
 
+@pytest.mark.parametrize("name", ["cuda", "cuda-fp32"])
+def test_cuda_workers_never_get_nvlink_multicast(profiles, tmp_path, name):
+    # tensor parallelism must not turn NVLink multicast on (shared hosts); the workers inherit this environment
+    env, _ = profiles[name].build_env({**BASE_ENV, "NCCL_NVLS_ENABLE": "1"}, tmp_path / "c")
+    assert (env["NCCL_NVLS_ENABLE"], env["TORCH_SYMM_MEM_DISABLE_MULTICAST"], env["NVSHMEM_DISABLE_NVLS"]) == (
+        "0", "1", "1")
+
+
 def test_env_if_known_only_when_vllm_reads_the_variable(profiles, tmp_path):
     cpu = profiles["cpu"]
     assert cpu.env_if_known  # the test needs one
