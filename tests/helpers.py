@@ -109,3 +109,29 @@ def fake_env(**switches: str) -> dict[str, str]:
 def fake_args(model: Path) -> list[str]:
     return ["--model", str(model), "--target", "cpu", "--reference-engine", "fake", "--target-engine", "fake",
             "--max-tokens", str(FAKE_MAX_TOKENS), "--num-prompts", str(FAKE_PROMPTS)]
+
+
+# -- the fake vLLM platform plugin (tests/vre_fake_plugin) --------------------------------------------
+FAKE_PLUGIN = REPO / "tests" / "vre_fake_plugin"
+FAKE_PLUGIN_DEVICES = FAKE_PLUGIN / "devices.toml"
+
+
+def install_fake_plugin(folder: Path, entry_point: str = "vre_fake", dist: str = "vre_fake_plugin",
+                        version: str = "0.1.0") -> Path:
+    """A folder that makes the fake plugin discoverable when it is on PYTHONPATH, and only then.
+
+    The package is copied beside ``<dist>-<version>.dist-info`` (METADATA and an ``entry_points.txt``
+    declaring ``entry_point`` in ``vllm.platform_plugins``): importlib.metadata reads distributions from
+    every folder on sys.path, as it reads a site-packages folder. Returns the folder for PYTHONPATH."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(FAKE_PLUGIN, folder / FAKE_PLUGIN.name, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.toml"))
+    info = folder / f"{dist}-{version}.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    (info / "entry_points.txt").write_text(
+        f"[vllm.platform_plugins]\n{entry_point} = {FAKE_PLUGIN.name}:register\n")
+    (info / "top_level.txt").write_text(f"{FAKE_PLUGIN.name}\n")
+    return folder

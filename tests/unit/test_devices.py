@@ -14,6 +14,9 @@ from vllm_rbln_exec.setup.devices import (
     get_profile,
     gpu_visible,
     load_profiles,
+    platform_identity,
+    platform_plugin,
+    rbln_plugin_installed,
     resolve_auto_target,
 )
 
@@ -84,12 +87,16 @@ def test_rbln_and_cuda_envs(profiles, tmp_path):
     assert "VLLM_PLUGINS" not in env and "CUDA_VISIBLE_DEVICES" not in env
     assert env["RBLN_DEVICES"] == "0"  # the rbln profile keeps the device selection
     assert env["RBLN_KERNEL_MODE"] == "triton"  # ... but sets its own kernel mode
-    assert env["USE_VLLM_MODEL"] == "1"
-    assert env["RBLN_CACHE_DIR"] == str(tmp_path / "c" / "rbln_cache_dir")
+    # the variable vllm-rbln reads since v0.9.2.post1; the old name is left as inherited
+    assert env["VLLM_RBLN_USE_VLLM_MODEL"] == "1" and env["USE_VLLM_MODEL"] == BASE_ENV["USE_VLLM_MODEL"]
+    assert env["VLLM_DISABLE_COMPILE_CACHE"] == "1"
+    assert "RBLN_CACHE_DIR" not in env and "VLLM_USE_V1" not in env  # nothing in vllm-rbln v0.11.0 reads them
+    assert env["VLLM_CACHE_ROOT"] == str(tmp_path / "c" / "vllm_cache_root")  # where the plugin caches graphs
 
     env, record = profiles["cuda"].build_env(dict(BASE_ENV), tmp_path / "c")
     assert env["CUDA_VISIBLE_DEVICES"] == "0,1"
-    for gone in ("VLLM_PLUGINS", "RBLN_DEVICES", "RBLN_KERNEL_MODE", "USE_VLLM_MODEL", "VLLM_CPU_OMP_THREADS_BIND"):
+    for gone in ("VLLM_PLUGINS", "RBLN_DEVICES", "RBLN_KERNEL_MODE", "USE_VLLM_MODEL", "VLLM_RBLN_COMPILE",
+                 "VLLM_CPU_OMP_THREADS_BIND"):
         assert gone not in env
     assert env["VLLM_TARGET_DEVICE"] == "cuda"
 
@@ -254,3 +261,39 @@ def test_resolve_auto_target(monkeypatch, rbln, gpu, expected):
 def test_gpu_hidden_by_cuda_visible_devices(monkeypatch, value):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", value)
     assert gpu_visible() is False
+
+
+# -- which platform vLLM activated: a plugin is named by its entry point -------------------------------------
+def plugin_dist(root: Path, entries: dict[str, str], dist: str = "some_plugin", version: str = "1.2.3") -> Path:
+    """A distribution declaring ``entries`` (name -> "module:function") in vllm.platform_plugins, found by
+    importlib.metadata once ``root`` is on sys.path; the modules themselves need not exist."""
+    info = root / f"{dist}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    lines = "".join(f"{name} = {value}\n" for name, value in entries.items())
+    (info / "entry_points.txt").write_text(f"[vllm.platform_plugins]\n{lines}")
+    return root
+
+
+def test_vllm_platforms_are_named_by_their_device_type():
+    assert platform_identity("vllm.platforms.cpu", "cpu") == ("cpu", None)
+    assert platform_identity("vllm.platforms.rocm", "cuda") == ("cuda", None)  # as before: ROCm is "cuda"
+
+
+def test_a_plugin_platform_is_named_by_its_entry_point_not_its_device_type(tmp_path, monkeypatch):
+    # vllm-rbln's RblnPlatform reports device_type "cpu": by device type, a reference that loaded it
+    # would pass for the CPU
+    monkeypatch.syspath_prepend(str(plugin_dist(tmp_path, {"rbln": "vllm_rbln_double:register"},
+                                                dist="vllm_rbln_double")))
+    name, plugin = platform_identity("vllm_rbln_double.platform", "cpu")
+    assert name == "rbln"
+    assert plugin == {"entry_point": "rbln", "value": "vllm_rbln_double:register",
+                      "distribution": "vllm_rbln_double", "version": "1.2.3"}
+    assert rbln_plugin_installed()  # and --target auto sees it
+
+
+def test_a_plugin_class_no_single_entry_point_explains_is_named_by_its_package(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(plugin_dist(tmp_path, {"one": "twin_plugin:a", "two": "twin_plugin.b:c"})))
+    assert platform_plugin("twin_plugin.platform") is None
+    assert platform_identity("twin_plugin.platform", "cpu") == ("twin_plugin", None)  # never "cpu"
+    assert platform_identity("orphan_plugin.platform", "cpu") == ("orphan_plugin", None)

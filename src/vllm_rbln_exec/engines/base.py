@@ -32,7 +32,16 @@ class Engine(ABC):
 
     @abstractmethod
     def platform(self) -> str:
-        """The platform the engine actually runs on (vLLM's device type, or torch's)."""
+        """The platform the engine actually runs on: vLLM's device type, a vLLM plugin's entry-point name, or
+        torch's device type; the worker checks it against the side's ``platform``."""
+
+    def platform_before_start(self) -> str | None:
+        """``platform()`` before ``start()``, where the engine can know it without loading the model (None)."""
+        return None
+
+    def platform_note(self) -> str:
+        """Where the platform came from, for the message of a platform mismatch ("" when nothing to add)."""
+        return ""
 
     @abstractmethod
     def versions(self) -> dict[str, str]:

@@ -102,7 +102,8 @@ class VllmEngine(Engine):
         the logits processor asked it to record (``engine_core``); those override what this process sees."""
         out = {**super().effective_settings(),
                "engine_args": {k: v for k, v in self.kwargs.items()
-                               if k not in ("logits_processors", "profiler_config") and _plain(v)}}
+                               if k not in ("logits_processors", "profiler_config") and _plain(v)},
+               "platform": self.platform_record()}
         config = getattr(self.llm.llm_engine, "vllm_config", None)
         if config is None:
             return out
@@ -159,9 +160,32 @@ class VllmEngine(Engine):
             shutil.rmtree(path.parent, ignore_errors=True)
 
     def platform(self) -> str:
+        """vLLM's own platforms by device type; a plugin's by its entry point (``setup.devices.platform_identity``)."""
+        return self.platform_record()["name"]
+
+    def platform_before_start(self) -> str | None:
+        """vLLM resolves its platform (loading the platform plugins) on first use, without a model."""
+        return self.platform()
+
+    def platform_note(self) -> str:
+        record = self.platform_record()
+        plugin = record["plugin"]
+        source = (f", from the plugin entry point {plugin['entry_point']!r} of {plugin['distribution']} "
+                  f"{plugin['version']}" if plugin else "")
+        return f" ({record['class']}{source})"
+
+    def platform_record(self) -> dict[str, Any]:
+        """Which platform vLLM activated: the name checked against the profile, its class, device name and
+        type, and the plugin (entry point, distribution, version) it came from."""
         from vllm.platforms import current_platform
 
-        return str(current_platform.device_type)
+        from ..setup.devices import platform_identity
+
+        cls = type(current_platform)
+        name, plugin = platform_identity(cls.__module__, str(current_platform.device_type))
+        return {"name": name, "class": f"{cls.__module__}.{cls.__qualname__}",
+                "device_name": str(current_platform.device_name), "device_type": str(current_platform.device_type),
+                "plugin": plugin}
 
     def versions(self) -> dict[str, str]:
         import torch

@@ -29,6 +29,7 @@ from ..core.registry import suggest
 OWN_PREFIX = "VLLM_RBLN_EXEC_"
 USER_FILE_ENV = "VLLM_RBLN_EXEC_DEVICES"
 PARALLEL_KINDS = ("tp", "pp", "dp", "ep")
+PLATFORM_PLUGINS = "vllm.platform_plugins"  # the entry-point group vLLM discovers platform plugins in
 
 
 @dataclass
@@ -146,10 +147,40 @@ def get_profile(name: str, profiles: dict[str, DeviceProfile], option: str = "--
 
 # -- what is installed / visible, read without importing torch or vLLM --------
 def rbln_plugin_installed() -> bool:
-    for ep in importlib.metadata.entry_points(group="vllm.platform_plugins"):
+    for ep in importlib.metadata.entry_points(group=PLATFORM_PLUGINS):
         if "rbln" in ep.name.lower() or "rbln" in ep.value.lower():
             return True
     return importlib.util.find_spec("vllm_rbln") is not None
+
+
+def platform_plugin(module: str) -> dict[str, str | None] | None:
+    """The ``vllm.platform_plugins`` entry point whose package holds ``module`` (a platform class's module).
+
+    None when no entry point, or more than one, comes from that top-level package."""
+    top = module.split(".")[0]
+    found = [ep for ep in importlib.metadata.entry_points(group=PLATFORM_PLUGINS) if ep.module.split(".")[0] == top]
+    if len(found) != 1:
+        return None
+    ep = found[0]
+    dist = getattr(ep, "dist", None)
+    return {"entry_point": ep.name, "value": ep.value, "distribution": dist.name if dist else None,
+            "version": dist.version if dist else None}
+
+
+def platform_identity(module: str, device_type: str) -> tuple[str, dict[str, str | None] | None]:
+    """The name a worker reports for the platform vLLM activated (what a profile's ``platform`` must say),
+    and the plugin it came from (None for vLLM's own platforms).
+
+    vLLM's own platforms are named by their device type (cpu, cuda, ...). A plugin's platform is named by
+    its entry point (rbln): its device type says nothing about which plugin is active, since vllm-rbln's
+    RblnPlatform reports device_type "cpu" unless VLLM_RBLN_USE_DEVICE_TENSOR is on (vllm-rbln v0.11.0,
+    vllm_rbln/platform.py), and a reference that loaded it would otherwise pass for the CPU. A plugin class
+    that no single entry point explains is named by its top-level package, never by a built-in name."""
+    top = module.split(".")[0]
+    if top == "vllm":
+        return device_type, None
+    plugin = platform_plugin(module)
+    return (str(plugin["entry_point"]) if plugin else top), plugin
 
 
 def gpu_visible() -> bool:

@@ -84,6 +84,11 @@ def task_capture(task: WorkerTask, emit: Events) -> dict[str, Any]:
 
 def _start_engine(engine, request: CaptureRequest, info: SideInfo, emit: Events) -> str:
     side = request.side
+    # known before the model loads where the engine can tell (vLLM: the platform its plugins resolve to):
+    # a wrong platform then stops the worker in seconds, not after loading (or compiling) the model
+    early = engine.platform_before_start()
+    if early is not None:
+        _check_platform(engine, side, early)
     emit("engine_start", f"starting {side.engine} on {side.device}")
     t0 = time.perf_counter()
     engine.start()
@@ -91,16 +96,21 @@ def _start_engine(engine, request: CaptureRequest, info: SideInfo, emit: Events)
     platform = engine.platform()
     info.platform = platform
     info.__dict__.update(engine.versions())
-    if side.platform and platform != side.platform:
-        raise TaskError(
-            f"asked for device {side.device!r} (platform {side.platform!r}) but {side.engine} ran on platform "
-            f"{platform!r}; is the device's plugin installed and visible in this environment?",
-            code=EXIT_PLATFORM,
-            kind="platform_mismatch",
-        )
+    _check_platform(engine, side, platform)
     emit("engine_ready", f"{side.engine} ready on {platform} in {info.timings['engine_start_s']:.1f} s",
          platform=platform)
     return platform
+
+
+def _check_platform(engine, side, platform: str) -> None:
+    if side.platform and platform != side.platform:
+        raise TaskError(
+            f"asked for device {side.device!r} (platform {side.platform!r}) but {side.engine} ran on platform "
+            f"{platform!r}{engine.platform_note()}; is the device's plugin installed and visible in this "
+            "environment, and kept out where it must not run?",
+            code=EXIT_PLATFORM,
+            kind="platform_mismatch",
+        )
 
 
 def _capture(engine, request: CaptureRequest, info: SideInfo, capture_dir: Path, platform: str,
