@@ -16,10 +16,12 @@
 #   vllm-bf16-profiled  vllm-bf16 under the torch profiler (CUDA kernels in the device table)
 #   gpuref-hf-fp32      no file: transformers CUDA float32 as the reference, vLLM CUDA bf16 as the target
 #   gpuref-vllm-fp32    no file: vLLM cuda-fp32 as the reference, vLLM CUDA bf16 as the target
+#   vllm-bf16-tp2       vllm-bf16 with --tp 2 (a machine with two GPUs; NVLink multicast off, as in the profile)
+#   vllm-fp32-ieee-tp2  vllm-fp32-ieee with --tp 2
 #   ab-PRESET           no file: --ab PRESET on vLLM CUDA as shipped (both sides on the GPU, docs/ab.md)
 #   ab-PRESET-fp32      the same on --target cuda-fp32 (true float32)
 #   ab-PRESET-bi        the same as ab-PRESET with VLLM_BATCH_INVARIANT=1 (vLLM's batch-invariant kernels)
-# (default: all but the ab- runs). The runs go side by side, each with its own cache folder (no compile cache is shared,
+# (default: all but the ab- and tp2 runs; --ab tp is ab-tp). The runs go side by side, each with its own cache folder (no compile cache is shared,
 # so an ieee run cannot reuse a TF32 kernel) and one shared folder of converted models; vLLM sides share
 # the GPU through a fixed 256 MiB KV cache (no memory profiling), which changes no number.
 # Writes OUT_DIR/NAME.{log,json,md} per run and OUT_DIR/summary.txt; exits with the worst run's code.
@@ -46,6 +48,8 @@ args_of() {  # the options of one run, by name
     vllm-bf16) echo --target cuda ;;
     vllm-fp32) echo --target cuda --target-dtype float32 ;;
     vllm-fp32-ieee) echo --target cuda-fp32 ;;
+    vllm-bf16-tp2) echo --target cuda --tp 2 ;;
+    vllm-fp32-ieee-tp2) echo --target cuda-fp32 --tp 2 ;;
     hf-fp32) echo --target cuda --target-engine transformers --target-dtype float32 ;;
     hf-bf16) echo --target cuda --target-engine transformers ;;
     vllm-bf16-profiled) echo --target cuda --profile-side target --profile-dir "$W/profile" ;;
