@@ -28,7 +28,7 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 class FakeServer:
     def __init__(self, vocab: int = 40, max_logprobs: int = -1, *, silent_cap: int | None = None,
                  failures: list[int] | None = None, api_key: str | None = None, prompt_logprobs: bool = True,
-                 retry_after: str | None = None):
+                 retry_after: str | None = None, echo: bool = True):
         self.vocab = vocab
         self.max_logprobs = max_logprobs
         self.silent_cap = silent_cap  # answer with only this many entries, no error (a silently capped server)
@@ -36,6 +36,7 @@ class FakeServer:
         self.api_key = api_key
         self.prompt_logprobs = prompt_logprobs  # False: a server that ignores vLLM's extra parameter
         self.retry_after = retry_after
+        self.echo = echo  # False: echo ignored, logprobs of generated tokens only (llama.cpp's server)
         self.requests: list[dict] = []
         self.headers_seen: list[dict] = []
         self._embed = np.random.default_rng(7).normal(size=(vocab, vocab)) * 2.0
@@ -96,10 +97,10 @@ class FakeServer:
             n = body["prompt_logprobs"]
             choice["prompt_logprobs"] = [None] + [self._ranked(self.row(ids[:j]), ids[j], n) for j in range(1, len(ids))]
         if body.get("logprobs") is not None:
-            n = body["logprobs"]
-            positions = [(self.row(ids[:j]), ids[j]) for j in range(1, len(ids))] if body.get("echo") else []
-            tops = ([None] if body.get("echo") else []) + [self._keyed(r, t, n) for r, t in positions + rows]
-            tokens = (ids if body.get("echo") else []) + generated
+            n, echo = body["logprobs"], body.get("echo") and self.echo
+            positions = [(self.row(ids[:j]), ids[j]) for j in range(1, len(ids))] if echo else []
+            tops = ([None] if echo else []) + [self._keyed(r, t, n) for r, t in positions + rows]
+            tokens = (ids if echo else []) + generated
             choice["logprobs"] = {"tokens": [f"token_id:{t}" for t in tokens], "top_logprobs": tops,
                                   "token_logprobs": [None] * len(tokens), "text_offset": [0] * len(tokens)}
         return httpx.Response(200, json={"id": "cmpl-1", "object": "text_completion", "model": MODEL,

@@ -123,6 +123,8 @@ def test_prompt_logprobs_ignored_falls_back_to_echo_and_free_mode_generates():
     assert info.scoring == ECHO
     with pytest.raises(ServerError, match="returned no prompt logprobs"):
         run(_probe(FakeServer(prompt_logprobs=False), scoring=PROMPT_LOGPROBS))
+    with pytest.raises(ServerError, match="generated tokens' only.*--align free"):  # echo ignored: never scored
+        run(_probe(FakeServer(prompt_logprobs=False, echo=False)))
     info, _, _ = run(_probe(FakeServer(), how="free"))
     assert info.scoring == GENERATE
 

@@ -110,7 +110,8 @@ async def probe_logprobs(client: ServerClient, info: ServerInfo, prompt: list[in
                               "for the full vocabulary)")
         return
     raise ServerError("the server returned no prompt logprobs, neither with vLLM's prompt_logprobs nor with echo "
-                      "and logprobs: it cannot score given tokens; use --align free (generation with logprobs)")
+                      "and logprobs (it returns the generated tokens' only): it cannot score given tokens; use "
+                      "--align free (generation with logprobs)")
 
 
 async def _allowed_width(client: ServerClient, info: ServerInfo, kind: str, prompt: list[int] | str,
@@ -137,7 +138,10 @@ def _has_logprobs(response, kind: str) -> bool:
     if kind == PROMPT_LOGPROBS:
         return isinstance(choice.get("prompt_logprobs"), list)
     logprobs = choice.get("logprobs")
-    return isinstance(logprobs, dict) and isinstance(logprobs.get("top_logprobs"), list)
+    tops = logprobs.get("top_logprobs") if isinstance(logprobs, dict) else None
+    # echo honoured: the prompt's positions too (the probe's prompt has several tokens); a server that ignores
+    # echo returns the generated token's only (llama.cpp's server: loglikelihoods then score at chance)
+    return isinstance(tops, list) and (kind != ECHO or len(tops) > 1)
 
 
 def request_body(model: str, kind: str, prompt: list[int] | str, logprobs: int, max_tokens: int) -> dict[str, Any]:
