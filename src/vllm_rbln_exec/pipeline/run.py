@@ -40,7 +40,7 @@ from .reference import (
     store_in_cache,
 )
 from .result import RunResult, side_result
-from .served import capture_plan, probe_servers, with_server
+from .served import capture_plan, check_prompt_tokens, probe_servers, with_server
 from .sides import ResolvedSides, resolve_devices, resolve_sides
 from .yardstick import YardstickRun, capture_yardstick
 
@@ -120,6 +120,8 @@ def capture_sides(ctx: RunContext, options: RunOptions, ref_plan: SidePlan, tgt_
         if options.capture.align == "forced":
             request = forced(request, reference.capture)
         target = capture_plan(ctx, options, run_dir, "target", tgt_plan, request, reference.capture)
+    if ref_plan.server is not None or tgt_plan.server is not None:
+        check_prompt_tokens(ctx, reference.capture, target.capture)
     return reference, target, source, cache_info
 
 

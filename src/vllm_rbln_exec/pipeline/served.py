@@ -99,5 +99,15 @@ def served_prompts(request: CaptureRequest, reference: Capture | None) -> list[S
     return out
 
 
+def check_prompt_tokens(ctx: RunContext, reference: Capture, target: Capture) -> None:
+    """A note per prompt whose prompt tokens differ between the sides: a server tokenizes text prompts itself
+    (a server reference) and may add or drop a BOS token, so the target was fed another context there."""
+    for i, (r, t) in enumerate(zip(reference.prompts, target.prompts)):
+        if list(r.prompt_token_ids) != list(t.prompt_token_ids):
+            ctx.note(f"prompt {i}: the sides' prompt tokens differ ({len(r.prompt_token_ids)} vs "
+                     f"{len(t.prompt_token_ids)} tokens): the server tokenizes differently, so the contexts "
+                     "of this prompt are not the same")
+
+
 def with_server(plan: SidePlan, server: ServerInfo | None, vocab: int) -> SidePlan:
     return replace(plan, server=server, vocab=vocab)

@@ -73,7 +73,8 @@ class ServerClient:
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(endpoint.read_timeout, connect=CONNECT_TIMEOUT_S),
             limits=httpx.Limits(max_connections=max(1, endpoint.concurrency)),
-            headers=headers, transport=transport, follow_redirects=False, trust_env=False,
+            # trust_env: HTTP(S)_PROXY, NO_PROXY and SSL_CERT_FILE apply, as in any HTTP client
+            headers=headers, transport=transport, follow_redirects=False, trust_env=True,
         )
 
     async def __aenter__(self) -> ServerClient:
