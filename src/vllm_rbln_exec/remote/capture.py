@@ -109,7 +109,7 @@ async def _capture_all(endpoint: Endpoint, info: ServerInfo, prompts: list[Serve
             async with asyncio.TaskGroup() as group:
                 for p in prompts:
                     group.create_task(one(p))
-        except* ServerError as errors:
+        except* Exception as errors:  # the first failure, as itself: a ServerError is exit 3 with its message
             raise errors.exceptions[0] from None
         return client.traffic
 
