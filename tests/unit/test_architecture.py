@@ -1,7 +1,7 @@
 """The shape of the source tree: layers, no import circles, module and function sizes, docstrings.
 
 Reads the sources with ``ast`` (nothing is imported). The layers, from the top:
-entries (cli, pytest plugin) > pipeline > outputs > worker > engines > setup >
+entries (cli, pytest plugin) > pipeline > outputs > worker > remote > engines > setup >
 profiling > verdict > compare > capture > core. A module may import its own
 layer and the layers below it, never one above (imports inside functions count
 too: hiding an upward import in a function does not make it go away).
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "vllm_rbln_exec"
-LAYERS = ["entries", "pipeline", "outputs", "worker", "engines", "setup", "profiling", "verdict", "compare",
+LAYERS = ["entries", "pipeline", "outputs", "worker", "remote", "engines", "setup", "profiling", "verdict", "compare",
           "capture", "core"]
 ENTRIES = {"cli", "__main__", "pytest_plugin"}
 MAX_MODULE_LINES = 450

@@ -39,7 +39,7 @@ def run(
     pp: int = typer.Option(1, "--pp", help="Pipeline parallel size (target)."),
     dp: int = typer.Option(1, "--dp", help="Data parallel size (target)."),
     ep: bool = typer.Option(False, "--ep", help="Expert parallelism (target)."),
-    batch: int = typer.Option(4, "--batch", help="Prompts run through an engine at once."),
+    batch: int = typer.Option(4, "--batch", help="Prompts run through an engine at once (a server side: requests in flight)."),
     max_tokens: int = typer.Option(32, "--max-tokens", help="Greedy tokens generated per prompt (EOS ignored)."),
     max_batched: int | None = typer.Option(None, "--max-batched", help="max_num_batched_tokens of the engines."),
     prompts: list[str] = typer.Option([], "--prompts", help="A prompt; repeatable. @FILE (or a .txt/.json/.jsonl path) reads prompts from a file."),
@@ -66,7 +66,7 @@ def run(
     devices_file: str | None = typer.Option(None, "--devices", help="TOML file adding or overriding device profiles."),
     cache_dir: str = typer.Option("cache", "--cache-dir", help="Folder for converted models and the reference cache."),
     run_dir: str | None = typer.Option(None, "--run-dir", help="Folder for this run's captures and logs (default: runs/<time>-<model>)."),
-    timeout: float = typer.Option(1800.0, "--timeout", help="Seconds a worker may take before it is stopped."),
+    timeout: float = typer.Option(1800.0, "--timeout", help="Seconds a worker may take before it is stopped (a server side: the wait for one response)."),
     kv_cache_gib: int | None = typer.Option(None, "--kv-cache-gib", help="KV cache of CPU workers in whole GiB (VLLM_CPU_KVCACHE_SPACE)."),
     align: str = typer.Option("forced", "--align", help="forced: the target is fed the reference's tokens, so every position compares; free: each side follows its own argmax."),
     tie_margin: float = typer.Option(0.5, "--tie-margin", help="A divergence where the reference's top-2 margin is below this (nats) is a near-tie."),
@@ -97,6 +97,14 @@ def run(
     localize: bool = typer.Option(False, "--localize", help="After the run, localise the failing positions (the worst ones when none failed) to the first layer whose output departs: hidden states of every side at those positions, judged layer by layer (docs/localize.md). Adds `localization` to parity.json and a plot."),
     ab: str | None = typer.Option(None, "--ab", help="A/B preset: both sides on the target's device, differing in one feature, with its prompts and tolerances (each overridable): prefix-caching, chunked-prefill, batch-invariance, eager, spec-decode, kv-cache-dtype, tp (docs/ab.md)."),
     localize_modules: bool = typer.Option(False, "--localize-modules", help="--localize, and also the attention and MLP outputs inside each layer."),
+    target_url: str | None = typer.Option(None, "--target-url", help="The target is a running OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (vLLM, SGLang, TGI, llama.cpp): fed the reference's tokens and scored through the prompt's logprobs (--server-scoring), or generating with logprobs under --align free. Full-vocabulary rows where the server allows them (vLLM: --max-logprobs -1), else its top N, compared with the rest of the mass as one bucket (KL a lower bound). No local engine, torch or vLLM needed for it (docs/server.md)."),
+    reference_url: str | None = typer.Option(None, "--reference-url", help="The reference is a running OpenAI-compatible server: it generates greedily with logprobs per token, and the target is fed its tokens."),
+    served_model: str | None = typer.Option(None, "--served-model", help="The model to ask a server for (default: the only one its /v1/models lists)."),
+    api_key_env: str | None = typer.Option(None, "--api-key-env", help="Name of the environment variable holding the servers' API key (sent as a Bearer token; never printed or stored)."),
+    api_key_file: str | None = typer.Option(None, "--api-key-file", help="File whose first line is the servers' API key (never printed or stored)."),
+    server_logprobs: int | None = typer.Option(None, "--server-logprobs", help="Logprobs per position to ask a server for: -1 the full vocabulary, N its top N (default: --logprobs). A server that refuses -1 and names its limit gives its top N, with a note."),
+    server_retries: int = typer.Option(3, "--server-retries", help="Retries of a server request on HTTP 429/5xx or a dropped connection, with exponential backoff (Retry-After honoured)."),
+    server_scoring: str = typer.Option("auto", "--server-scoring", help="How a teacher-forced server target is scored: prompt_logprobs (vLLM's extra parameter), echo (echo with logprobs), auto (prompt_logprobs, else echo)."),
 ) -> None:
     """Run the parity check (the default command)."""
     if ctx.invoked_subcommand is not None:

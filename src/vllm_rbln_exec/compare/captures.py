@@ -1,13 +1,13 @@
 """Two captures compared prompt by prompt: the entry from captures to ``PromptComparison`` records.
 
-Checks that the captures can be compared (same mode, vocabulary and prompts)
+Checks that the captures can be compared (same mode, or full rows against top-N ones; vocabulary; prompts)
 and hands each prompt's arrays to ``metrics.compare_prompt``. It reads
 captures; it must not judge, render or know where the captures came from.
 """
 
 from __future__ import annotations
 
-from ..capture.store import Capture
+from ..capture.store import FULL, TOPN, Capture
 from ..core.errors import HarnessError
 from .metrics import PromptComparison, compare_prompt
 
@@ -15,13 +15,21 @@ from .metrics import PromptComparison, compare_prompt
 def compare_captures(reference: Capture, target: Capture, *, aligned: bool, eps: float, topk: int,
                      snippet_elems: int, tie_margin: float) -> list[PromptComparison]:
     """``aligned``: the target was teacher-forced on the reference's tokens, so every position compares."""
-    if reference.mode != target.mode:
+    modes = {reference.mode, target.mode}
+    if len(modes) > 1 and modes != {FULL, TOPN}:  # full against top-N: a server that gives only its top N
         raise HarnessError(f"the sides captured differently ({reference.mode} vs {target.mode})")
-    if reference.mode == "full" and reference.vocab_size != target.vocab_size:
+    full = [c for c in (reference, target) if c.mode == FULL]
+    if len(full) == 2 and reference.vocab_size != target.vocab_size:
         raise HarnessError(f"vocabulary sizes differ: reference {reference.vocab_size}, target {target.vocab_size}")
-    vocab = reference.vocab_size or int(reference.settings.get("tokenizer_vocab_size", 0))
-    if reference.mode == "topn":
-        vocab = max(vocab, _max_id(reference) + 1, _max_id(target) + 1)
+    vocab = full[0].vocab_size if full else (reference.vocab_size
+                                             or int(reference.settings.get("tokenizer_vocab_size", 0)))
+    for capture in (reference, target):
+        if capture.mode == TOPN:
+            top = _max_id(capture) + 1
+            if full and top > vocab:
+                raise HarnessError(f"the {capture.info.side} holds token id {top - 1}, outside the other side's "
+                                   f"vocabulary of {vocab}")
+            vocab = max(vocab, top)
     out = []
     for i, (r, t) in enumerate(zip(reference.prompts, target.prompts)):
         if r.prompt != t.prompt:

@@ -14,11 +14,14 @@ Conventions:
 
 * Rows are log-softmax outputs, float32 ``[T, V]``, ``-inf`` where a token has
   zero probability (or was absent from a top-N capture, see ``metrics.to_dense``).
-* A row whose probability mass differs from 1 by more than ``MASS_TOLERANCE``
-  (a top-N capture holds only part of the mass) is renormalised with
-  ``logsumexp`` before KL, top-1 probability and Δp are computed, so those
-  compare distributions. The per-token logprobs kept for perplexity are the raw
-  values, which are the model's true logprobs even in a truncated row.
+* When either side holds top-N rows (``tail``), nothing is renormalised: the
+  values are true logprobs, KL compares the entries known on both sides and the
+  rest of the mass as one bucket (a lower bound, ``partial.kl_tail_bucket``),
+  and Δp of a token outside the target's top N takes its probability as 0 (a
+  bound). Otherwise a row whose probability mass differs from 1 by more than
+  ``MASS_TOLERANCE`` is renormalised with ``logsumexp`` before KL, top-1
+  probability and Δp are computed; the per-token logprobs kept for perplexity
+  are the raw values either way.
 * KL(reference || target) is in nats. Entries where the reference is ``-inf``
   contribute 0; an entry the reference supports but the target gives ``-inf``
   makes the position's KL ``+inf``; a NaN anywhere in either row makes it NaN.
@@ -38,8 +41,9 @@ import numpy as np
 
 from ..core.jsonio import strict_json
 from .kernels import Scratch, block_rows, map_row_blocks, topk_ids
+from .partial import MASS_TOLERANCE, kl_tail_bucket, kl_with_holes
 
-MASS_TOLERANCE = 1e-3
+_kl_general = kl_with_holes  # the name the kernel tests compare the finite path against
 DEFAULT_TIE_MARGIN = 0.5  # nats between the reference's top-2 logprobs
 BUCKET_EDGES = (0.0, 0.25, 0.5, 0.75, 0.95, 1.0)
 BUCKET_LABELS = ("[0,0.25)", "[0.25,0.5)", "[0.5,0.75)", "[0.75,0.95)", "[0.95,1]")
@@ -127,11 +131,14 @@ def position_stats(
     tie_margin: float = DEFAULT_TIE_MARGIN,
     *,
     ranked: tuple[np.ndarray, np.ndarray] | None = None,
+    tail: bool = False,
 ) -> PositionStats:
     """Statistics of each aligned position of one prompt (rows ``[T, V]``, tokens ``[T]``).
 
     ``ranked``: each side's ``topk_ids`` of these rows with at least ``max(topk, 2)``
     columns (or all V), when the caller already has them; they are not recomputed.
+    ``tail``: a side holds top-N rows (-inf: not given): KL over the known entries and one tail
+    bucket, a lower bound (``partial.kl_tail_bucket``), and no row is renormalised.
     """
     ref_rows = np.asarray(ref_rows)
     tgt_rows = np.asarray(tgt_rows)
@@ -150,7 +157,7 @@ def position_stats(
     def block(s: int, scratch: Scratch) -> dict[str, np.ndarray]:
         part = None if ranked is None else (ranked[0][s : s + step], ranked[1][s : s + step])
         return _block(ref_rows[s : s + step], tgt_rows[s : s + step], tokens[s : s + step], topk, tie_margin, part,
-                      scratch)
+                      scratch, tail)
 
     return _from_blocks(map_row_blocks(block, n_pos, step), tie_margin, min(topk, vocab))
 
@@ -278,6 +285,7 @@ def _block(
     tie_margin: float,
     ranked: tuple[np.ndarray, np.ndarray] | None = None,
     scratch: Scratch | None = None,
+    tail: bool = False,
 ) -> dict[str, np.ndarray]:
     """Statistics of a block of rows, in float64.
 
@@ -292,10 +300,12 @@ def _block(
     k_ref2 = ranked[0][:, : max(k, 2)]  # at least two columns for the margin
     k_ref, k_tgt = k_ref2[:, :k], ranked[1][:, :k]
     finite = ref.size and all(math.isfinite(f(a)) for a in (ref, tgt) for f in (np.min, np.max))
-    if finite:
+    if tail:
+        kl, ref_shift, tgt_shift, ref_fix, tgt_fix = kl_tail_bucket(ref, tgt)
+    elif finite:
         kl, ref_shift, tgt_shift, ref_fix, tgt_fix = _kl_finite(ref, tgt, scratch or Scratch())
     else:
-        kl, ref_shift, tgt_shift, ref_fix, tgt_fix = _kl_general(ref, tgt)
+        kl, ref_shift, tgt_shift, ref_fix, tgt_fix = kl_with_holes(ref, tgt)
     ref_lp = ref[rows, tok].astype(np.float64)  # raw, for perplexity
     tgt_lp = tgt[rows, tok].astype(np.float64)
 
@@ -338,27 +348,8 @@ def _block(
     }
 
 
-def _kl_general(ref: np.ndarray, tgt: np.ndarray):
-    """KL per row where some entry is -inf, +inf or NaN (top-N fillers, holes): float64 copies
-    and masks. Returns (kl, reference shift, target shift, reference renormalised, target renormalised)."""
-    ref, ref_fix, ref_shift = _renormalize(ref.astype(np.float64))
-    tgt, tgt_fix, tgt_shift = _renormalize(tgt.astype(np.float64))
-    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        # KL is taken between exactly normalised rows, whatever the mass tolerance
-        # says: a mass off by 1e-4 (rounding, q16) would otherwise add 1e-4 to KL.
-        ref = ref - np.where(np.isfinite(r := logsumexp(ref, axis=1)), r, 0.0)[:, None]
-        tgt = tgt - np.where(np.isfinite(t := logsumexp(tgt, axis=1)), t, 0.0)[:, None]
-        support = ref > -np.inf
-        hole = support & (tgt == -np.inf)
-        terms = np.where(support & ~hole, np.exp(ref) * (ref - tgt), 0.0)
-        kl = np.maximum(terms.sum(axis=1), 0.0)
-        kl[hole.any(axis=1)] = np.inf
-        kl[np.isnan(ref).any(axis=1) | np.isnan(tgt).any(axis=1)] = np.nan
-    return kl, ref_shift, tgt_shift, ref_fix, tgt_fix
-
-
 def _kl_finite(ref: np.ndarray, tgt: np.ndarray, scratch: Scratch):
-    """``_kl_general`` for rows finite everywhere (full-vocabulary captures), without masks or
+    """``partial.kl_with_holes`` for rows finite everywhere (full-vocabulary captures), without masks or
     full float64 copies. With p = softmax(x) and a, b the exact logsumexps of the two rows,
     KL = sum_i p_i (x_i - y_i) + b - a: the KL of the exactly normalised rows, whatever their
     stored mass (rounding or q16 can leave it 1e-4 off, which would otherwise land in KL).
@@ -384,24 +375,6 @@ def _exp_rows(rows: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray
     e = np.subtract(rows, m[:, None], out=out, dtype=np.float64)
     np.exp(e, out=e)
     return m, e, e.sum(axis=1)
-
-
-def logsumexp(rows: np.ndarray, axis: int) -> np.ndarray:
-    from scipy.special import logsumexp as lse  # here: scipy made every CLI start 2 s slower (-X importtime)
-    return lse(rows, axis=axis)
-
-
-def _renormalize(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Subtract logsumexp from rows whose mass is off by more than MASS_TOLERANCE;
-    returns (rows, which rows, the shift per row: logsumexp there, else 0)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        lse = logsumexp(rows, axis=1)
-    fix = np.isfinite(lse) & (np.abs(np.exp(lse) - 1.0) > MASS_TOLERANCE)
-    shift = np.where(fix, lse, 0.0)
-    if fix.any():
-        rows = rows.copy()
-        rows[fix] -= lse[fix, None]
-    return rows, fix, shift
 
 
 _DTYPES = {

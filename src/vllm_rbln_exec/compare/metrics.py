@@ -156,8 +156,10 @@ def compare_prompt(
         topk, ranked = _ranking(reference, target, ref_rows, tgt_rows, topk)
         overlap, order, top1, first_topk = _topk_agreement(ref_rows, tgt_rows, ranked, topk)
 
+    # a top-N side: KL with the unknown mass as one bucket, a lower bound (compare.partial)
+    tail = reference.get("ids") is not None or target.get("ids") is not None
     stats = position_stats(ref_rows, tgt_rows, np.asarray(ref_tokens[:n_pos], dtype=np.int64), topk, tie_margin,
-                           ranked=ranked)
+                           ranked=ranked, tail=tail)
     worst_list = _worst_list(stats, ref_rows, tgt_rows, ranked, topk, n_worst) if n_pos else []
 
     snippet = {side: _head_tail(rows[0], snippet_elems) for side, rows in (("reference", ref_rows),

@@ -214,7 +214,8 @@ def _md_key_metrics(summary: dict[str, Any], verdict: Verdict, noise: NoiseFloor
 
 
 def _md_findings(verdict: Verdict) -> list[str]:
-    found = list(getattr(verdict, "findings", None) or [])
+    """The verdict's warnings (a top-N run's bounds, a float32 side that ran TF32) and findings, as a list."""
+    found = [f"⚠️ {w}" for w in verdict.warnings] + list(getattr(verdict, "findings", None) or [])
     return ["", *[f"- {_md_inline(f)}" for f in found]] if found else []
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..capture.store import Capture, load_capture
 from ..profiling.request import profile_request
+from ..remote.probe import ServerInfo
 from ..setup.devices import DeviceProfile, vllm_known_env_vars
 from ..setup.options import RunOptions
 from ..setup.request import CaptureRequest, capture_task
@@ -32,23 +33,28 @@ class SidePlan:
     request: CaptureRequest
     env: dict[str, str]
     env_record: dict[str, Any]
+    server: ServerInfo | None = None  # a server side (pipeline.served): captured over HTTP, not by a worker
+    vocab: int = 0  # a server side's vocabulary (the reference model's), for its rows
 
 
 def plan_side(ctx: RunContext, options: RunOptions, side: Side, models: PreparedModels,
               prompts: tuple[str, ...]) -> SidePlan:
     capture = options.capture
-    profile = ctx.profiles[side.device]
-    env, env_record = side_env(ctx, side, profile, capture.kv_cache_gib)
+    if side.url:  # a server: no environment of ours, nothing to profile
+        env, env_record = {}, {"server": side.url}
+    else:
+        env, env_record = side_env(ctx, side, ctx.profiles[side.device], capture.kv_cache_gib)
     p = options.profile
     request = CaptureRequest(
         side=side, prompts=tuple(prompts), max_tokens=capture.max_tokens, batch=capture.batch,
         max_model_len=capture.max_model_len, logprobs=capture.logprobs, capture=capture.capture,
         store=capture.store, max_batched=capture.max_batched, max_logprobs_cap=capture.max_logprobs_cap,
         trust_remote_code=capture.trust_remote_code,
-        model_fingerprint=models.target_weights if side.role == "target" else models.weights,
+        model_fingerprint="" if side.url else models.target_weights if side.role == "target" else models.weights,
         tokenizer_fingerprint=models.tokenizer, env_record=env_record,
         settings=side_settings(options, side),
-        profile=profile_request(p.sides, p.dir, side.role, side.model_name, p.memory, p.shapes, p.stack, ctx.stamp),
+        profile=None if side.url else profile_request(p.sides, p.dir, side.role, side.model_name, p.memory, p.shapes,
+                                                      p.stack, ctx.stamp),
     )
     return SidePlan(side, request, env, env_record)
 

@@ -22,11 +22,12 @@ from ..compare.captures import compare_captures
 from ..compare.metrics import PromptComparison, summarize
 from ..core.errors import UsageError
 from ..setup.ab import get_preset
+from ..setup.models import read_config, text_config
 from ..setup.options import OutputOptions, RunOptions
 from ..setup.prompts import check_prompt_lengths
 from ..setup.sides import side_differences
 from ..verdict.presets import AB_TOLERANCES, FLOAT32, HALF
-from .captures import Captured, SidePlan, forced, plan_side, run_both, run_side, side_job, unprofiled
+from .captures import Captured, SidePlan, forced, plan_side, run_both, side_job, unprofiled
 from .context import Progress, RunContext
 from .models import PreparedModels, prepare_models
 from .reference import (
@@ -39,6 +40,7 @@ from .reference import (
     store_in_cache,
 )
 from .result import RunResult, side_result
+from .served import capture_plan, check_prompt_tokens, probe_servers, with_server
 from .sides import ResolvedSides, resolve_devices, resolve_sides
 from .yardstick import YardstickRun, capture_yardstick
 
@@ -51,12 +53,15 @@ def run_parity(options: RunOptions, progress: Progress | None = None) -> RunResu
             options, ref_file = read_reference_file(options)
             ctx.note(_file_note(ref_file, options))
         devices = resolve_devices(ctx, options)
+        servers = probe_servers(ctx, options)  # an unreachable server ends the run now, before any model work
         models = prepare_models(ctx, options.model, options.target.checkpoint, options.capture.num_hidden_layers)
         c = options.capture
         check_prompt_lengths(c.prompts, models.reference_path, c.max_model_len, c.max_tokens)
-        sides = resolve_sides(ctx, options, devices, models)
+        sides = resolve_sides(ctx, options, devices, models, servers)
         run_dir = ctx.run_dir = make_run_dir(options.outputs, options.model)
-        ref_plan, tgt_plan = (plan_side(ctx, options, s, models, options.capture.prompts)
+        vocab = int(text_config(read_config(models.reference_path)).get("vocab_size") or 0)
+        ref_plan, tgt_plan = (with_server(plan_side(ctx, options, s, models, options.capture.prompts),
+                                          servers.get(s.role), vocab)
                               for s in (sides.reference, sides.target))
         fields = key_fields(options, ref_plan, models.weights, models.tokenizer)
         ref_plan = replace(ref_plan, request=replace(ref_plan.request,
@@ -98,10 +103,11 @@ def capture_sides(ctx: RunContext, options: RunOptions, ref_plan: SidePlan, tgt_
     target = None
     if reference is None:
         ref_job = side_job(ctx, run_dir, "reference", ref_plan)
-        if options.capture.align == "free":  # the target needs none of the reference's tokens: both at once
+        workers = ref_plan.server is None and tgt_plan.server is None
+        if options.capture.align == "free" and workers:  # the target needs none of the reference's tokens
             reference, target = run_both(ctx, ref_job, side_job(ctx, run_dir, "target", tgt_plan))
         else:
-            reference = run_side(ctx, ref_job)
+            reference = capture_plan(ctx, options, run_dir, "reference", ref_plan)
         if use_cache:
             store_in_cache(ctx, key, reference.capture, fields)
     else:
@@ -113,7 +119,9 @@ def capture_sides(ctx: RunContext, options: RunOptions, ref_plan: SidePlan, tgt_
         request = tgt_plan.request
         if options.capture.align == "forced":
             request = forced(request, reference.capture)
-        target = run_side(ctx, side_job(ctx, run_dir, "target", tgt_plan, request))
+        target = capture_plan(ctx, options, run_dir, "target", tgt_plan, request, reference.capture)
+    if ref_plan.server is not None or tgt_plan.server is not None:
+        check_prompt_tokens(ctx, reference.capture, target.capture)
     return reference, target, source, cache_info
 
 
@@ -147,14 +155,15 @@ def measure_repeats(ctx: RunContext, options: RunOptions, reference: Captured, s
     for n in range(2, options.repeat + 1):
         label = f"target-r{n}"
         ctx.progress("target", f"repeat {n}/{options.repeat}", {"stage": "repeat"})
-        again = run_side(ctx, side_job(ctx, run_dir, label, tgt_plan, target_request), "target")
+        again = capture_plan(ctx, options, run_dir, label, tgt_plan, target_request, reference.capture, "target")
         repeats.append(as_report(label, compare(options, reference.capture, again.capture)))
     if source != "worker":
         ctx.note(f"the reference came from the {source}: its own run-to-run spread was not measured "
                  "(only the target's)")
         return repeats, None
     ctx.progress("reference", "second capture for the noise floor", {"stage": "repeat"})
-    again = run_side(ctx, side_job(ctx, run_dir, "reference-r2", ref_plan, unprofiled(ref_plan.request)), "reference")
+    again = capture_plan(ctx, options, run_dir, "reference-r2", ref_plan, unprofiled(ref_plan.request),
+                         progress_label="reference")
     return repeats, as_report("reference-r2", compare(options, reference.capture, again.capture, aligned=False))
 
 
@@ -166,17 +175,30 @@ def assemble(ctx: RunContext, asked: RunOptions, options: RunOptions, models: Pr
     ref_side, tgt_side = sides.reference, sides.target
     return RunResult(
         run_dir=str(ctx.run_dir), model=options.model, model_path=str(models.reference_path),
-        target=tgt_side.device, settings=flat_settings(options, sides), prompts=list(options.capture.prompts),
+        target=tgt_side.device, settings=effective_logprobs(flat_settings(options, sides), reference, target),
+        prompts=list(options.capture.prompts),
         sides={
-            "reference": side_result(reference.capture, reference.elapsed_s, source, ref_side.engine_args, ref_side.torch_device,
+            "reference": side_result(reference.capture, reference.elapsed_s,
+                                     "server" if ref_side.url and source == "worker" else source,
+                                     ref_side.engine_args, ref_side.torch_device,
                                      reference.result.get("profile") if source == "worker" else None),
-            "target": side_result(target.capture, target.elapsed_s, "worker", tgt_side.engine_args, tgt_side.torch_device, target.result.get("profile")),
+            "target": side_result(target.capture, target.elapsed_s, "server" if tgt_side.url else "worker",
+                                  tgt_side.engine_args, tgt_side.torch_device, target.result.get("profile")),
         },
         comparisons=comparisons, summary=summarize(comparisons), notes=ctx.notes, cache=cache_info,
         reference_tokens=[r.token_ids for r in reference.capture.prompts], repeats=repeats,
         reference_self=reference_self, options=asked.to_json(),
         resolved=resolved_record(options, asked, sides),
     )
+
+
+def effective_logprobs(settings: dict[str, Any], *captured: Captured) -> dict[str, Any]:
+    """The flat settings with ``logprobs`` as compared: a server that gives only its top N (``remote.probe``)
+    makes the run a top-N comparison, whatever was asked (the verdict skips full-vocabulary gates then)."""
+    widths = [c.capture.settings.get("logprobs", -1) for c in captured if c.capture.mode == "topn"]
+    if widths:
+        settings["logprobs"] = min(int(w) for w in widths)
+    return settings
 
 
 def yardstick_record(yard: YardstickRun | None) -> dict[str, Any] | None:
@@ -241,7 +263,7 @@ def flat_settings(options: RunOptions, sides: ResolvedSides) -> dict[str, Any]:
         "fail_on": list(options.gates.fail_on), "spec": options.gates.spec,
         "no_default_gates": not options.gates.use_defaults, "near_ties_fail": options.gates.near_ties_fail,
         "yardstick": options.yardstick,
-        "ab": options.ab,
+        "ab": options.ab, "target_url": tgt.url, "reference_url": ref.url,
     }  # fmt: skip
 
 

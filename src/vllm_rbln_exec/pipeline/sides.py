@@ -11,12 +11,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..engines import ENGINES
+from ..remote.probe import ServerInfo
 from ..setup.ab import check_preset_device, check_speculative
 from ..setup.devices import DeviceProfile, get_profile, resolve_auto_target
 from ..setup.engine_args import check_engine_args
 from ..setup.models import read_config, text_config
-from ..setup.options import RunOptions
-from ..setup.sides import Side, YardstickSpec, parse_yardstick, resolve_side, yardstick_options
+from ..setup.options import RunOptions, SideOptions
+from ..setup.sides import Side, YardstickSpec, parse_yardstick, resolve_side, server_side, yardstick_options
 from .context import RunContext
 from .models import PreparedModels
 
@@ -27,8 +28,8 @@ DEFAULT_REFERENCE_DEVICE = "cpu"
 class Devices:
     """The device profile of each side, found before anything is loaded (a typo costs no model preparation)."""
 
-    reference: DeviceProfile
-    target: DeviceProfile
+    reference: DeviceProfile | None  # None: the side is a server (--reference-url / --target-url)
+    target: DeviceProfile | None
     decisions: dict[str, Any] = field(default_factory=dict, hash=False)
     yardstick: YardstickSpec = YardstickSpec()
 
@@ -46,23 +47,22 @@ class ResolvedSides:
 
 def resolve_devices(ctx: RunContext, options: RunOptions) -> Devices:
     decisions: dict[str, Any] = {}
-    target_name = options.target.device or "auto"
-    if target_name == "auto":
-        target_name, note = resolve_auto_target()
-        decisions["target_device"] = f"auto -> {target_name}"
-        if note:
-            ctx.note(note)
-    target = get_profile(target_name, ctx.profiles, option="--target")
+    target = None if options.target.url else _target_profile(ctx, options, decisions)
     reference_name = options.reference.device or DEFAULT_REFERENCE_DEVICE
     if options.ab is not None:
         check_preset_device(options.ab, target.name)
         if options.reference.device is None:  # A/B: both sides on one device
             reference_name = target.name
             decisions["reference_device"] = f"--ab {options.ab}: the target's ({target.name})"
+    # a yardstick runs on the reference's profile, so a server reference keeps the default one for it
     reference = get_profile(reference_name, ctx.profiles, option="--reference-device")
-    p = options.parallel
-    target.check_parallel(tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep)
+    if target is not None:
+        p = options.parallel
+        target.check_parallel(tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep)
     for side in (options.reference, options.target):
+        if side.url:
+            decisions[f"{side.role}_server"] = side.url
+            continue
         ENGINES.check(side.engine, option=f"--{side.role}-engine")
         if side.engine == "vllm":  # transformers' arguments are checked against the model's config later
             check_engine_args(side.engine, side.engine_args, side.role)
@@ -71,26 +71,46 @@ def resolve_devices(ctx: RunContext, options: RunOptions) -> Devices:
     return Devices(reference, target, decisions, yardstick)
 
 
-def resolve_sides(ctx: RunContext, options: RunOptions, devices: Devices, models: PreparedModels) -> ResolvedSides:
+def _target_profile(ctx: RunContext, options: RunOptions, decisions: dict[str, Any]) -> DeviceProfile:
+    target_name = options.target.device or "auto"
+    if target_name == "auto":
+        target_name, note = resolve_auto_target()
+        decisions["target_device"] = f"auto -> {target_name}"
+        if note:
+            ctx.note(note)
+    return get_profile(target_name, ctx.profiles, option="--target")
+
+
+def resolve_sides(ctx: RunContext, options: RunOptions, devices: Devices, models: PreparedModels,
+                  servers: dict[str, ServerInfo] | None = None) -> ResolvedSides:
+    """Both sides (and a yardstick); ``servers``: what each server side said about itself (``pipeline.served``)."""
     decisions = dict(devices.decisions)
+    servers = servers or {}
     parallel = options.parallel
     alias = models.reference.alias
-    if alias is not None and alias.needs_ep and not parallel.ep:
+    if alias is not None and alias.needs_ep and not parallel.ep and devices.target is not None:
         parallel = replace(parallel, ep=True)
         devices.target.check_parallel(ep=True)
         decisions["ep"] = "on: mixture-of-experts model"
         ctx.note(f"{alias.name} is a mixture-of-experts model: expert parallelism (--ep) enabled on the target")
     ref_model, tgt_model = options.model, options.target.checkpoint or options.model
-    reference = resolve_side(options.reference, devices.reference, options.capture, str(models.reference_path),
-                             ref_model)
-    target = resolve_side(options.target, devices.target, options.capture, str(models.target_path), tgt_model,
-                          parallel)
+    reference = (_served(options.reference, servers) if options.reference.url else
+                 resolve_side(options.reference, devices.reference, options.capture, str(models.reference_path),
+                              ref_model))
+    target = (_served(options.target, servers) if options.target.url else
+              resolve_side(options.target, devices.target, options.capture, str(models.target_path), tgt_model,
+                           parallel))
     asked, why = yardstick_options(devices.yardstick, reference, target)
     decisions["yardstick"] = why
     yardstick = None if asked is None else resolve_side(asked, devices.reference, options.capture,
                                                         str(models.reference_path), ref_model)
     for side, path in ((reference, models.reference_path), (target, models.target_path),
                        (yardstick, models.reference_path)):
-        if side is not None and side.engine != "vllm":
+        if side is not None and side.engine != "vllm" and not side.url:
             check_engine_args(side.engine, side.engine_args, side.role, text_config(read_config(path)))
     return ResolvedSides(reference, target, decisions, yardstick)
+
+
+def _served(asked: SideOptions, servers: dict[str, ServerInfo]) -> Side:
+    info = servers[asked.role]
+    return server_side(asked, info.model, str(info.model_record.get("root") or info.model))

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import UsageError
+from .server import check_server_flat
 
 ALIGN_MODES = ("forced", "free")
 CAPTURE_MODES = ("fast", "api")
@@ -28,6 +29,7 @@ def check_flat(v: dict[str, Any]) -> None:
     _check_choices(v)
     _check_profiling(v)
     _check_files(v)
+    check_server_flat(v)
 
 
 def _flag(name: str) -> str:

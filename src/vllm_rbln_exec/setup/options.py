@@ -19,6 +19,7 @@ from typing import Any
 from ..core.errors import UsageError
 from .checks import check_flat, profiled_sides
 from .prompts import builtin_prompts, check_not_empty, expand_prompt_args
+from .server import normalize_url
 
 REFERENCE, TARGET = "reference", "target"
 
@@ -39,6 +40,8 @@ FLAT_DEFAULTS: dict[str, Any] = {
     "markdown_out": None, "reference_file": None, "save_reference": None, "devices_file": None,
     "cache_dir": "cache", "runs_dir": "runs", "run_dir": None, "timeout": 1800.0, "kv_cache_gib": None,
     "verbose": False, "localize": False, "localize_modules": False, "yardstick": "auto", "ab": None,
+    "target_url": None, "reference_url": None, "served_model": None, "api_key_env": None, "api_key_file": None,
+    "server_logprobs": None, "server_retries": 3, "server_scoring": "auto",
 }  # fmt: skip
 
 
@@ -54,6 +57,7 @@ class SideOptions:
     checkpoint: str | None
     engine_args: dict[str, Any] = field(default_factory=dict, hash=False)
     block: int | None = None
+    url: str | None = None  # an OpenAI-compatible server is this side (setup.server); its API's base, .../v1
 
 
 @dataclass(frozen=True)
@@ -148,6 +152,19 @@ class LocalizeOptions:
 
 
 @dataclass(frozen=True)
+class ServerOptions:
+    """How the server sides (``--target-url``, ``--reference-url``) are asked; the API key itself is never here,
+    only where it is read from (``setup.server.read_api_key``)."""
+
+    served_model: str | None = None  # None: the one model the server lists
+    api_key_env: str | None = None
+    api_key_file: str | None = None
+    logprobs: int | None = None  # what the server is asked for; None: --logprobs
+    retries: int = 3
+    scoring: str = "auto"  # auto | prompt_logprobs | echo
+
+
+@dataclass(frozen=True)
 class RunOptions:
     model: str
     reference: SideOptions
@@ -167,6 +184,7 @@ class RunOptions:
     localize: LocalizeOptions = LocalizeOptions()
     yardstick: str = "auto"  # auto | none | ENGINE[:DTYPE] | DTYPE (setup.sides.parse_yardstick)
     ab: str | None = None  # --ab NAME: the A/B preset folded into these options (setup.ab)
+    server: ServerOptions = ServerOptions()
 
     def side(self, role: str) -> SideOptions:
         return self.reference if role == REFERENCE else self.target
@@ -202,9 +220,11 @@ def _records(v: dict[str, Any], explicit: frozenset[str]) -> RunOptions:
     return RunOptions(
         model=v["model"],
         reference=SideOptions(REFERENCE, ref_device, v["reference_engine"], v["reference_dtype"], ref_torch,
-                              None, parse_engine_args(v["reference_args"], "--reference-args")),
+                              None, parse_engine_args(v["reference_args"], "--reference-args"),
+                              url=_url(v["reference_url"], "--reference-url")),
         target=SideOptions(TARGET, v["target"], v["target_engine"], v["target_dtype"], v["target_device"],
-                           v["target_model"], parse_engine_args(v["target_args"], "--target-args"), v["block"]),
+                           v["target_model"], parse_engine_args(v["target_args"], "--target-args"), v["block"],
+                           url=_url(v["target_url"], "--target-url")),
         parallel=Parallel(v["tp"], v["pp"], v["dp"], bool(v["ep"])),
         capture=CaptureOptions(
             prompts=prompts, max_tokens=v["max_tokens"], batch=v["batch"], max_batched=v["max_batched"],
@@ -226,7 +246,13 @@ def _records(v: dict[str, Any], explicit: frozenset[str]) -> RunOptions:
         localize=LocalizeOptions(bool(v["localize"] or v["localize_modules"]), bool(v["localize_modules"])),
         yardstick=str(v["yardstick"] or "auto"),
         ab=v["ab"],
+        server=ServerOptions(v["served_model"], v["api_key_env"], v["api_key_file"], v["server_logprobs"],
+                             int(v["server_retries"]), str(v["server_scoring"])),
     )
+
+
+def _url(value: str | None, option: str) -> str | None:
+    return None if value is None else normalize_url(value, option)
 
 
 def _reference_device(value: str | None) -> tuple[str | None, str | None]:

@@ -28,6 +28,9 @@ YARDSTICK_MODES = ("auto", "none")
 YARDSTICK_HELP = ("auto (a yardstick when the target's dtype is coarser than the reference's), none, or "
                   "ENGINE[:DTYPE] / DTYPE (e.g. vllm:bfloat16, transformers, bfloat16)")
 
+# A server side's fixed fields: no device profile, no platform check, the API its capture speaks.
+SERVER_DEVICE, SERVER_PLATFORM, SERVER_ENGINE = "server", "remote", "openai"
+
 # Profile engine defaults that are vLLM engine arguments, passed through unless the side's own args say otherwise.
 PROFILE_ENGINE_ARGS = ("enforce_eager", "gpu_memory_utilization")
 
@@ -46,6 +49,7 @@ class Side:
     block_size: int | None = None
     engine_args: dict[str, Any] = field(default_factory=dict, hash=False)  # the user's, as given
     profile_engine_args: dict[str, Any] = field(default_factory=dict, hash=False)  # the profile's defaults
+    url: str | None = None  # a server side (``server_side``): the API's base; its capture is an HTTP client's
 
     def effective_engine_args(self) -> dict[str, Any]:
         """The engine arguments in force beyond what the harness sets itself: profile defaults, then the user's."""
@@ -75,6 +79,17 @@ def resolve_side(asked: SideOptions, profile: DeviceProfile, capture: CaptureOpt
     )
 
 
+def server_side(asked: SideOptions, model_id: str, checkpoint: str) -> Side:
+    """A side that is a running OpenAI-compatible server (``--target-url``/``--reference-url``).
+
+    Nothing about it is the harness's to choose: ``model_id`` is the model the server serves, ``checkpoint``
+    what the server says it loaded (vLLM's ``root``), and the dtype is what the user states the server runs
+    (``auto``: unknown, judged by the bfloat16 tier), since the OpenAI API does not say."""
+    return Side(role=asked.role, device=SERVER_DEVICE, platform=SERVER_PLATFORM, engine=SERVER_ENGINE,
+                dtype=asked.dtype or "auto", checkpoint=checkpoint, model_name=model_id, torch_device="",
+                url=asked.url)
+
+
 def _block_size(asked: SideOptions, profile: DeviceProfile, capture: CaptureOptions) -> int | None:
     """``--block`` for this side, else ``--block-size-cpu``/``--block-size-rbln`` by profile, else the profile's."""
     if profile.name == "rbln":
@@ -87,7 +102,8 @@ def _block_size(asked: SideOptions, profile: DeviceProfile, capture: CaptureOpti
 def side_differences(a: Side, b: Side) -> list[tuple[str, Any, Any]]:
     """(what, a's value, b's value) for everything that differs between two sides, role aside."""
     out = []
-    for name in ("device", "platform", "engine", "dtype", "checkpoint", "torch_device", "parallel", "block_size"):
+    for name in ("device", "platform", "engine", "dtype", "checkpoint", "torch_device", "parallel", "block_size",
+                 "url"):
         va, vb = getattr(a, name), getattr(b, name)
         if va != vb:
             out.append((name, va, vb))
@@ -136,6 +152,8 @@ def yardstick_options(spec: YardstickSpec, reference: Side, target: Side) -> tup
     tgt_dtype = canonical_dtype(target.dtype, target.platform)
     if spec.mode == "none":
         return None, "none: --yardstick none"
+    if reference.url:
+        return None, "none: the reference is a server (a yardstick runs where the reference runs)"
     coarser = PRECISION_ORDER.index(tgt_dtype) > PRECISION_ORDER.index(ref_dtype)
     if spec.mode == "auto" and not coarser:
         return None, f"none: the target's {tgt_dtype} is not coarser than the reference's {ref_dtype}"

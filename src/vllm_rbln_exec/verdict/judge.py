@@ -96,6 +96,15 @@ class Verdict:
         }
 
 
+def topn_warning(run_json: dict[str, Any]) -> str:
+    """What a top-N comparison's figures are worth (``compare.partial``): bounds, not measurements."""
+    n = (run_json.get("settings") or {}).get("logprobs")
+    return (f"top-{n} rows: KL compares the entries both sides gave and the rest of the mass as one bucket, so "
+            "KL figures are lower bounds on the full distributions' KL (and Δp of a token outside the top N a "
+            "bound): a pass does not prove the full rows agree; compare full vocabularies where the side allows "
+            "it (vLLM: --max-logprobs -1)")
+
+
 def judge(run_json: dict[str, Any], gates: list[Check], noise: NoiseFloor | dict[str, Any] | None = None) -> Verdict:
     """Check every gate against a report dict; all violations are collected."""
     if isinstance(noise, dict):
@@ -120,6 +129,8 @@ def judge(run_json: dict[str, Any], gates: list[Check], noise: NoiseFloor | dict
         notes.extend(outcome.notes)
         checked.append({"gate": gate.text, "source": gate.source, "scope": getattr(gate, "scope", PROMPT),
                         "path": getattr(gate, "path", "argmax_divergence"), "violations": len(outcome.violations)})
+    if not full_vocab:
+        warnings.append(topn_warning(run_json))
     warnings += precision_warnings(run_json)
     return Verdict(passed=not violations, violations=violations, checked=checked, skipped=skipped, notes=notes,
                    warnings=warnings, findings=findings(run_json))

@@ -1,0 +1,164 @@
+"""What a server is and what it allows, asked before anything else of the run starts.
+
+``probe_server`` reads ``/v1/models`` (which model; vLLM adds its ``root`` and ``max_model_len``), ``/version``
+(vLLM's version; other servers may have none) and the response headers (``server``, and others that name
+the software), then ``probe_logprobs`` sends one tiny completion to learn how logprobs come back: whether
+the server returns vLLM's ``prompt_logprobs`` or only ``echo`` with logprobs, and how many it allows (vLLM
+refuses more than ``--max-logprobs``, 20 by default, with "max allowed: 20"). All of it goes into the
+report. It owns no capture and no parsing of logprobs rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .client import ServerClient, ServerError, error_text, logprobs_cap, status_error
+
+PROMPT_LOGPROBS, ECHO, GENERATE = "prompt_logprobs", "echo", "generate"
+# Response headers worth a line in the report: they name the software. Never cookies or auth.
+_HEADERS = ("server", "x-powered-by", "x-vllm-version", "openai-version", "x-request-id-prefix")
+_MODEL_FIELDS = ("id", "owned_by", "root", "parent", "max_model_len", "created")
+
+
+@dataclass
+class ServerInfo:
+    """A server side as probed: what it serves and how its logprobs are asked for (recorded in the report)."""
+
+    base: str
+    model: str
+    model_record: dict[str, Any] = field(default_factory=dict)  # its /v1/models entry (selected fields)
+    other_models: list[str] = field(default_factory=list)
+    version: str | None = None  # /version, when the server has one
+    headers: dict[str, str] = field(default_factory=dict)
+    scoring: str = PROMPT_LOGPROBS  # how rows are asked for: prompt_logprobs | echo (teacher-forced) | generate
+    asked_logprobs: int = -1
+    logprobs: int = -1  # what the server gives: -1 the full vocabulary, else the top N
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def software(self) -> str:
+        """What serves the model, as far as the server says (vLLM lists itself as the models' owner)."""
+        owner = str(self.model_record.get("owned_by") or "")
+        name = "vLLM" if owner == "vllm" else owner or self.headers.get("server") or "server"
+        return f"{name} {self.version or ''}".strip()
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+async def probe_server(client: ServerClient, served_model: str | None) -> ServerInfo:
+    """The model to ask for and what the server says about itself; ServerError (exit 3) within seconds when
+    the server is unreachable, and a clear one when it lists no model or not the one named."""
+    response = await client.get("models")
+    if response.status_code != 200:
+        raise status_error(f"GET {client.url('models')}", response)
+    try:
+        entries = [m for m in response.json().get("data", []) if isinstance(m, dict) and m.get("id")]
+    except (ValueError, AttributeError) as exc:
+        raise ServerError(f"GET {client.url('models')} did not return an OpenAI model list: {exc}") from exc
+    ids = [str(m["id"]) for m in entries]
+    if served_model is None:
+        if len(ids) != 1:
+            raise ServerError(f"the server lists {len(ids)} models ({', '.join(ids) or 'none'}): name one with "
+                              "--served-model")
+        served_model = ids[0]
+    elif served_model not in ids:
+        raise ServerError(f"the server does not serve {served_model!r}; it lists: {', '.join(ids) or 'nothing'}")
+    record = next(m for m in entries if str(m["id"]) == served_model)
+    info = ServerInfo(base=client.endpoint.base, model=served_model,
+                      model_record={k: record[k] for k in _MODEL_FIELDS if record.get(k) is not None},
+                      other_models=[i for i in ids if i != served_model],
+                      headers={k: v for k, v in response.headers.items() if k.lower() in _HEADERS})
+    info.version = await _version(client)
+    return info
+
+
+async def _version(client: ServerClient) -> str | None:
+    try:
+        response = await client.get("version", root=True, retries=0)
+    except ServerError:
+        return None
+    if response.status_code != 200:
+        return None
+    try:
+        version = response.json().get("version")
+    except (ValueError, AttributeError):
+        return None
+    return str(version) if version else None
+
+
+async def probe_logprobs(client: ServerClient, info: ServerInfo, prompt: list[int] | str, asked: int,
+                         scoring: str, how: str) -> None:
+    """Fill ``info.scoring`` and ``info.logprobs`` with one tiny request of the kind the capture will send.
+
+    ``how``: ``forced`` (teacher-forced scoring of given tokens) or ``free`` (generation with logprobs).
+    ``scoring``: auto | prompt_logprobs | echo (``--server-scoring``). A refusal that names the server's limit
+    ("max allowed: 20") turns a full-vocabulary request into top-N at that limit, with a note; any other
+    refusal is a ServerError."""
+    info.asked_logprobs = asked
+    kinds = [GENERATE] if how == "free" else ([PROMPT_LOGPROBS, ECHO] if scoring == "auto" else [scoring])
+    for kind in kinds:
+        width = await _allowed_width(client, info, kind, prompt, asked)
+        if width is None:  # the server ignored this way of asking
+            continue
+        info.scoring = kind
+        info.logprobs = width
+        if width != asked:
+            info.notes.append(f"the server allows at most {width} logprobs per position (asked {_n(asked)}): "
+                              f"top-{width} rows, so KL and Δp are bounds (vLLM: start it with --max-logprobs -1 "
+                              "for the full vocabulary)")
+        return
+    raise ServerError("the server returned no prompt logprobs, neither with vLLM's prompt_logprobs nor with echo "
+                      "and logprobs (it returns the generated tokens' only): it cannot score given tokens; use "
+                      "--align free (generation with logprobs)")
+
+
+async def _allowed_width(client: ServerClient, info: ServerInfo, kind: str, prompt: list[int] | str,
+                         asked: int) -> int | None:
+    """The width the server gives for ``kind`` (``asked``, or its stated limit), None when it ignored the ask."""
+    n = asked
+    for _ in range(2):  # asked, then the limit the refusal named
+        response = await client.post("completions", request_body(info.model, kind, prompt, n, max_tokens=1))
+        if response.status_code == 200:
+            return n if _has_logprobs(response, kind) else None
+        message = error_text(response)
+        cap = logprobs_cap(message) if response.status_code in (400, 422) else None
+        if cap is None or cap < 1 or (n != -1 and cap >= n):
+            raise status_error(f"a {kind} request to {client.url('completions')}", response)
+        n = cap
+    raise ServerError(f"the server refused {kind} logprobs at its own stated limit ({n})")
+
+
+def _has_logprobs(response, kind: str) -> bool:
+    try:
+        choice = response.json()["choices"][0]
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        raise ServerError(f"the server's completion is not an OpenAI completion: {exc}") from exc
+    if kind == PROMPT_LOGPROBS:
+        return isinstance(choice.get("prompt_logprobs"), list)
+    logprobs = choice.get("logprobs")
+    tops = logprobs.get("top_logprobs") if isinstance(logprobs, dict) else None
+    # echo honoured: the prompt's positions too (the probe's prompt has several tokens); a server that ignores
+    # echo returns the generated token's only (llama.cpp's server: loglikelihoods then score at chance)
+    return isinstance(tops, list) and (kind != ECHO or len(tops) > 1)
+
+
+def request_body(model: str, kind: str, prompt: list[int] | str, logprobs: int, max_tokens: int) -> dict[str, Any]:
+    """One completion request. Greedy (temperature 0), EOS ignored (as the harness generates), token ids
+    named as ``token_id:N`` (vLLM's ``return_tokens_as_token_ids``) and returned (``return_token_ids``)."""
+    body: dict[str, Any] = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+                            "stream": False, "return_token_ids": True}
+    if kind == PROMPT_LOGPROBS:
+        body["prompt_logprobs"] = logprobs
+    else:
+        body.update(logprobs=logprobs, return_tokens_as_token_ids=True)
+        if kind == ECHO:
+            body["echo"] = True
+    if kind == GENERATE:
+        body["ignore_eos"] = True
+    return body
+
+
+def _n(asked: int) -> str:
+    return "the full vocabulary" if asked == -1 else str(asked)
