@@ -27,6 +27,7 @@ into place, so a folder that exists is complete; an existing one is kept (``--fo
 Run with the environment that has torch, transformers and compressed-tensors (the project's .venv):
     .venv/bin/python scripts/quantize_exports.py --model smollm2-135m --out exports
     .venv/bin/python scripts/quantize_exports.py --model cache/models/smollm2-135m --formats w8a8,w4a16
+    .venv/bin/python scripts/quantize_exports.py --num-hidden-layers 2 --out cache/models/exports  # the tests'
 """
 
 from __future__ import annotations
@@ -142,15 +143,16 @@ def export(src: Path, dest: Path, fmt: str) -> dict:
     return manifest
 
 
-def model_folder(name: str, cache_dir: str) -> Path:
-    """A folder as given, or an alias of the harness made ready (converted once) in its cache."""
-    if Path(name).is_dir():
+def model_folder(name: str, cache_dir: str, layers: int | None) -> Path:
+    """The model folder the harness itself would load: an alias converted once into its cache, and cut to its
+    first ``layers`` decoder layers when asked (the same cut as ``--num-hidden-layers``)."""
+    if Path(name).is_dir() and not layers:
         return Path(name)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from vllm_rbln_exec.pipeline.context import RunContext
     from vllm_rbln_exec.pipeline.models import prepare_model
 
-    _, path = prepare_model(RunContext.create(cache_dir, None, 1800.0), name, None)
+    _, path = prepare_model(RunContext.create(cache_dir, None, 1800.0), name, layers)
     return path
 
 
@@ -160,21 +162,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="exports", help="exports go to OUT/<model folder name>-<format>")
     parser.add_argument("--formats", default=DEFAULT_FORMATS, help=f"comma-separated, of {', '.join(FORMATS)}")
     parser.add_argument("--cache-dir", default="cache", help="the harness's cache (for an alias)")
+    parser.add_argument("--num-hidden-layers", type=int, default=None,
+                        help="export the first N decoder layers only (for tests; as the harness cuts them)")
     parser.add_argument("--force", action="store_true", help="make exports that exist again")
     args = parser.parse_args(argv)
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         parser.error(f"unknown format(s) {unknown}; known: {', '.join(FORMATS)}")
-    src = model_folder(args.model, args.cache_dir)
+    src = model_folder(args.model, args.cache_dir, args.num_hidden_layers)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from vllm_rbln_exec.setup.models import folder_lock
+
     for fmt in formats:
         dest = out / f"{src.name}-{fmt}"
-        if dest.is_dir() and (dest / MANIFEST).is_file() and not args.force:
-            print(f"{dest}: exists, kept")
-            continue
-        manifest = export(src, dest, fmt)
+        with folder_lock(dest):  # two test runs making the same export: the second waits, then keeps it
+            if dest.is_dir() and (dest / MANIFEST).is_file() and not args.force:
+                print(f"{dest}: exists, kept")
+                continue
+            manifest = export(src, dest, fmt)
         print(f"{dest}: {manifest['what']} ({manifest['seconds']} s)")
     return 0
 

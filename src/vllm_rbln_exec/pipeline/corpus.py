@@ -24,7 +24,7 @@ from ..capture.cache import ReferenceCache, cache_key
 from ..capture.store import CAPTURE_JSON, Capture, CaptureError, load_capture
 from ..compare.corpus import compare_corpus
 from ..core.errors import UsageError
-from ..core.jsonio import write_json_atomic
+from ..core.jsonio import strict_json, write_json_atomic
 from ..setup.corpus import CorpusPlan, plan_corpus
 from ..setup.corpus_options import CorpusOptions
 from ..setup.models import tokenizer_fingerprint, weights_fingerprint
@@ -80,7 +80,7 @@ def run_corpus(options: CorpusOptions, progress: Progress | None = None) -> dict
 
 def corpus_run_dir(options: CorpusOptions, plan: CorpusPlan) -> Path:
     """A new run folder with the plan written into it, or (``--resume``) the given one if its plan matches."""
-    plan_data = {"options": options.plan_json(), "corpus": plan.to_json()}
+    plan_data = strict_json({"options": options.plan_json(), "corpus": plan.to_json()})  # as read back
     if options.resume:
         path = Path(options.run_dir).resolve()
         try:
