@@ -18,7 +18,9 @@ Formats (``--formats``, comma-separated):
   w4a16  int4 weights, symmetric, per group, packed into int32; 16-bit activations
   w8a8   int8 weights per channel; int8 activations per token, dynamic (vLLM's CPU int8 kernels)
   fp8    fp8 (e4m3) weights per channel; fp8 activations per token, dynamic
-  w4a8   int4 weights per group; int8 activations per token, dynamic
+  w4a8   int4 weights per group; int8 activations per token, dynamic. Packed (pack-quantized): the format
+         vLLM 0.32 maps to its int4 x int8 kernel; compressed-tensors alone would infer int-quantized here,
+         and says so in a warning
 
 Group size: 128 (the presets') where it divides every quantized layer's input, else 64, else 32 (SmolLM2's
 hidden size 576 = 4.5 x 128, so its groups are 64). Each export is written to a temporary folder and renamed

@@ -256,3 +256,29 @@ def test_table_and_charts_of_a_saved_result():
     assert points["w4"]["bpw"] == 4.25 and points["yardstick"]["role"] == "yardstick"
     alone = corpus_plots({**result, "sides": result["sides"][:1]})
     assert alone[0].data is None and "fewer than two" in alone[0].missing
+
+
+def test_sides_that_score_identically_are_named():
+    from vllm_rbln_exec.pipeline.corpus import corpus_notes
+
+    windows = tuple(cut_windows(list(range(40)), [], 8, 4))
+    plan = CorpusPlan("x", "h", 40, len(windows) + 3, (), 8, 4, windows)
+    same = {"per_window": [{"kl_mean": 0.3, "ppl": 9.0}], "ppl": 9.0}
+    rows = [{"label": "reference", "summary": None}, {"label": "W4A16", "summary": same},
+            {"label": "W4A8", "summary": dict(same)}, {"label": "W8A8", "summary": {**same, "ppl": 8.0}},
+            {"label": "bf16", "summary": None, "resumed_windows": 2}]
+    notes = corpus_notes(plan, rows)
+    assert any(n.startswith("W4A8 scored exactly as W4A16") for n in notes)
+    assert not any("W8A8" in n for n in notes)
+    assert any("of the corpus's" in n for n in notes) and any("interrupted run: bf16" in n for n in notes)
+
+
+def test_chart_labels_of_points_on_top_of_each_other_are_joined():
+    from vllm_rbln_exec.outputs.plots import _label_groups
+
+    points = [{"label": "W4A16", "bpw": 4.25, "kl": 0.369}, {"label": "W4A8", "bpw": 4.25, "kl": 0.369},
+              {"label": "W8A8", "bpw": 8.02, "kl": 0.026}, {"label": "FP8", "bpw": 8.02, "kl": 0.022},
+              {"label": "W8A16", "bpw": 8.25, "kl": 0.0025}]
+    groups = {label: (x, y) for label, x, y in _label_groups(points, "bpw", "kl", log=True)}
+    assert set(groups) == {"W4A8, W4A16", "W8A8, FP8", "W8A16"}
+    assert groups["W8A8, FP8"] == (8.02, 0.026)  # at the cluster's highest point

@@ -38,6 +38,8 @@ class Recorder:
         import torch
 
         logits = output[0] if isinstance(output, (tuple, list)) else output
+        if logits is None:  # a tensor-parallel rank other than the first: vLLM gathers the logits on rank 0
+            return
         self.calls.append(int(logits.shape[0]))
         if self.path is None or self.done or logits.shape[0] != self.n_logits:
             return

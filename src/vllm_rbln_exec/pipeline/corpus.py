@@ -193,6 +193,15 @@ def corpus_notes(plan: CorpusPlan, rows: list[dict[str, Any]]) -> list[str]:
     resumed = [r["label"] for r in rows if r.get("source") == "resumed" or r.get("resumed_windows")]
     if resumed:
         notes.append(f"continued from an interrupted run: {', '.join(resumed)}")
+    seen: dict[str, str] = {}
+    for row in rows[1:]:
+        summary = row.get("summary") or {}
+        key = json.dumps([summary.get("per_window"), summary.get("ppl")])
+        if key in seen:  # e.g. W4A8 on vLLM 0.32's CPU kernel, which leaves the activations unquantized
+            notes.append(f"{row['label']} scored exactly as {seen[key]} (every window's KL and perplexity equal): "
+                         "the same arithmetic ran for both, whatever their checkpoints say")
+        else:
+            seen[key] = row["label"]
     return notes
 
 
