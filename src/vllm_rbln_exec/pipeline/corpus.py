@@ -16,6 +16,7 @@ and never imports torch or vLLM.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from ..core.jsonio import strict_json, write_json_atomic
 from ..setup.corpus import CorpusPlan, plan_corpus
 from ..setup.corpus_options import CorpusOptions
 from ..setup.models import tokenizer_fingerprint, weights_fingerprint
+from ..setup.options import OutputOptions
 from ..setup.sizes import weight_size
 from ..worker.spawn import run_worker
 from .context import Progress, RunContext
@@ -102,8 +104,6 @@ def corpus_run_dir(options: CorpusOptions, plan: CorpusPlan) -> Path:
 
 
 def make_run_dir_named(options: CorpusOptions) -> Path:
-    from ..setup.options import OutputOptions
-
     return make_run_dir(OutputOptions(None, None, None, options.run_dir, options.runs_dir),
                         f"corpus-{Path(options.model).name}")
 
@@ -206,6 +206,4 @@ def corpus_notes(plan: CorpusPlan, rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _discard(folder: Path) -> None:
-    import shutil
-
     shutil.rmtree(folder, ignore_errors=True)

@@ -19,7 +19,7 @@ from ..setup.corpus_options import CorpusOptions
 from ..setup.devices import get_profile, installed_version
 from ..setup.engine_args import check_engine_args
 from ..setup.models import read_config, text_config
-from ..setup.options import CaptureOptions
+from ..setup.options import FLAT_DEFAULTS, CaptureOptions
 from ..setup.request import CaptureRequest, CorpusRequest, corpus_task
 from ..setup.sides import YARDSTICK, Side, parse_yardstick, resolve_side, yardstick_options
 from ..setup.sizes import checkpoint_dtype
@@ -69,8 +69,9 @@ def capture_options(options: CorpusOptions, plan: CorpusPlan) -> CaptureOptions:
     return CaptureOptions(
         prompts=tuple(w.label() for w in plan.windows), max_tokens=1, batch=1, max_batched=None, logprobs=-1,
         max_logprobs_cap=None, align="forced", capture="fast", store=options.store, max_model_len=options.window + 1,
-        trust_remote_code=options.trust_remote_code, num_hidden_layers=options.num_hidden_layers, block_size_cpu=128,
-        block_size_rbln=8192, kv_cache_gib=options.kv_cache_gib, timeout=options.timeout)
+        trust_remote_code=options.trust_remote_code, num_hidden_layers=options.num_hidden_layers,
+        block_size_cpu=FLAT_DEFAULTS["block_size_cpu"], block_size_rbln=FLAT_DEFAULTS["block_size_rbln"],
+        kv_cache_gib=options.kv_cache_gib, timeout=options.timeout)
 
 
 def resolve_corpus_sides(ctx: RunContext, options: CorpusOptions, plan: CorpusPlan, reference_path: Path,
@@ -108,7 +109,9 @@ def corpus_job(ctx: RunContext, options: CorpusOptions, plan: CorpusPlan, entry:
                run_dir: Path, key: dict[str, Any] | None = None) -> WorkerJob:
     """The worker job that captures ``entry``'s rows over the corpus windows into ``run_dir/entry.folder``."""
     side = entry.side
-    env, env_record = side_env(ctx, side, ctx.profiles[side.device], options.kv_cache_gib)
+    # one compile cache per device profile for every side of a corpus run (inductor keys its entries by what it
+    # compiles): vLLM compiles the rank count of its prompt logprobs on the first window, 12 s on this CPU, once
+    env, env_record = side_env(ctx, replace(side, role="corpus"), ctx.profiles[side.device], options.kv_cache_gib)
     settings = {"task": "corpus", "engine": side.engine, "dtype": side.dtype, "max_model_len": options.window + 1,
                 "window": plan.window, "stride": plan.stride, "corpus": plan.digest(), "store": options.store,
                 "num_hidden_layers": options.num_hidden_layers, "engine_args": dict(side.engine_args)}
