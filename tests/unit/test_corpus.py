@@ -282,3 +282,10 @@ def test_chart_labels_of_points_on_top_of_each_other_are_joined():
     groups = {label: (x, y) for label, x, y in _label_groups(points, "bpw", "kl", log=True)}
     assert set(groups) == {"W4A8, W4A16", "W8A8, FP8", "W8A16"}
     assert groups["W8A8, FP8"] == (8.02, 0.026)  # at the cluster's highest point
+
+
+def test_a_window_longer_than_the_model_is_refused_before_reading_anything(tmp_path):
+    from vllm_rbln_exec.setup.corpus import plan_corpus
+
+    with pytest.raises(UsageError, match="does not fit the model's 256 positions"):
+        plan_corpus("builtin", tmp_path, 256, 128, None, max_positions=256)

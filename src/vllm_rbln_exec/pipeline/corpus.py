@@ -28,7 +28,7 @@ from ..core.errors import UsageError
 from ..core.jsonio import strict_json, write_json_atomic
 from ..setup.corpus import CorpusPlan, plan_corpus
 from ..setup.corpus_options import CorpusOptions
-from ..setup.models import tokenizer_fingerprint, weights_fingerprint
+from ..setup.models import read_config, text_config, tokenizer_fingerprint, weights_fingerprint
 from ..setup.options import OutputOptions
 from ..setup.sizes import weight_size
 from ..worker.spawn import run_worker
@@ -54,7 +54,9 @@ def run_corpus(options: CorpusOptions, progress: Progress | None = None) -> dict
             _, path = prepare_model(ctx, target.side.checkpoint, options.num_hidden_layers)
             check_same_vocabulary(reference_path, path)
             target_paths[target.label] = path
-    plan = plan_corpus(options.corpus, reference_path, options.window, options.stride, options.max_windows)
+    positions = text_config(read_config(reference_path)).get("max_position_embeddings")
+    plan = plan_corpus(options.corpus, reference_path, options.window, options.stride, options.max_windows,
+                       int(positions) if isinstance(positions, int) else None)
     fingerprints = {p: weights_fingerprint(p) for p in {reference_path, *target_paths.values()}}
     tokenizer = tokenizer_fingerprint(reference_path)
     sides = resolve_corpus_sides(ctx, options, plan, reference_path, target_paths, fingerprints)

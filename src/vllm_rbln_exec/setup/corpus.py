@@ -21,7 +21,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core.errors import UsageError
+from ..core.errors import HarnessError, UsageError
 
 BUILTIN = "builtin"
 BUILTIN_FILE = Path(__file__).resolve().parents[1] / "data" / "corpus.txt"
@@ -101,8 +101,8 @@ def tokenize(text: str, model_path: Path) -> tuple[list[int], list[int]]:
     try:
         from tokenizers import Tokenizer
     except ImportError as exc:
-        raise UsageError("the corpus is tokenized with the `tokenizers` library (a dependency of transformers), "
-                         "which is not installed here") from exc
+        raise HarnessError("the corpus is tokenized with the `tokenizers` library (a dependency of transformers), "
+                           "which is not installed here") from exc
     if not path.is_file():
         raise UsageError(f"{model_path} has no tokenizer.json: the corpus cannot be tokenized before the engines "
                          "start", option="--model")
@@ -129,7 +129,13 @@ def cut_windows(ids: list[int], prefix: list[int], window: int, stride: int) -> 
             for k, start in enumerate(range(0, len(ids) - body + 1, stride))]
 
 
-def plan_corpus(source: str, model_path: Path, window: int, stride: int, max_windows: int | None) -> CorpusPlan:
+def plan_corpus(source: str, model_path: Path, window: int, stride: int, max_windows: int | None,
+                max_positions: int | None = None) -> CorpusPlan:
+    """The windows every side is fed; ``max_positions``: the model's context length, which a window (and the one
+    token generated after it) must fit."""
+    if max_positions and window + 1 > max_positions:
+        raise UsageError(f"--window {window} does not fit the model's {max_positions} positions (the window and one "
+                         "token after it)", option="--window")
     name, text = read_corpus_text(source)
     ids, prefix = tokenize(text, model_path)
     windows = cut_windows(ids, prefix, window, stride)
