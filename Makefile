@@ -20,7 +20,7 @@ ARGS        ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv sync install-vllm install browser test test-unit test-plumbing lint run bench clean clean-all
+.PHONY: help venv sync install-vllm install browser test test-unit test-plumbing lint run bench exports corpus clean clean-all
 
 help: ## show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -74,10 +74,23 @@ run: install ## the default parity check (pass options with ARGS="--max-tokens 1
 bench: install ## the capture/metric benchmark (scripts/bench.py)
 	$(BIN)/python scripts/bench.py $(ARGS)
 
+# the exports docs/corpus.md measures; compressed-tensors comes with vLLM (a dependency it pins), nothing more is installed
+EXPORT_FORMATS ?= bf16,w8a16,w8a8,fp8,w4a16,w4a8
+CORPUS_TARGETS ?= --target exports/smollm2-135m-bf16,label=bf16 --target exports/smollm2-135m-w8a8,label=W8A8 \
+	--target exports/smollm2-135m-fp8,label=FP8 --target exports/smollm2-135m-w4a16,label=W4A16 \
+	--target exports/smollm2-135m-w4a8,label=W4A8 --target engine=transformers,model=exports/smollm2-135m-w8a16,label=W8A16-hf \
+	--target engine=transformers,model=exports/smollm2-135m-w4a16,label=W4A16-hf
+
+exports: install ## quantized and converted exports of the default model into exports/ (scripts/quantize_exports.py)
+	$(BIN)/python scripts/quantize_exports.py --model smollm2-135m --out exports --formats $(EXPORT_FORMATS)
+
+corpus: exports ## what each export costs over the built-in corpus (docs/corpus.md); pass options with ARGS=
+	$(BIN)/vllm-rbln-exec corpus --use-cache $(CORPUS_TARGETS) --html corpus.html --plots corpus-plots $(ARGS)
+
 clean: ## remove run folders, build and test leftovers (keeps .venv and cache/)
 	rm -rf runs build dist .pytest_cache .ruff_cache src/*.egg-info
 	find . -name __pycache__ -type d -not -path "./$(VENV)/*" -prune -exec rm -rf {} +
 
 clean-all: clean ## also remove .venv, converted models, the reference cache and profiles
-	rm -rf $(VENV)
+	rm -rf $(VENV) exports
 	find cache profile -mindepth 1 -not -name .gitkeep -delete 2>/dev/null || true

@@ -23,7 +23,8 @@ Behaviour switches (environment variables; the worker inherits them):
                      of each row's runner-up token (at every position, or at that one)
   VRE_FAKE_CRASH     start | generate: raise (the worker reports the error);
                      kill: SIGKILL itself mid-generation (no result at all).
-                     Mid-generation is prompt 0, position 1, after a row was written.
+                     Mid-generation is prompt 0, position 1, after a row was written
+                     (a corpus pass: before its second window, after the first was written).
   VRE_FAKE_HANG      start | generate: sleep VRE_FAKE_HANG_S seconds (default 3600)
   VRE_FAKE_PLATFORM  the platform platform() reports
   VRE_FAKE_DELAY     seconds to sleep per generated token
@@ -173,6 +174,30 @@ class FakeEngine(Engine):
             return float(amount), None, None
         prompt, _, position = where.partition(":")
         return float(amount), int(prompt), int(position)
+
+    # -- corpus windows ---------------------------------------------------------------
+    def score_windows(self, windows, scored, writer, skip, labels, done) -> dict[str, object]:
+        """Each scored token's row is the fake's row for the window's tokens before it (the prompt's forward
+        pass, as the real engines compute it); VRE_FAKE_SHIFT moves the runner-up as in a capture."""
+        shift = self._shift_at()
+        todo = [i for i in range(len(windows)) if i not in skip]
+        for n, i in enumerate(todo):
+            if n == 1:
+                self._maybe_fail("generate")
+            ids = [int(t) for t in windows[i]]
+            lp_path, _ = writer.allocate(i, scored, self.vocab, with_ids=False)
+            rows = np.load(lp_path, mmap_mode="r+")
+            for r, j in enumerate(range(len(ids) - scored, len(ids))):
+                z = self.logits(ids[:j])
+                if shift is not None and shift[1] in (None, i) and shift[2] in (None, r):
+                    z[int(np.argsort(z, kind="stable")[-2])] += shift[0]
+                rows[r] = _log_softmax(z).astype(np.float32)
+            rows.flush()
+            del rows
+            writer.add(i, labels[i], ids[:len(ids) - scored], ids[len(ids) - scored:], "")
+            done(i)
+            self.emit("corpus", f"{n + 1}/{len(todo)} windows", done=n + 1, total=len(todo))
+        return {"prompt_rows": "the fake engine's rows of each window's prefix"}
 
     # -- capture --------------------------------------------------------------------
     def generate_greedy_logprobs(

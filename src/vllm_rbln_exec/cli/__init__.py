@@ -1,7 +1,7 @@
 """The command line: parse options into frozen records (``setup.options``) and make one library call.
 
 The run's options live here; the other commands live beside it (``saved``: compare and localize,
-``info``: devices, models and profile-summary, ``cache``), each a plain function registered below.
+``info``: devices, models and profile-summary, ``cache``, ``corpus``), each a plain function registered below.
 
 Thin on purpose: no engine, metric or rendering logic lives here, and nothing
 heavy is imported (torch and vLLM load only in worker processes). Errors
@@ -15,7 +15,7 @@ import sys
 import typer
 
 from ..core.errors import HarnessError, UsageError
-from . import cache, info, saved
+from . import cache, corpus, info, saved
 from .common import EXIT_CODES_HELP, explicit_options, render_localization_of, report_error
 
 app = typer.Typer(
@@ -156,6 +156,7 @@ def execute(options) -> int:
 
 app.command("compare")(saved.compare_cmd)
 app.command("localize")(saved.localize_cmd)
+app.command("corpus")(corpus.corpus_cmd)
 app.command("devices")(info.devices_cmd)
 app.command("models")(info.models_cmd)
 app.add_typer(cache.cache_app, name="cache")

@@ -3,13 +3,14 @@
 An engine is built from the worker's typed ``CaptureRequest``, started once, asked to
 capture greedy logprobs for a list of prompts into a ``CaptureWriter``, and
 closed. ``force`` (one token list per prompt) feeds the target the reference's
-tokens step by step instead of its own argmax (teacher forcing).
+tokens step by step instead of its own argmax (teacher forcing). ``score_windows``
+is the corpus task's: each window's prompt logprobs from one forward pass.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from ..capture.store import CaptureWriter
@@ -73,6 +74,16 @@ class Engine(ABC):
             out["cudnn_allow_tf32"] = bool(torch.backends.cudnn.allow_tf32)
             out["gpu"] = torch.cuda.get_device_name(0)
         return out
+
+    corpus_pass = False  # set before start(): a corpus pass (vLLM: one window per step, each prefilled whole)
+
+    def score_windows(self, windows: list[list[int]], scored: int, writer: CaptureWriter,
+                      skip: Collection[int], labels: list[str], done: Callable[[int], None]) -> dict[str, Any]:
+        """For each window not in ``skip``: one forward pass over its ids (the prefill), and the full-vocabulary
+        logprob rows that predict its last ``scored`` tokens written as record ``i`` of ``writer`` (its context
+        ids as the prompt, the scored ids as the tokens, ``labels[i]`` as the prompt text); then ``done(i)``.
+        Returns what decided how the rows were taken (recorded in the capture's settings)."""
+        raise NotImplementedError(f"the {self.name} engine cannot score corpus windows")
 
     def capture_hidden(self, prompts: list[str], force: list[list[int]], positions: list[list[int]],
                        modules: bool) -> tuple[list[str], dict[int, dict[str, Any]], dict[str, Any]]:

@@ -214,6 +214,32 @@ class TransformersEngine(Engine):
         writer.add(index, prompt, prompt_ids, tokens, text)
 
 
+    # -- corpus windows (prompt logprobs) ----------------------------------------
+    def score_windows(self, windows, scored, writer, skip, labels, done) -> dict[str, Any]:
+        """One forward pass per window, no cache; the logits of the positions that predict the scored tokens,
+        log-softmaxed in float32 (only those positions' logits are computed when the model can skip the rest)."""
+        import torch
+
+        todo = [i for i in range(len(windows)) if i not in skip]
+        for n, i in enumerate(todo):
+            ids = [int(t) for t in windows[i]]
+            keep = {self.keep_kw: scored + 1} if self.keep_kw else {}  # the last position predicts past the window
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                logits = self.model(input_ids=torch.tensor([ids], dtype=torch.long, device=self.device),
+                                    use_cache=False, **keep).logits[0]
+                rows = logits[-scored - 1:-1].log_softmax(dim=-1, dtype=torch.float32).cpu().numpy()
+            writer.add_time("prefill_s", time.perf_counter() - t0)
+            lp_path, _ = writer.allocate(i, scored, int(rows.shape[1]), with_ids=False)
+            target = np.load(lp_path, mmap_mode="r+")
+            target[:] = rows
+            target.flush()
+            del target
+            writer.add(i, labels[i], ids[:len(ids) - scored], ids[len(ids) - scored:], "")
+            done(i)
+            self.emit("corpus", f"{n + 1}/{len(todo)} windows", done=n + 1, total=len(todo))
+        return {"prompt_rows": "one forward pass per window (no KV cache), logits log-softmaxed in float32"}
+
     # -- hidden states (a localisation pass) ------------------------------------
     def capture_hidden(self, prompts: list[str], force: list[list[int]], positions: list[list[int]],
                        modules: bool) -> tuple[list[str], dict[int, dict[str, Any]], dict[str, Any]]:

@@ -81,6 +81,11 @@ class VllmEngine(Engine):
         kwargs.update(side.effective_engine_args())
         if getattr(self, "speculative", False):
             kwargs["disable_log_stats"] = False  # the acceptance counters (spec_decode_stats) need the stats
+        if self.corpus_pass:
+            # one window per step, prefilled whole (no chunk split, no prefix-cache hit from an earlier window),
+            # so the prompt logits of a window arrive as one call the hook can tell apart (engines.prompt_rows)
+            kwargs.update(enable_prefix_caching=False, max_num_seqs=1)
+            kwargs["max_num_batched_tokens"] = max(int(kwargs.get("max_num_batched_tokens") or 0), r.max_model_len)
         if self.hidden_pass:
             # hooks must see every forward: no torch.compile, no CUDA graphs; one sequence per step, and each
             # prompt prefilled whole (no prefix-cache hit from the previous prompt, no chunk split)
@@ -250,6 +255,44 @@ class VllmEngine(Engine):
                "steps": "prefill of the prompt, then one decode step per forced token (as in the run)"}
         return names, rows, how
 
+    # -- corpus windows (prompt logprobs) ------------------------------------------
+    def score_windows(self, windows, scored, writer, skip, labels, done) -> dict[str, Any]:
+        """One ``generate`` per window with ``prompt_logprobs=0`` and one token to sample; the hook of
+        ``engines.prompt_rows`` keeps the full rows of the prompt's logits, checked against vLLM's own logprob
+        of each scored token."""
+        from functools import partial
+
+        from vllm import SamplingParams, TokensPrompt
+
+        from . import prompt_rows
+
+        self.llm.apply_model(prompt_rows.install)
+        self._meta_path = Path(tempfile.mkdtemp(prefix="vre-core-")) / "engine_core.json"  # effective_settings
+        worst = 0.0
+        todo = [i for i in range(len(windows)) if i not in skip]
+        for n, i in enumerate(todo):
+            ids = [int(t) for t in windows[i]]
+            lp_path, _ = writer.allocate(i, scored, self.vocab_size, with_ids=False)
+            first = len(ids) - 1 - scored  # logits row j predicts token j + 1
+            self.llm.apply_model(partial(prompt_rows.arm, path=str(lp_path), n_logits=len(ids) - 1, first=first,
+                                         count=scored))
+            params = SamplingParams(temperature=0.0, max_tokens=1, detokenize=False, prompt_logprobs=0,
+                                    extra_args={"vre": {"meta": str(self._meta_path)}} if n == 0 else None)
+            t0 = time.perf_counter()
+            out = self.llm.generate([TokensPrompt(prompt_token_ids=ids)], [params], use_tqdm=False)[0]
+            writer.add_time("prefill_s", time.perf_counter() - t0)
+            seen = self.llm.apply_model(prompt_rows.report)[0]
+            if not seen["done"]:
+                raise RuntimeError(f"window {i}: no logits call of {len(ids) - 1} rows was seen (calls: "
+                                   f"{seen['calls']}); was its prefill split?")
+            worst = max(worst, _check_rows(lp_path, out.prompt_logprobs, ids, scored, i))
+            writer.add(i, labels[i], ids[:len(ids) - scored], ids[len(ids) - scored:], "")
+            done(i)
+            self.emit("corpus", f"{n + 1}/{len(todo)} windows", done=n + 1, total=len(todo))
+        return {"prompt_rows": "a forward hook on vLLM's logits processor during prompt_logprobs=0 "
+                               "(engines.prompt_rows)",
+                "max_abs_diff_vs_vllm_prompt_logprobs": worst}
+
     # -- capture --------------------------------------------------------------
     def _sampling_params(self, extra: dict[str, Any] | None, api_logprobs: int | None):
         from vllm import SamplingParams
@@ -315,6 +358,19 @@ class VllmEngine(Engine):
             writer.add_time("collect_s", time.perf_counter() - t0)
             done += len(group)
             self.emit("generate", f"{done}/{len(prompts)} prompts", done=done, total=len(prompts))
+
+
+def _check_rows(path: Path, prompt_logprobs, ids: list[int], scored: int, index: int) -> float:
+    """The largest |row value - vLLM's prompt logprob| of the scored tokens; RuntimeError past 1e-5 nats
+    (both are float32 log-softmaxes of the same logits: anything but ~0 means the hook kept another call)."""
+    rows = np.load(path, mmap_mode="r")
+    start = len(ids) - scored
+    ours = np.asarray([rows[j - start, ids[j]] for j in range(start, len(ids))], dtype=np.float64)
+    theirs = np.asarray([prompt_logprobs[j][ids[j]].logprob for j in range(start, len(ids))], dtype=np.float64)
+    worst = float(np.max(np.abs(ours - theirs))) if scored else 0.0
+    if not worst <= 1e-5:
+        raise RuntimeError(f"window {index}: the kept rows differ from vLLM's prompt logprobs by {worst:.3g} nats")
+    return worst
 
 
 def _name(value: Any) -> str:

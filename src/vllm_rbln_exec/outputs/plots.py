@@ -224,6 +224,65 @@ def _speed(plt, data: dict[str, Any]):
     return fig
 
 
+def _label_groups(points: list[dict[str, Any]], x: str, key: str, log: bool) -> list[tuple[str, float, float]]:
+    """One label per cluster of points that would print over each other (x within 5 %, y within 25 % on a log
+    axis or 4 % of the span on a linear one): their names joined, at the cluster's highest point."""
+    ys = [p[key] for p in points]
+    span = (max(ys) - min(ys)) or 1.0
+    groups: list[list[dict[str, Any]]] = []
+    for p in sorted(points, key=lambda q: q[key]):
+        for group in groups:
+            last = group[-1]
+            near_x = abs(p[x] - last[x]) <= 0.05 * max(abs(last[x]), 1e-12)
+            near_y = (p[key] <= last[key] * 1.25) if log else (p[key] - last[key] <= 0.04 * span)
+            if near_x and near_y:
+                group.append(p)
+                break
+        else:
+            groups.append([p])
+    return [(", ".join(q["label"] for q in reversed(g)), g[-1][x], g[-1][key]) for g in groups]
+
+
+def _corpus(plt, data: dict[str, Any]):
+    """Two panels over the same x (bits per weight, or MiB): KL mean ± s.e. (log) and perplexity."""
+    points, x = data["points"], data["x"]
+    fig, (kl_ax, ppl_ax) = plt.subplots(1, 2, figsize=(WIDTH_IN, 3.8), layout="constrained")
+    reference = next((p for p in points if p["role"] == "reference"), None)
+    yardstick = next((p for p in points if p["role"] == "yardstick"), None)
+    targets = [p for p in points if p["role"] not in ("reference", "yardstick")]
+    for ax, key in ((kl_ax, "kl_mean"), (ppl_ax, "ppl")):
+        pts = [p for p in targets if isinstance(p[key], (int, float)) and p[key] > 0]
+        errs = [p["kl_sem"] or 0 for p in pts] if key == "kl_mean" else None
+        ax.errorbar([p[x] for p in pts], [p[key] for p in pts], yerr=errs, fmt="o", color=BLUE, capsize=3,
+                    label="targets")
+        for label, px, py in _label_groups(pts, x, key, log=key == "kl_mean"):
+            ax.annotate(label, (px, py), xytext=(5, 4), textcoords="offset points", fontsize=8)
+        if yardstick is not None and isinstance(yardstick[key], (int, float)) and yardstick[key] > 0:
+            ax.axhline(yardstick[key], color=ORANGE, ls="--", lw=1.2, label=f"yardstick: {yardstick['what']}")
+            ax.plot([yardstick[x]], [yardstick[key]], marker="D", color=ORANGE, ls="none")
+        if reference is not None:
+            ax.axvline(reference[x], color=GREEN, ls=":", lw=1.5, label="reference")
+            if key == "ppl" and isinstance(reference["ppl"], (int, float)):
+                ax.plot([reference[x]], [reference["ppl"]], marker="*", ms=12, color=GREEN, ls="none")
+                ax.axhline(reference["ppl"], color=GREEN, ls=":", lw=1)
+        ax.set_xlabel(data["xlabel"], fontsize=9)
+        ax.grid(True, which="major")
+    if any(isinstance(p["kl_mean"], (int, float)) and p["kl_mean"] > 0 for p in targets):
+        kl_ax.set_yscale("log")
+    if x == "bpw":  # each halving of the bits is one step along x
+        lo, hi = min(p[x] for p in points), max(p[x] for p in points)
+        ticks = [2.0 ** k for k in range(math.floor(math.log2(lo)), math.ceil(math.log2(hi)) + 1)]
+        for ax in (kl_ax, ppl_ax):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+            ax.minorticks_off()
+    kl_ax.set_ylabel("KL(reference ‖ side), mean (nats)")
+    ppl_ax.set_ylabel("perplexity of the corpus")
+    _legend_if_any(kl_ax, loc="best", fontsize=8)
+    fig.suptitle(data["heading"], fontsize=9)
+    return fig
+
+
 def trend_figure(series: list[dict[str, Any]], names: list[str], theme: str = "inline"):
     """Small multiples: one panel per key metric, the runs in the order given along x."""
     plt = _pyplot()
@@ -249,7 +308,8 @@ def trend_figure(series: list[dict[str, Any]], names: list[str], theme: str = "i
 
 
 DRAWERS = {"kl-positions": _kl_positions, "kl-distribution": _kl_distribution, "kl-confidence": _kl_confidence,
-           "delta-p": _delta_p, "flips": _flips, "layers": _layers, "speed": _speed}
+           "delta-p": _delta_p, "flips": _flips, "layers": _layers, "speed": _speed, "corpus-bits": _corpus,
+           "corpus-memory": _corpus}
 
 
 def svg_text(fig, prefix: str) -> str:

@@ -256,7 +256,7 @@ def text_config(config: dict) -> dict:
 
 
 # -- truncation to the first N decoder layers -----------------------------------
-def _safetensors_header(path: Path) -> tuple[int, dict]:
+def safetensors_header(path: Path) -> tuple[int, dict]:
     with open(path, "rb") as f:
         (size,) = struct.unpack("<Q", f.read(8))
         return size, json.loads(f.read(size))
@@ -277,7 +277,7 @@ def _keep(key: str, n_layers: int) -> bool:
 
 def _copy_safetensors(src: Path, dest: Path, n_layers: int) -> list[str]:
     """Copy the tensors of the first ``n_layers`` layers byte for byte (dtype-agnostic)."""
-    size, header = _safetensors_header(src)
+    size, header = safetensors_header(src)
     meta = header.pop("__metadata__", None)
     kept = {k: v for k, v in header.items() if _keep(k, n_layers)}
     new_header: dict = {}

@@ -2,7 +2,7 @@
 
 The parent builds a ``WorkerTask`` (a task name, its folder and a typed payload:
 ``CaptureRequest`` built from a ``Side``, ``HiddenRequest`` (hidden states for a
-localisation) or ``ConvertRequest``), writes it as
+localisation), ``CorpusRequest`` (prompt logprobs over corpus windows) or ``ConvertRequest``), writes it as
 JSON, and the child reads it back through the same types (``read_task``); a
 file of another schema version, or with unknown or missing fields, is refused
 before any engine starts. This module owns those records only: it must not
@@ -20,8 +20,8 @@ from ..core.records import RecordError, from_data, to_data
 from ..profiling.request import ProfileRequest
 from .sides import Side
 
-REQUEST_SCHEMA_VERSION = 2  # 2: the hidden_states task
-CAPTURE, CONVERT, HIDDEN = "capture", "convert_gguf", "hidden_states"
+REQUEST_SCHEMA_VERSION = 3  # 2: the hidden_states task; 3: the corpus task
+CAPTURE, CONVERT, HIDDEN, CORPUS = "capture", "convert_gguf", "hidden_states", "corpus"
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,19 @@ class HiddenRequest:
 
 
 @dataclass(frozen=True)
+class CorpusRequest:
+    """Prompt logprobs of ``capture.side`` over corpus windows (``setup.corpus``): each window is fed whole as
+    one prompt (its forward pass, the prefill) and the full-vocabulary rows that predict its last ``scored``
+    tokens are kept, one capture record per window (context ids as the prompt, the scored ids as tokens).
+    ``capture`` carries the side, the model length and the store; its prompts are the windows' labels."""
+
+    capture: CaptureRequest
+    windows: tuple[tuple[int, ...], ...]
+    scored: int
+    vocab_size: int  # the width of every row (the model config's vocab_size)
+
+
+@dataclass(frozen=True)
 class ConvertRequest:
     """Turn a GGUF file into a model folder at ``dest`` (once; the folder lock makes concurrent runs wait)."""
 
@@ -72,12 +85,13 @@ class ConvertRequest:
 
 @dataclass(frozen=True)
 class WorkerTask:
-    task: str  # capture | convert_gguf | hidden_states
+    task: str  # capture | convert_gguf | hidden_states | corpus
     label: str  # the side or job name shown in messages
     folder: str
     capture: CaptureRequest | None = None
     convert: ConvertRequest | None = None
     hidden: HiddenRequest | None = None
+    corpus: CorpusRequest | None = None
     schema_version: int = REQUEST_SCHEMA_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -90,6 +104,10 @@ def capture_task(label: str, folder: Path | str, request: CaptureRequest) -> Wor
 
 def hidden_task(label: str, folder: Path | str, request: HiddenRequest) -> WorkerTask:
     return WorkerTask(task=HIDDEN, label=label, folder=str(folder), hidden=request)
+
+
+def corpus_task(label: str, folder: Path | str, request: CorpusRequest) -> WorkerTask:
+    return WorkerTask(task=CORPUS, label=label, folder=str(folder), corpus=request)
 
 
 def convert_task(folder: Path | str, request: ConvertRequest) -> WorkerTask:
@@ -107,7 +125,7 @@ def read_task(path: Path) -> WorkerTask:
         raise RecordError(f"worker request {path} has schema version {version!r}, this worker reads "
                           f"{REQUEST_SCHEMA_VERSION}: the parent and the worker come from different installs")
     task = from_data(WorkerTask, data)
-    payload = {CAPTURE: task.capture, CONVERT: task.convert, HIDDEN: task.hidden}
+    payload = {CAPTURE: task.capture, CONVERT: task.convert, HIDDEN: task.hidden, CORPUS: task.corpus}
     if task.task not in payload or payload[task.task] is None:
         raise RecordError(f"worker request {path}: task {task.task!r} without its payload")
     return task

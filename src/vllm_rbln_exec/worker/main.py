@@ -4,6 +4,8 @@ Tasks:
   capture       build an engine, check its platform, capture, write the capture folder
   convert_gguf  turn a GGUF file into a model folder (needs transformers + gguf)
   hidden_states build an engine for a localisation pass, write the hidden states (capture.hidden)
+  corpus        build an engine for a corpus pass, write each window's prompt logprobs as a capture,
+                continuing an interrupted one from its journal (capture.journal)
 
 Runs with the device's environment already in place (the parent built it). The
 result is ``result.json``: ``{"ok": true, ..., "peak_rss_mib": ...}`` or ``{"ok": false, "error": ...}``.
@@ -25,10 +27,11 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from ..capture.store import FULL, TOKENS, TOPN, CaptureWriter, SideInfo
+from ..capture.journal import Journal
+from ..capture.store import CAPTURE_JSON, FULL, TOKENS, TOPN, CaptureWriter, SideInfo
 from ..core.jsonio import write_json_atomic
 from ..core.records import RecordError
-from ..setup.request import CAPTURE, CONVERT, HIDDEN, CaptureRequest, WorkerTask, read_task
+from ..setup.request import CAPTURE, CONVERT, CORPUS, HIDDEN, CaptureRequest, WorkerTask, read_task
 from .spawn import EVENTS, RESULT
 
 EXIT_FAILED = 1
@@ -54,14 +57,9 @@ class Events:
         print(f"[vllm-rbln-exec] {stage}: {message}", flush=True)
 
 
-def task_capture(task: WorkerTask, emit: Events) -> dict[str, Any]:
-    from ..engines import ENGINES
-
-    request = task.capture
+def _side_info(task: WorkerTask, request: CaptureRequest) -> SideInfo:
     side = request.side
-    capture_dir = Path(task.folder) / "capture"
-    engine = ENGINES.load(side.engine)(request, emit)
-    info = SideInfo(
+    return SideInfo(
         side=side.role if task.label in ("reference", "target") else task.label,
         device=side.device,
         engine=side.engine,
@@ -72,6 +70,15 @@ def task_capture(task: WorkerTask, emit: Events) -> dict[str, Any]:
         hostname=socket.gethostname(),
         env=dict(request.env_record),
     )
+
+
+def task_capture(task: WorkerTask, emit: Events) -> dict[str, Any]:
+    from ..engines import ENGINES
+
+    request = task.capture
+    capture_dir = Path(task.folder) / "capture"
+    engine = ENGINES.load(request.side.engine)(request, emit)
+    info = _side_info(task, request)
     try:
         platform = _start_engine(engine, request, info, emit)
         return _capture(engine, request, info, capture_dir, platform, emit)
@@ -193,6 +200,47 @@ def task_hidden(task: WorkerTask, emit: Events) -> dict[str, Any]:
     return {"hidden": str(folder), "platform": platform}
 
 
+def task_corpus(task: WorkerTask, emit: Events) -> dict[str, Any]:
+    """Prompt logprobs over corpus windows into ``FOLDER/capture``; windows a previous, interrupted worker
+    finished (its journal) are kept and not run again."""
+    from ..engines import ENGINES
+
+    corpus = task.corpus
+    request = corpus.capture
+    capture_dir = Path(task.folder) / "capture"
+    if (capture_dir / CAPTURE_JSON).exists():
+        raise TaskError(f"{capture_dir} already holds a finished capture")
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # the hook functions may travel pickled
+    engine = ENGINES.load(request.side.engine)(request, emit)
+    engine.corpus_pass = True
+    info = _side_info(task, request)
+    try:
+        platform = _start_engine(engine, request, info, emit)
+        settings = {**request.settings, "tokenizer_vocab_size": engine.tokenizer_vocab_size()}
+        writer = CaptureWriter(capture_dir, info, settings, FULL)
+        journal = Journal(capture_dir)
+        width = corpus.vocab_size
+        kept = journal.restore(width)
+        writer.records.update(kept)
+        if kept:
+            emit("corpus", f"{len(kept)} of {len(corpus.windows)} windows kept from the interrupted run",
+                 resumed=len(kept))
+        t0 = time.perf_counter()
+        how = engine.score_windows([list(w) for w in corpus.windows], corpus.scored, writer, set(kept),
+                                   list(request.prompts), lambda i: journal.append(writer.records[i]))
+        info.timings["capture_total_s"] = time.perf_counter() - t0
+        info.timings["generated_tokens"] = float(corpus.scored * (len(corpus.windows) - len(kept)))
+        writer.settings["effective"] = {**engine.effective_settings(), **how, "windows_resumed": len(kept)}
+        capture = writer.finish(vocab_size=width, store=request.store)
+    finally:
+        try:
+            engine.close()
+        except Exception:  # closing must not hide the real outcome
+            traceback.print_exc()
+    return {"capture": str(capture_dir), "platform": platform, "vocab_size": capture.vocab_size,
+            "resumed_windows": len(kept)}
+
+
 def task_convert_gguf(task: WorkerTask, emit: Events) -> dict[str, Any]:
     from ..setup.manifest import write_manifest
     from ..setup.models import folder_lock, is_model_folder
@@ -235,7 +283,7 @@ def peak_rss() -> dict[str, float]:
     return {"peak_rss_mib": mib(resource.RUSAGE_SELF), "peak_rss_children_mib": mib(resource.RUSAGE_CHILDREN)}
 
 
-TASKS = {CAPTURE: task_capture, CONVERT: task_convert_gguf, HIDDEN: task_hidden}
+TASKS = {CAPTURE: task_capture, CONVERT: task_convert_gguf, HIDDEN: task_hidden, CORPUS: task_corpus}
 
 
 PARENT_ENV = "VLLM_RBLN_EXEC_PARENT_PID"  # set by worker.spawn: the run this worker belongs to
