@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.errors import HarnessError, UsageError
+from .prompts import read_text_file
 
 BUILTIN = "builtin"
 BUILTIN_FILE = Path(__file__).resolve().parents[1] / "data" / "corpus.txt"
@@ -81,15 +82,7 @@ def read_corpus_text(source: str) -> tuple[str, str]:
     if source == BUILTIN:
         return BUILTIN, BUILTIN_FILE.read_text(encoding="utf-8")
     path = Path(source).expanduser()
-    if not path.is_file():
-        raise UsageError(f"--corpus {source}: no such file (give a UTF-8 text file, or 'builtin')", option="--corpus")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"--corpus {path} is not UTF-8 text ({exc.reason} at byte {exc.start})",
-                         option="--corpus") from exc
-    except OSError as exc:
-        raise UsageError(f"--corpus {path} cannot be read: {exc}", option="--corpus") from exc
+    text = read_text_file(path, f"--corpus (a text file or '{BUILTIN}')", "--corpus")
     if not text.strip():
         raise UsageError(f"--corpus {path} holds no text", option="--corpus")
     return str(path), text

@@ -54,16 +54,24 @@ def expand_prompt_args(values: list[str] | tuple[str, ...]) -> list[str]:
     return out
 
 
+def read_text_file(path: Path, what: str, option: str) -> str:
+    """A UTF-8 text file's text; UsageError naming ``what`` and the file when it is missing, not UTF-8 or
+    unreadable (prompt files, corpora)."""
+    if not path.is_file():
+        raise UsageError(f"{what} {path}: no such file (give a UTF-8 text file)", option=option)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{what} {path} is not UTF-8 text ({exc.reason} at byte {exc.start})",
+                         option=option) from exc
+    except OSError as exc:
+        raise UsageError(f"{what} {path} cannot be read: {exc}", option=option) from exc
+
+
 def read_prompts_file(path: str) -> list[str]:
     """Prompts from a file: ``.jsonl`` (strings or {"prompt": ...}), ``.json`` list, or one per line."""
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise UsageError(f"prompts file {p} does not exist", option="--prompts")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"prompts file {p} is not UTF-8 text ({exc.reason} at byte {exc.start})",
-                         option="--prompts") from exc
+    text = read_text_file(p, "prompts file", "--prompts")
     try:
         prompts = _parse(text, p.suffix)
     except (ValueError, KeyError, TypeError) as exc:
