@@ -155,13 +155,20 @@ def test_bad_prompt_files_exit_2(fake_cli, tmp_path, content, message):
 
 
 # -- killed, interrupted, out of room --------------------------------------------------------------------------
+def _as_from_a_terminal() -> None:
+    # Ctrl-C reaches a command started from a terminal with SIGINT at its default. pytest itself may run as a
+    # background job of a non-interactive shell (`make test` runs two tiers at once; dash then ignores SIGINT),
+    # and an ignored SIGINT is inherited: Python would never raise KeyboardInterrupt in the CLI.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(tmp_path: Path, fake_model: Path, run_dir: Path, *extra: str, **switches: str) -> subprocess.Popen:
     env = {**fake_env(**switches), "PYTHONUNBUFFERED": "1"}
     out = open(tmp_path / f"{run_dir.name}.out", "w")
     err = open(tmp_path / f"{run_dir.name}.err", "w")
     return subprocess.Popen([sys.executable, "-m", FAKE_CLI, "--cache-dir", str(tmp_path / "cache"),
                              "--run-dir", str(run_dir), *fake_args(fake_model), *extra],
-                            cwd=tmp_path, env=env, stdout=out, stderr=err)
+                            cwd=tmp_path, env=env, stdout=out, stderr=err, preexec_fn=_as_from_a_terminal)
 
 
 def _wait_generating(run_dir: Path, side: str, timeout: float = 60) -> None:
