@@ -82,7 +82,7 @@ def read_corpus_text(source: str) -> tuple[str, str]:
     if source == BUILTIN:
         return BUILTIN, BUILTIN_FILE.read_text(encoding="utf-8")
     path = Path(source).expanduser()
-    text = read_text_file(path, f"--corpus (a text file or '{BUILTIN}')", "--corpus")
+    text = read_text_file(path, "--corpus", "--corpus")
     if not text.strip():
         raise UsageError(f"--corpus {path} holds no text", option="--corpus")
     return str(path), text
