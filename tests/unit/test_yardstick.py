@@ -22,9 +22,9 @@ from vllm_rbln_exec.setup.sides import (
     resolve_side,
     yardstick_options,
 )
-from vllm_rbln_exec.verdict.defaults import YARDSTICK_TOLERANCES, default_gates
+from vllm_rbln_exec.verdict.defaults import BACKSTOP_TOLERANCES, YARDSTICK_TOLERANCES, default_gates
 from vllm_rbln_exec.verdict.expressions import parse_tolerance
-from vllm_rbln_exec.verdict.findings import DECODE_ONLY_SHARE, phase_sentence, yardstick_sentence
+from vllm_rbln_exec.verdict.findings import DECODE_ONLY_SHARE, phase_sentence, precision_sentence, yardstick_sentence
 from vllm_rbln_exec.verdict.gates import parse_gate
 from vllm_rbln_exec.verdict.judge import judge
 from vllm_rbln_exec.verdict.spec import gates_for_run
@@ -93,10 +93,8 @@ def test_a_yardstick_below_the_floor_is_taken_at_the_floor():
     assert parse_gate("kl_mean>3*yardstick").check(report([4 * floor(KL)], [0.0]), None)
 
 
-def test_flips_relative_to_a_yardstick_without_flips_count_it_as_one():
-    gate = parse_gate("mismatches>3*yardstick")
-    assert not gate.check(report([1e-3], [1e-3], flips=(3, 0)), None)
-    assert gate.check(report([1e-3], [1e-3], flips=(4, 0)), None)
+def test_flip_ratios_in_tables_count_a_yardstick_without_flips_as_one():
+    # the ratio column of the reports keeps its floor; the tolerance judges counts by their test (test_counts.py)
     assert ratio(4, 0, "distribution.top1_mismatches") == 4 and ratio(0, 0, "distribution.top1_mismatches") == 0
 
 
@@ -114,13 +112,29 @@ def test_ratio_table_has_the_four_metrics_overall_and_per_prompt():
 
 
 # -- the built-in tolerances with a yardstick ----------------------------------------------------
-def test_defaults_add_the_relative_tolerances_only_with_a_yardstick_and_keep_the_absolute_backstop():
+def test_with_a_yardstick_the_ratios_judge_and_the_fixed_limits_shrink_to_the_gross_backstop():
     plain = {g.text for g in default_gates("float32", "bfloat16")}
     with_yard = {g.text for g in default_gates("float32", "bfloat16", yardstick=True)}
-    assert with_yard - plain == {parse_gate(e).text for e, _ in YARDSTICK_TOLERANCES}
-    assert "kl_mean>1e-2" in with_yard
-    assert {g.text for g in gates_for_run(report([1e-3], [1e-3]))} >= with_yard - plain
-    assert not {g.text for g in gates_for_run(report([1e-3], None))} & (with_yard - plain)
+    relative = {parse_gate(e).text for e, _ in YARDSTICK_TOLERANCES}
+    assert relative <= with_yard and not relative & plain
+    assert {parse_gate(e).text for e, _ in BACKSTOP_TOLERANCES} <= with_yard
+    assert "kl_mean>1e-2" in plain and "kl_mean>1e-2" not in with_yard  # the dtype's limit, without a yardstick only
+    assert {g.text for g in gates_for_run(report([1e-3], [1e-3]))} >= relative
+    assert not {g.text for g in gates_for_run(report([1e-3], None))} & relative
+    # float32 keeps its measured limits even with a (named) yardstick
+    assert "kl_mean>3e-8" in {g.text for g in default_gates("float32", "float32", yardstick=True)}
+
+
+@pytest.mark.parametrize("kl, yard_kl, passed", [
+    (2.11e-2, 2.11e-2, True),  # Gemma-3-270M's honest bf16 (ratio 1.000): failed on the fixed limits before
+    (2.11e-2, None, False),  # the same run without a yardstick: the dtype's fixed limit (1e-2) judges
+    (1.5e-1, 1.5e-1, False),  # the yardstick itself grossly off: the backstop
+    (5e-3, 1e-3, False),  # 5x the yardstick
+])
+def test_a_target_at_its_yardstick_passes_whatever_the_model_and_the_backstop_catches_a_broken_yardstick(
+        kl, yard_kl, passed):
+    run = report([kl, kl], None if yard_kl is None else [yard_kl, yard_kl])
+    assert judge(run, gates_for_run(run)).passed is passed
 
 
 # -- the side --------------------------------------------------------------------------------------
@@ -190,6 +204,39 @@ def test_phase_kl_splits_position_zero_from_the_rest():
 ])
 def test_phase_sentence(prefill, decode, words):
     assert words in phase_sentence({"summary": {"kl_prefill": prefill, "kl_decode": decode}})
+
+
+def phased(prefill: float, decode: float, yard: tuple[float, float] | None = None, **settings) -> dict:
+    run = {"summary": {"kl_prefill": prefill, "kl_decode": decode}, "settings": settings}
+    if yard is not None:
+        run["yardstick"] = {"side": {}, "summary": {"kl_prefill": yard[0], "kl_decode": yard[1]}}
+    return run
+
+
+@pytest.mark.parametrize("target, yard, words, absent", [
+    # Gemma-3-270M's honest bf16: large KL, ratio ~1 in both phases: nothing to look for
+    ((0.08, 0.02), (0.08, 0.02), "where honest rounding at this precision puts them, nothing to place", "look at"),
+    ((0.5, 0.02), (0.08, 0.02), "excess over honest rounding is already there at position 0", "nothing to place"),
+    ((0.08, 0.5), (0.08, 0.02), "excess over honest rounding appears only after position 0", "nothing to place"),
+])
+def test_the_phase_sentence_reads_the_yardstick(target, yard, words, absent):
+    text = phase_sentence(phased(*target, yard))
+    assert words in text and absent not in text
+
+
+def test_a_server_scored_in_one_prefill_pass_has_no_decode_steps():
+    run = phased(1e-4, 5e-3, target_url="http://h/v1", align="forced")
+    text = phase_sentence(run)
+    assert "ran no decode steps" in text and "decode kernels" not in text and "(decode steps)" not in text
+    assert "decode kernels" in phase_sentence(phased(1e-4, 5e-3, target_url="http://h/v1", align="free"))
+
+
+def test_a_servers_auto_dtype_is_stated_as_an_assumption():
+    run = {"settings": {"target_url": "http://h/v1"}, "sides": {"target": {"dtype": "auto", "device": "server"}}}
+    assert "an assumption" in precision_sentence(run)
+    run["sides"]["target"]["dtype"] = "bfloat16"
+    assert precision_sentence(run) is None
+    assert precision_sentence({"settings": {}, "sides": {"target": {"dtype": "auto", "device": "cpu"}}}) is None
 
 
 def test_phase_sentence_is_absent_for_reports_without_the_split():
