@@ -101,3 +101,13 @@ def test_verdict_and_findings_follow_the_yardstick(fake_cli, tmp_path):
     # a saved run is judged again by the same rules
     again = run_cli(["compare", str(honest.run_dir)], cwd=tmp_path, env=fake_env())
     assert again.returncode == 0, again.stdout + again.stderr
+
+    # the same faulty target declared to quantise: judged by the gross backstop only, and said so
+    declared = fake_cli(*BF16, "--target-quantization", "w8a8", switches={"shift": "1.5", "sides": "target"})
+    assert declared.returncode == 0, declared.stdout
+    assert declared.report["settings"]["target_quantization"] == "w8a8"
+    assert "declared to quantise (w8a8)" in flat(declared.stdout)
+    again = run_cli(["compare", str(declared.run_dir)], cwd=tmp_path, env=fake_env())
+    assert again.returncode == 0, again.stdout + again.stderr
+    bad = fake_cli(*BF16, "--target-quantization", "w8 a8")
+    assert bad.returncode == 2 and "--target-quantization" in bad.stderr and "Traceback" not in bad.stderr

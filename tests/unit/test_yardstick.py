@@ -263,3 +263,25 @@ def test_spec_files_take_yardstick_tolerances_per_dtype_pair():
     kl = [g for g in gates if getattr(g, "path", None) == KL and g.scope == "overall"]
     assert [g.text for g in kl] == ["kl_mean>1.5*yardstick"]  # replaces the defaults on that metric
     assert kl[0].yardstick_k == 1.5 and "spec" in kl[0].source
+
+
+# -- a declared quantisation -------------------------------------------------------------------------
+def test_a_declared_quantisation_keeps_only_the_gross_and_structural_gates_and_is_read_from_the_report():
+    gates = {g.text for g in default_gates("float32", "bfloat16", yardstick=True, quantization="w8a8")}
+    assert gates == {"kl_mean>1", "prompt:kl_mean>2", "positions_compared<1", "kl_nonfinite>0"}
+    run = report([0.3, 0.3], [1e-3, 1e-3], flips=(40, 1))  # W4A16-sized KL, many flips: what it does by design
+    assert not judge(run, gates_for_run(run)).passed
+    run["settings"]["target_quantization"] = "w4a16"
+    verdict = judge(run, gates_for_run(run))
+    assert verdict.passed and any("declared to quantise (w4a16)" in f for f in verdict.findings)
+    assert any("declared quantisation (w4a16) costs" in f for f in verdict.findings)
+
+
+@pytest.mark.parametrize("label, ok", [("w8a8", True), ("q4_1-a8", True), ("fp8:e4m3", True), ("", False),
+                                       ("w8 a8", False), ("x" * 41, False), ("$(rm)", False)])
+def test_the_quantisation_label_is_checked(label, ok):
+    if ok:
+        assert build_options(target_quantization=label).gates.target_quantization == label
+    else:
+        with pytest.raises(UsageError, match="--target-quantization"):
+            build_options(target_quantization=label)

@@ -104,6 +104,9 @@ def yardstick_sentence(run_json: dict[str, Any]) -> str | None:
         return f"Yardstick ({what}): no KL to compare."
     reading = ("within what honest rounding at this precision gives" if r <= ROUNDING_RATIO
                else "beyond what honest rounding at this precision gives")
+    quant = (run_json.get("settings") or {}).get("target_quantization")
+    if quant:
+        reading = f"what the declared quantisation ({quant}) costs over honest rounding at the dtype, as a ratio"
     return (f"Yardstick ({what}): the target's KL mean {_fmt(t)} is {r:.2g}x the yardstick's {_fmt(y)} "
             f"(floor {floor(KL_PATH):g}): {reading}.")
 
