@@ -36,7 +36,7 @@ def test_a_coarser_target_gets_a_yardstick_that_is_cached_filed_and_shown(fake_c
     assert "**Yardstick**" in (out / "r.md").read_text()
     assert "yardstick_side" in (out / "r.xml").read_text()
     verdict = json.loads((first.run_dir / "parity.json").read_text())["verdict"]
-    assert any(c["gate"] == "kl_mean>2*yardstick" for c in verdict["checked"])
+    assert any(c["gate"] == "kl_mean>3*yardstick" for c in verdict["checked"])
 
     cached = fake_cli(*BF16, "--use-cache")
     assert cached.returncode == 0, cached.stderr
@@ -96,7 +96,7 @@ def test_verdict_and_findings_follow_the_yardstick(fake_cli, tmp_path):
     verdict = json.loads((faulty.run_dir / "parity.json").read_text())["verdict"]
     text = " ".join(verdict["findings"])
     assert "beyond what honest rounding" in text and "excess over honest rounding is already there" in text
-    assert any(v["gate"] == "kl_mean>2*yardstick" for v in verdict["violations"])
+    assert any(v["gate"] == "kl_mean>3*yardstick" for v in verdict["violations"])
 
     # a saved run is judged again by the same rules
     again = run_cli(["compare", str(honest.run_dir)], cwd=tmp_path, env=fake_env())

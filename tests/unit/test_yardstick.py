@@ -287,3 +287,14 @@ def test_the_quantisation_label_is_checked(label, ok):
     else:
         with pytest.raises(UsageError, match="--target-quantization"):
             build_options(target_quantization=label)
+
+
+def test_the_findings_read_rounding_where_the_verdict_passes_it():
+    from vllm_rbln_exec.verdict.findings import ROUNDING_RATIO
+
+    assert parse_gate(YARDSTICK_TOLERANCES[0][0]).path == KL
+    assert parse_gate(YARDSTICK_TOLERANCES[0][0]).yardstick_k == ROUNDING_RATIO
+    # Gemma-3-270M, transformers bf16 against the vLLM bf16 yardstick (4 x 16): 2.00x overall, 7.32x on one prompt
+    run = report([0.00313, 0.00299, 0.0150, 0.0041], [0.0033, 0.0030, 0.00205, 0.00091])
+    verdict = judge(run, gates_for_run(run))
+    assert verdict.passed and "within what honest rounding" in yardstick_sentence(run)

@@ -67,25 +67,30 @@ DEFAULT_TOLERANCES: dict[str, list[tuple[str, str]]] = {
 }
 # With a yardstick (an honest side at the target's precision, against the same reference): the same
 # metrics relative to it, limit = K * max(yardstick, floor). Rounding errors and a fault's error add up in KL
-# (KL ~ 0.5*Var(dz), variances add), so a target at K = 2 is one whose own error equals the yardstick's
-# on top of honest rounding: the smallest fault a precision can show. Measured honest spread (transformers
-# CPU bf16 target against the vLLM CPU bf16 yardstick, python scripts/planted_faults.py, built-in prompts):
-#   SmolLM2 (4 x 32): KL mean 0.94x (per prompt 0.66-1.27x), p99 1.15x, Δp RMS 0.94x (per prompt <= 1.43x),
-#   flips 5 vs 3; tiny-llama3 (4 x 16): KL mean 1.29x (per prompt 0.72-2.09x), p99 2.26x, Δp RMS 1.28x,
-#   flips 1 vs 0; vLLM CUDA bf16 (H200) against vLLM CPU bf16 on tiny-llama3: 0.98x.
+# (KL ~ 0.5*Var(dz), variances add). The yardstick runs on the reference's engine (vLLM), so the multiples
+# must hold the spread between honest engines: each sits ~1.5x above the largest honest ratio measured
+# (transformers CPU bf16 target against the vLLM CPU bf16 yardstick, python scripts/planted_faults.py,
+# built-in prompts; docs/gating.md#with-a-yardstick-ratios-first-fixed-limits-as-a-backstop):
+#   SmolLM2 (4 x 32): KL mean 1.04x (per prompt 0.73-1.31x), flips 3 vs 3; tiny-llama3 (4 x 16): KL mean
+#   1.29x (per prompt 0.72-2.09x), p99 2.26x, Δp RMS 1.28x; Gemma-3-270M (4 x 16): KL mean 2.00x (per
+#   prompt 0.95-7.32x), p99 2.04x, Δp RMS 3.36x; vLLM CUDA bf16 (H200) against vLLM CPU bf16, tiny-llama3: 0.98x.
+# The gross faults stay far beyond: a zeroed head 8.1x (SmolLM2), 39x (Gemma), 294x (tiny-llama3); a wrong
+# rope theta 51x; a 30 % gate scale 20x.
 YARDSTICK_TOLERANCES = [
-    ("kl_mean>2*yardstick", "the fault's own KL exceeds honest rounding's; 1.55x above the largest honest "
-     "ratio (1.29)"),
+    ("kl_mean>3*yardstick", "1.5x above the largest honest ratio (transformers against vLLM in bf16 on "
+     "Gemma-3-270M: 2.00); a zeroed head is 8.1x on SmolLM2"),
     ("kl_p99>5*yardstick", "with few positions the p99 is nearly the max, a noisy statistic (honest up to 2.26x): "
      "2.2x headroom; a backstop beside the mean"),
-    ("dp_rms>2*yardstick", "Δp moves linearly with a logit error while KL moves quadratically: 2x in Δp RMS is "
-     "4x in KL, a backstop beside the KL mean (honest up to 1.28x)"),
+    ("dp_rms>5*yardstick", "Δp moves linearly with a logit error while KL moves quadratically, and engines place "
+     "their rounding differently (honest up to 3.36x on Gemma-3-270M): 1.5x headroom, a backstop beside the KL "
+     "mean"),
     ("mismatches>2*yardstick", "argmax flips are small counts, judged by an exact one-sided test of the two "
      "counts over the same positions (verdict.counts): fails when the target's flip rate exceeds twice the "
      "yardstick's at p < 0.01 (0 against 0 needs 12 flips, 4 against 1 is p = 0.46); confident flips are the "
      "argmax rule's"),
-    ("prompt:kl_mean>3*yardstick", "one prompt far off while the average hides it (honest up to 2.09x per "
-     "prompt: 1.4x headroom)"),
+    ("prompt:kl_mean>10*yardstick", "one prompt far off while the average hides it: 16-32 positions make a "
+     "prompt's ratio noisy (honest up to 7.32x, one Gemma-3-270M prompt; 2.09x on tiny-llama3): 1.4x headroom; "
+     "a zeroed head puts single prompts at 18-57x"),
 ]
 # With a yardstick the ratios above judge a half-precision target, and the dtype's fixed limits shrink to a gross
 # backstop: how far honest rounding goes depends on the model (SmolLM2 bf16: KL mean 1.2e-3; Gemma-3-270M bf16:

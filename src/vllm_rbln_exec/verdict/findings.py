@@ -26,9 +26,10 @@ from ..core.errors import UsageError
 # faults put 0.6-5x there (docs/yardstick.md). A KV-cache or decode-kernel fault leaves position 0 at the
 # honest level while the later positions grow, so position 0 under a tenth of the rest is decode's.
 DECODE_ONLY_SHARE = 0.1
-# Ratios to the yardstick at or below this read as rounding (honest engines at one precision: 0.7-1.4x; the
-# built-in kl_mean>2*yardstick fails above it).
-ROUNDING_RATIO = 2.0
+# Ratios to the yardstick at or below this read as rounding: the built-in kl_mean>3*yardstick fails above it
+# (verdict.defaults; honest engines at one precision measured up to 2.00x, transformers against vLLM in bf16 on
+# Gemma-3-270M), so a sentence never calls a passing target's KL a bug or a failing one's rounding.
+ROUNDING_RATIO = 3.0
 KL_PATH = "distribution.kl_mean"
 
 
