@@ -18,7 +18,7 @@ from pathlib import Path
 from ..capture.store import FULL, Capture, load_capture
 from ..remote.advice import PROBE_TEXT
 from ..remote.capture import ServedPrompt, capture_server, side_info
-from ..remote.client import Endpoint, ServerClient
+from ..remote.client import Endpoint, ServerClient, ServerError
 from ..remote.probe import ServerInfo, probe_logprobs, probe_server
 from ..setup.options import REFERENCE, TARGET, RunOptions
 from ..setup.request import CaptureRequest
@@ -53,8 +53,11 @@ def probe_servers(ctx: RunContext, options: RunOptions) -> dict[str, ServerInfo]
         ctx.progress(role, f"asking the server at {url} what it serves", {"stage": "probe"})
         t0 = time.monotonic()
         prompt = PROBE_TEXT if role == REFERENCE else list(PROBE_IDS)
-        info = asyncio.run(_probe(endpoint_of(options, url), options.server.served_model, prompt, asked,
-                                  options.server.scoring, how))
+        try:
+            info = asyncio.run(_probe(endpoint_of(options, url), options.server.served_model, prompt, asked,
+                                      options.server.scoring, how))
+        except ServerError as exc:  # which side, when both are servers
+            raise ServerError(f"the {role} server: {exc.message}") from None
         for note in info.notes:
             ctx.note(f"{role} server: {note}")
         ctx.progress(role, f"{info.software} serves {info.model} ({info.scoring}, "

@@ -237,7 +237,9 @@ def error_text(response: Reply, limit: int = 300) -> str:
     (Markup in it is escaped where it is printed: ``cli.common.report_error``.)"""
     try:
         data = response.json()
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError) as exc:
+        if "nested deeper" in str(exc):
+            return f"an error body nested deeper than {MAX_JSON_DEPTH} levels (not shown)"
         data = None
     message = None
     if isinstance(data, dict):
