@@ -39,20 +39,21 @@ async def diagnose(ask: Ask, kind: str, prompt: list[int] | str, width: int, ref
             continue
         if reply.status_code != 200:
             continue
-        return ServerError(_advice(kind, said, text_only=ids and isinstance(variant_prompt, str),
+        return ServerError(_advice(kind, said, text_only=ids and isinstance(variant_prompt, str), asked=width,
                                    width=variant_width if variant_width != width else None))
     return ServerError(f"the server refused the probe's {kind} request ({_what(prompt, width)}): {said}")
 
 
-def _advice(kind: str, said: str, *, text_only: bool, width: int | None) -> str:
+def _advice(kind: str, said: str, *, text_only: bool, asked: int, width: int | None) -> str:
     parts = []
     if text_only:
         parts.append("this server takes only text prompts, and the harness sends token ids so that both sides "
                      "score the same tokens: serve the model with a server that accepts token-id prompts (vLLM "
                      "does) or put a shim in front of it that takes them")
     if width is not None:
-        parts.append(f"it refuses this many logprobs per position but gives {width}: try --server-logprobs "
-                     f"{width} (top-N rows: KL becomes a lower bound)")
+        shown = "-1 (the full vocabulary)" if asked == -1 else str(asked)
+        parts.append(f"it refuses logprobs {shown} but gives {width} per position: try --server-logprobs {width} "
+                     "(top-N rows: KL becomes a lower bound)")
     return f"the server refused the probe's {kind} request ({said}); " + "; ".join(parts)
 
 
