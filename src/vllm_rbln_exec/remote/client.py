@@ -162,9 +162,10 @@ class ServerClient:
                 raise ServerError(f"cannot reach the server at {url}: {_reason(exc)}. Is it running, and is the "
                                   "URL right (scheme, host, port, the /v1 prefix)?") from None
             except (TimeoutError, httpx.TimeoutException):
-                raise ServerError(f"the server at {url} did not send its whole answer within {deadline:g} s (the "
-                                  "deadline of one request, --timeout); raise --timeout for slow full-vocabulary "
-                                  "answers") from None
+                which = ("a probe's deadline: the shorter of --timeout and 20 s" if timeout is not None else
+                         "the deadline of one request, --timeout; raise it for slow full-vocabulary answers")
+                raise ServerError(f"the server at {url} did not send its whole answer within {deadline:g} s "
+                                  f"({which})") from None
             except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
                 if attempt >= retries:
                     raise ServerError(f"the connection to {url} broke: {_reason(exc)} "
