@@ -139,6 +139,23 @@ def test_nested_json_is_refused_at_a_depth_limit_and_error_text_is_one_clean_lin
     assert error_text(marked) == "bad [/] [bold]x [31m"  # one line, no control characters; escaped when printed
 
 
+@pytest.mark.parametrize("path", ["/v1/models", "/v1/completions"])
+def test_deeply_nested_answers_are_one_sentence(path):
+    server = FakeServer()
+    deep = b'{"choices": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+
+    def handler(request):
+        return httpx.Response(200, content=deep) if request.url.path == path else server(request)
+
+    async def go():
+        async with ServerClient(endpoint(), httpx.MockTransport(handler), sleep=_no_sleep) as client:
+            info = await probe_server(client, None)
+            await probe_logprobs(client, info, list(IDS), -1, "auto", "forced")
+
+    with pytest.raises(ServerError, match="nested deeper than 64 levels"):
+        asyncio.run(go())
+
+
 def test_markup_in_an_error_is_printed_as_text(capsys):
     from vllm_rbln_exec.cli.common import report_error
 

@@ -145,7 +145,8 @@ async def _allowed_width(client: ServerClient, info: ServerInfo, kind: str, prom
 
 async def ask(client: ServerClient, model: str, kind: str, prompt: list[int] | str, n: int) -> Reply:
     """One probe completion (``max_tokens`` 1), its answer capped as a capture's of the same width."""
-    positions = (len(prompt) if isinstance(prompt, list) else PROBE_TEXT_TOKENS) + 1
+    # generation returns the generated token's logprobs only; prompt_logprobs and echo the prompt's too
+    positions = 1 if kind == GENERATE else (len(prompt) if isinstance(prompt, list) else PROBE_TEXT_TOKENS) + 1
     return await client.post("completions", request_body(model, kind, prompt, n, max_tokens=1),
                              cap=response_cap(positions, n, PROBE_MAX_VOCAB))
 
