@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from ..capture.cache import ReferenceCache, cache_key
-from ..capture.store import Capture, CaptureError, unpack_capture
+from ..capture.archive import unpack_capture
+from ..capture.store import Capture, CaptureError
 from ..compare.metrics import PromptComparison
 from ..setup.options import RunOptions
 from ..setup.sides import Side
