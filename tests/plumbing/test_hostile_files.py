@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -208,6 +207,25 @@ def test_a_run_with_use_cache_converts_an_old_cache_without_unpickling(fake_cli,
     assert not marker.exists()
 
 
+def test_a_corpus_run_with_use_cache_never_unpickles(tmp_path, golden, fake_model):
+    marker, _ = _hostile_legacy_cache(tmp_path, golden)
+    proc, run_dir = _corpus(tmp_path, fake_model, "--use-cache")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert any("never unpickled" in note for note in json.loads((run_dir / "corpus.json").read_text())["notes"])
+    assert not marker.exists()
+
+
+def _corpus(tmp_path: Path, model: Path, *args: str) -> tuple[subprocess.CompletedProcess, Path]:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog " * 40)
+    run_dir = tmp_path / "crun"
+    proc = run_cli(["corpus", "--cache-dir", str(tmp_path / "cache"), "--run-dir", str(run_dir), "--model",
+                    str(model), "--reference-engine", "fake", "--target", f"{model},engine=fake,label=t",
+                    "--corpus", str(corpus), "--window", "48", "--stride", "16", "--max-windows", "2", *args],
+                   cwd=tmp_path, env=fake_env(), timeout=120)
+    return proc, run_dir
+
+
 def _corrupt_cache(tmp_path: Path, how: str) -> None:
     root = tmp_path / "cache" / "references"
     if how == "garbage":
@@ -231,14 +249,8 @@ def test_a_corrupt_cache_database_is_exit_3_on_every_cache_command(tmp_path, gol
 def test_a_corrupt_cache_database_ends_a_run_before_its_folder_exists(fake_cli, tmp_path, fake_model, flag):
     _corrupt_cache(tmp_path, "garbage")
     if flag == "corpus":
-        corpus = tmp_path / "corpus.txt"
-        corpus.write_text("the quick brown fox jumps over the lazy dog " * 40)
-        proc = run_cli(["corpus", "--cache-dir", str(tmp_path / "cache"), "--run-dir", str(tmp_path / "crun"),
-                        "--model", str(fake_model), "--reference-engine", "fake", "--target",
-                        f"{fake_model},engine=fake,label=t", "--corpus", str(corpus), "--window", "48",
-                        "--stride", "16", "--max-windows", "2", "--use-cache"], cwd=tmp_path, env=fake_env(),
-                       timeout=120)
-        returncode, stderr, run_dir = proc.returncode, proc.stderr, tmp_path / "crun"
+        proc, run_dir = _corpus(tmp_path, fake_model, "--use-cache")
+        returncode, stderr = proc.returncode, proc.stderr
     else:
         res = fake_cli(flag)
         returncode, stderr, run_dir = res.returncode, res.stderr, res.run_dir

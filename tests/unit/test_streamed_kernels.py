@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from vllm_rbln_exec.capture import q16 as cap
-from vllm_rbln_exec.capture.q16 import dequantize_q16, quantize_q16
 from vllm_rbln_exec.capture.archive import pack_capture, unpack_capture
+from vllm_rbln_exec.capture.q16 import dequantize_q16, quantize_q16
 from vllm_rbln_exec.capture.store import (
     TOKENS,
     CaptureError,

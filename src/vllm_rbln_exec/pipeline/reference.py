@@ -15,8 +15,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..capture.cache import ReferenceCache
 from ..capture.archive import pack_capture, unpack_capture
+from ..capture.cache import ReferenceCache
 from ..capture.store import Capture, CaptureError, load_capture
 from ..core.errors import HarnessError, UsageError
 from ..setup.devices import installed_version
