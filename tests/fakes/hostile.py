@@ -109,10 +109,18 @@ def legacy_cache(root: Path, rows: list[tuple[Any, int, int, str | None, Any]]) 
     return db
 
 
-def legacy_rows_of(key: str, packed: bytes, fields: dict[str, Any]) -> list[tuple[Any, int, int, str | None, Any]]:
-    """The two rows the old code wrote for one entry (the packed capture inline, its JSON record)."""
+def legacy_rows_of(key: str, packed: bytes, fields: dict[str, Any],
+                   root: Path | None = None) -> list[tuple[Any, int, int, str | None, Any]]:
+    """The two rows the old code wrote for one entry: its JSON record, and the packed capture inline or (with
+    ``root``, as diskcache stores a large value) in a value file ``root/XX/YY/NAME.val``."""
     meta = json.dumps({"key": key, "bytes": len(packed), "fields": fields})
-    return [("ref:" + key, 1, MODE_RAW, None, packed), ("meta:" + key, 1, MODE_RAW, None, meta)]
+    ref: tuple[Any, int, int, str | None, Any] = ("ref:" + key, 1, MODE_RAW, None, packed)
+    if root is not None:
+        name = f"{key[:2]}/{key[2:4]}/{key[4:32]}.val"
+        (root / name).parent.mkdir(parents=True)
+        (root / name).write_bytes(packed)
+        ref = ("ref:" + key, 1, MODE_BINARY, name, None)
+    return [ref, ("meta:" + key, 1, MODE_RAW, None, meta)]
 
 
 def hostile_legacy_rows(marker: Path) -> list[tuple[Any, int, int, str | None, Any]]:

@@ -219,15 +219,18 @@ def test_the_payload_used_below_does_run_when_unpickled(tmp_path):
     assert marker.exists()  # so its absence below means it never ran
 
 
-def test_an_old_cache_is_converted_and_its_pickles_are_never_loaded(tmp_path, small_capture):
-    capture, expected = small_capture
+@pytest.mark.parametrize("stored", ["inline", "value-file"])
+def test_an_old_cache_is_converted_and_its_pickles_are_never_loaded(tmp_path, small_capture, stored):
+    capture, _ = small_capture
     fields = {"model": "m", "prompts": ["first prompt", "second prompt"]}
     key = cache_key(fields)
     packed = tmp_path / "packed.vre"
     pack_capture(capture.root, packed)
     marker = tmp_path / "ran"
     root = tmp_path / "cache" / "references"
-    legacy_cache(root, legacy_rows_of(key, packed.read_bytes(), fields) + hostile_legacy_rows(marker))
+    root.mkdir(parents=True)
+    rows = legacy_rows_of(key, packed.read_bytes(), fields, root if stored == "value-file" else None)
+    legacy_cache(root, rows + hostile_legacy_rows(marker))
     with ReferenceCache(root) as cache:
         assert len(cache.notes) == 1 and "converted" in cache.notes[0] and "never unpickled" in cache.notes[0]
         assert [e["key"] for e in cache.entries()] == [key]
