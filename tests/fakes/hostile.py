@@ -1,134 +1,126 @@
-"""Hostile inputs made by hand: signed capture metadata with any content, tar files with any member,
-an old-format (diskcache) cache database with any row, and pickles that leave a marker file when loaded.
+"""A hostile OpenAI-compatible server on loopback, for the plumbing tests of a server side (``--target-url``).
 
-Shared by tests/unit/test_hostile_files.py and tests/plumbing/test_hostile_files.py. Standard library
-and numpy only; nothing here imports diskcache (the old database is written with sqlite3, as diskcache
-lays it out), so the tests do not depend on it.
+A real socket (``http.server`` in a daemon thread of the test process) in front of ``FakeServer``'s answers,
+with behaviours a transport mock cannot show: a server that drips one byte every ``drip_s`` on one path, a
+``/v1/models`` body of hundreds of MB streamed without a length, an error body nested 100000 deep, Rich
+markup in an error's text. It is bounded: every handler gives up after ``lifetime_s`` and ``stop()`` (or the
+context manager) closes it, so a test that fails leaves nothing running.
 """
 
 from __future__ import annotations
 
-import gzip
-import io
+import http.server
 import json
-import pickle
-import sqlite3
-import tarfile
-from pathlib import Path
-from typing import Any
+import threading
+import time
 
-from vllm_rbln_exec.capture.store import CAPTURE_JSON, metadata_digest
+import httpx
+from tests.fakes.server import FakeServer
 
-DISKCACHE_SCHEMA = (
-    "CREATE TABLE Settings (key TEXT NOT NULL UNIQUE, value)",
-    "CREATE TABLE Cache (rowid INTEGER PRIMARY KEY, key BLOB, raw INTEGER, store_time REAL, expire_time REAL, "
-    "access_time REAL, access_count INTEGER DEFAULT 0, tag BLOB, size INTEGER DEFAULT 0, mode INTEGER DEFAULT 0, "
-    "filename TEXT, value BLOB)",
-    "CREATE UNIQUE INDEX Cache_key_raw ON Cache(key, raw)",
-)
-MODE_RAW, MODE_BINARY, MODE_TEXT, MODE_PICKLE = 1, 2, 3, 4
+CHUNK = b" " * (1 << 20)
 
 
-class MarkerPayload:
-    """Unpickling this creates ``path`` (``open(path, "w")``): a stand-in for any code a pickle can run."""
-
-    def __init__(self, path: Path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
+class _QuietServer(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:  # a client that hung up is the point of a test
+        pass
 
 
-def pickled_marker(path: Path) -> bytes:
-    return pickle.dumps(MarkerPayload(path))
+class HostileServer:
+    """``with HostileServer(behaviour=..., path=...) as url:``; ``behaviour``: None (FakeServer's answers),
+    ``drip`` (headers and body one byte every ``drip_s``), ``huge`` (``size`` bytes of JSON, chunked),
+    ``nested`` (HTTP 500 whose body nests ``depth`` levels), ``markup`` (HTTP 400 whose message holds Rich
+    markup), on ``path`` only (other paths answer as FakeServer)."""
 
+    def __init__(self, fake: FakeServer | None = None, behaviour: str | None = None, path: str = "/v1/models",
+                 drip_s: float = 2.0, size: int = 300 << 20, depth: int = 100_000, lifetime_s: float = 60.0):
+        self.fake = fake or FakeServer(vocab=257)
+        self.behaviour, self.path, self.drip_s, self.size, self.depth = behaviour, path, drip_s, size, depth
+        self.deadline = time.monotonic() + lifetime_s
+        self.sent = 0  # bytes written by the hostile behaviour, to show that reading stopped early
+        owner = self
 
-def sign_capture_json(root: Path, data: Any) -> None:
-    """Write ``data`` as ``root/capture.json``; a dict gets a matching metadata digest, so the check under
-    test is the one that fires (a forger recomputes the digest too)."""
-    if isinstance(data, dict):
-        data = {**data, "digest": metadata_digest(data)}
-    (root / CAPTURE_JSON).write_text(json.dumps(data) if not isinstance(data, str) else data)
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
 
+            def log_message(self, *args) -> None:  # quiet
+                pass
 
-def deep_json(depth: int) -> str:
-    return "[" * depth + "]" * depth
+            def do_GET(self) -> None:
+                owner.handle(self, "GET")
 
+            def do_POST(self) -> None:
+                owner.handle(self, "POST")
 
-def tar_bytes(members: list[tuple[tarfile.TarInfo, bytes | None]], compress: str | None = None) -> bytes:
-    """A tar of the given headers (and data), plain or gzip-compressed."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
-        for info, data in members:
-            if data is not None:
-                info.size = len(data)
-            tar.addfile(info, io.BytesIO(data) if data is not None else None)
-    blob = buf.getvalue()
-    return gzip.compress(blob, compresslevel=1) if compress == "gzip" else blob
+        self.httpd = _QuietServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
 
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
 
-def member(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.type, info.linkname, info.mode = kind, linkname, 0o644
-    return info
+    def __enter__(self) -> str:
+        self.thread.start()
+        return self.url
 
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
-def folder_as_tar(root: Path, extra: list[tuple[tarfile.TarInfo, bytes | None]] = ()) -> bytes:
-    """The files of a capture folder as a tar (as pack_capture writes it), then the ``extra`` members."""
-    members = [(member(p.name), p.read_bytes()) for p in sorted(root.iterdir()) if p.is_file()]
-    return tar_bytes(members + list(extra))
+    def stop(self) -> None:
+        self.deadline = 0.0
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
 
+    # -- answers --------------------------------------------------------------------------------------
+    def handle(self, h: http.server.BaseHTTPRequestHandler, method: str) -> None:
+        length = int(h.headers.get("content-length") or 0)
+        body = h.rfile.read(length) if length else b""
+        try:
+            if self.behaviour is not None and h.path == self.path:
+                getattr(self, f"_{self.behaviour}")(h)
+            else:
+                self._fake(h, method, body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up, as it should
 
-def gzip_bomb(expanded: int, name: str = "p0000.logprobs.npy") -> bytes:
-    """A gzip-compressed tar whose one member declares ``expanded`` bytes of zeros (written by streaming)."""
-    out = io.BytesIO()
-    with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=1) as gz:
-        info = member(name)
-        info.size = expanded
-        gz.write(info.tobuf(format=tarfile.GNU_FORMAT))
-        chunk = bytes(1 << 20)
-        left = expanded
-        while left > 0:
-            gz.write(chunk[: min(left, len(chunk))])
-            left -= len(chunk)
-        gz.write(bytes(-expanded % 512 + 1024))
-    return out.getvalue()
+    def _fake(self, h, method: str, body: bytes) -> None:
+        request = httpx.Request(method, f"http://fake{h.path}", headers=dict(h.headers), content=body)
+        response = self.fake(request)
+        self._send(h, response.status_code, response.content, response.headers.get("content-type"))
 
+    def _send(self, h, status: int, content: bytes, ctype: str | None = "application/json") -> None:
+        h.send_response(status)
+        h.send_header("content-type", ctype or "application/json")
+        h.send_header("content-length", str(len(content)))
+        h.end_headers()
+        h.wfile.write(content)
 
-def legacy_cache(root: Path, rows: list[tuple[Any, int, int, str | None, Any]]) -> Path:
-    """A cache folder in the old diskcache layout: ``cache.db`` with rows (key, raw, mode, filename, value)."""
-    root.mkdir(parents=True, exist_ok=True)
-    db = root / "cache.db"
-    conn = sqlite3.connect(db)
-    for statement in DISKCACHE_SCHEMA:
-        conn.execute(statement)
-    conn.executemany("INSERT INTO Cache (key, raw, store_time, mode, filename, value) VALUES (?, ?, 0, ?, ?, ?)",
-                     rows)
-    conn.commit()
-    conn.close()
-    return db
+    def _drip(self, h) -> None:
+        payload = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100000\r\n\r\n" + b" " * 99999
+        for byte in payload:
+            if time.monotonic() > self.deadline:
+                return
+            h.wfile.write(bytes([byte]))
+            h.wfile.flush()
+            self.sent += 1
+            time.sleep(self.drip_s)
 
+    def _huge(self, h) -> None:
+        h.send_response(200)
+        h.send_header("content-type", "application/json")
+        h.send_header("transfer-encoding", "chunked")
+        h.end_headers()
+        h.wfile.write(b'6\r\n{"a": \r\n')
+        while self.sent < self.size and time.monotonic() < self.deadline:
+            h.wfile.write(b"%x\r\n%s\r\n" % (len(CHUNK), CHUNK))
+            self.sent += len(CHUNK)
+        h.wfile.write(b"1\r\n1\r\n0\r\n\r\n")
 
-def legacy_rows_of(key: str, packed: bytes, fields: dict[str, Any],
-                   root: Path | None = None) -> list[tuple[Any, int, int, str | None, Any]]:
-    """The two rows the old code wrote for one entry: its JSON record, and the packed capture inline or (with
-    ``root``, as diskcache stores a large value) in a value file ``root/XX/YY/NAME.val``."""
-    meta = json.dumps({"key": key, "bytes": len(packed), "fields": fields})
-    ref: tuple[Any, int, int, str | None, Any] = ("ref:" + key, 1, MODE_RAW, None, packed)
-    if root is not None:
-        name = f"{key[:2]}/{key[2:4]}/{key[4:32]}.val"
-        (root / name).parent.mkdir(parents=True)
-        (root / name).write_bytes(packed)
-        ref = ("ref:" + key, 1, MODE_BINARY, name, None)
-    return [ref, ("meta:" + key, 1, MODE_RAW, None, meta)]
+    def _nested(self, h) -> None:
+        content = b'{"error": {"message": ' + b"[" * self.depth + b"]" * self.depth + b"}}"
+        self._send(h, 500, content)
 
-
-def hostile_legacy_rows(marker: Path) -> list[tuple[Any, int, int, str | None, Any]]:
-    """Rows that would run the marker payload if anything unpickled them: a pickled value under a reference's
-    key and under a record's key, a pickled key, and a value file outside the folder."""
-    payload = pickled_marker(marker)
-    key = "e" * 64
-    return [("ref:" + key, 1, MODE_PICKLE, None, payload), ("meta:" + key, 1, MODE_PICKLE, None, payload),
-            (payload, 0, MODE_RAW, None, b"x"),
-            ("ref:" + "f" * 64, 1, MODE_BINARY, "../../../../etc/passwd", None),
-            ("meta:" + "f" * 64, 1, MODE_RAW, None, json.dumps({"key": "f" * 64, "fields": {}}))]
+    def _markup(self, h) -> None:
+        message = "model [/] not [bold red]found[/bold red] [link=file:///etc/passwd]here[/link] [/"
+        self._send(h, 400, json.dumps({"error": {"message": message, "code": 400}}).encode())

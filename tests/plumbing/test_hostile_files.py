@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.fakes.hostile import deep_json, gzip_bomb, hostile_legacy_rows, legacy_cache, legacy_rows_of, member
+from tests.fakes.hostile_files import deep_json, gzip_bomb, hostile_legacy_rows, legacy_cache, legacy_rows_of, member
 from tests.helpers import FAKE_CLI, fake_args, fake_env, run_cli
 
 from vllm_rbln_exec.capture.cache import cache_key

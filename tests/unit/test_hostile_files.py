@@ -17,7 +17,7 @@ import threading
 import time
 
 import pytest
-from tests.fakes.hostile import (
+from tests.fakes.hostile_files import (
     folder_as_tar,
     gzip_bomb,
     hostile_legacy_rows,
