@@ -83,6 +83,7 @@ def run(
     target_model: str | None = typer.Option(None, "--target-model", help="Run the target on another checkpoint of the same model (quantized, converted)."),
     reference_file: str | None = typer.Option(None, "--reference", help="Compare against a saved reference file instead of running a reference worker."),
     save_reference: str | None = typer.Option(None, "--save-reference", help="Write the reference capture to FILE (portable)."),
+    save_yardsticks: str | None = typer.Option(None, "--save-yardsticks", help="With --save-reference: the precisions whose yardstick travels with FILE (FILE-stem.yardstick-ENGINE-DTYPE.vre), made here on the reference's device: bfloat16,float16 (default), one of them, or none."),
     fail_on: list[str] = typer.Option([], "--fail-on", help="Tolerance: fail when it holds, e.g. 'kl_mean>1e-3', 'top1<0.99', 'prompt:kl_max>0.1', 'kl_mean>3*noise'. Repeatable."),
     spec: str | None = typer.Option(None, "--spec", help="TOML parity spec (tolerances per model and dtype pair); default: [tool.vllm-rbln-exec] of ./pyproject.toml."),
     no_default_gates: bool = typer.Option(False, "--no-default-gates", help="Drop the built-in tolerances of the dtype pair."),
