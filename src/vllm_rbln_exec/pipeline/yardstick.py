@@ -102,7 +102,8 @@ def capture_yardstick(ctx: RunContext, options: RunOptions, side: Side | None, w
     t0 = time.monotonic()
     capture, source = None, "worker"
     if options.reference_source.file:
-        capture = _from_companion(ctx, companion_file(options.reference_source.file, side), fields, dest)
+        instead = "it is computed here" if blocker is None else "and none can be computed here"
+        capture = _from_companion(ctx, companion_file(options.reference_source.file, side), fields, dest, instead)
         source = "file" if capture is not None else source
     if capture is None and options.reference_source.use_cache:
         with ReferenceCache(ctx.cache_root / "references") as cache:
@@ -116,7 +117,8 @@ def capture_yardstick(ctx: RunContext, options: RunOptions, side: Side | None, w
         try:
             captured = run_side(ctx, side_job(ctx, run_dir, label, plan, request))
         except (WorkerError, CaptureError) as exc:  # the target's finished comparison is kept
-            ctx.note(f"the yardstick could not be captured ({exc.message}): the run is judged without its ratio")
+            ctx.note(f"the {label} could not be captured ({exc.message}): "
+                     + ("the run is judged without its ratio" if label == "yardstick" else "not saved"))
             return None, f"its worker failed: {exc.message}"
         if options.reference_source.use_cache:
             with ReferenceCache(ctx.cache_root / "references") as cache:
@@ -151,17 +153,18 @@ def save_yardsticks(ctx: RunContext, options: RunOptions, profile: DeviceProfile
                           compare, label=f"yardstick-{dtype}")
 
 
-def _from_companion(ctx: RunContext, path: Path, fields: dict[str, Any], dest: Path) -> Capture | None:
+def _from_companion(ctx: RunContext, path: Path, fields: dict[str, Any], dest: Path,
+                    instead: str = "it is computed here") -> Capture | None:
     """The companion yardstick of a reference file, if there is one and it matches this run's key fields."""
     if not path.is_file():
-        ctx.note(f"no yardstick next to the reference file ({path.name}): it is computed here")
+        ctx.note(f"no yardstick next to the reference file ({path.name}): {instead}")
         return None
     scratch = Path(tempfile.mkdtemp(prefix="vre-yard-"))
     try:
         capture = unpack_capture(path, scratch / "capture")
     except CaptureError as exc:
         shutil.rmtree(scratch, ignore_errors=True)
-        ctx.note(f"yardstick file {path} cannot be used ({exc}): it is computed here")
+        ctx.note(f"yardstick file {path} cannot be used ({exc}): {instead}")
         return None
     mine = capture.settings.get("key_fields") or {}
     # what the reference file itself is checked on, and what makes it this yardstick (not engine versions:
@@ -169,7 +172,7 @@ def _from_companion(ctx: RunContext, path: Path, fields: dict[str, Any], dest: P
     differing = [k for k in (*FILE_CHECKED, "engine", "dtype", "role", "forced_on") if mine.get(k) != fields.get(k)]
     if differing:
         shutil.rmtree(scratch, ignore_errors=True)
-        ctx.note(f"yardstick file {path} does not match this run ({', '.join(differing)}): it is computed here")
+        ctx.note(f"yardstick file {path} does not match this run ({', '.join(differing)}): {instead}")
         return None
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(capture.root), dest)
