@@ -74,6 +74,26 @@ def test_no_vllm_cpu_build_is_found_before_any_engine_and_the_run_is_still_judge
     assert not (run_dir / "yardstick").exists()  # no worker was even prepared
     assert f"Yardstick: missing ({missing}), so no ratio" in flat(run.stdout)
 
+    # against a reference file that travelled without it: said the same way, and the file is still used
+    golden = tmp_path / "ref.vre"
+    again = run_cli(["--cache-dir", str(tmp_path / "cache"), "--run-dir", str(tmp_path / "again"),
+                     *fake_args(fake_model), "--target-dtype", "bfloat16", "--yardstick", "vllm:bfloat16",
+                     "--no-inspect-logits", "--reference", str(save_plain(tmp_path, fake_model, golden))],
+                    cwd=tmp_path, env=env, module=FAKE_CLI)
+    assert again.returncode == 0, again.stdout + again.stderr
+    notes = CliResult(0, again.stdout, again.stderr, tmp_path / "again").report["notes"]
+    assert any("no ref.yardstick-vllm-bfloat16.vre travelled with the reference file" in n for n in notes), notes
+    assert any("no yardstick next to the reference file (ref.yardstick-vllm-bfloat16.vre): and none can be "
+               "computed here" in n for n in notes), notes
+
+
+def save_plain(tmp_path, fake_model, golden):
+    proc = run_cli(["--cache-dir", str(tmp_path / "cache"), "--run-dir", str(tmp_path / "save"),
+                    *fake_args(fake_model), "--save-reference", str(golden), "--save-yardsticks", "none"],
+                   cwd=tmp_path, env=fake_env(), module=FAKE_CLI)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return golden
+
 
 def test_a_failing_yardstick_worker_keeps_the_finished_comparison(fake_cli):
     # the GPU machine's failure as it was: the yardstick's vLLM came up on CUDA, not on the CPU
