@@ -68,7 +68,7 @@ def test_no_vllm_cpu_build_is_found_before_any_engine_and_the_run_is_still_judge
     assert report["yardstick"] is None and report["comparisons"]
     missing = report["resolved"]["yardstick_missing"]
     assert missing == ("vllm bfloat16 on cpu cannot be computed here: the installed vllm 0.24.0 is an accelerator "
-                       "build, not vLLM's CPU build (it ships vllm_flash_attn)")
+                       "build, not vLLM's CPU build: it ships vllm_flash_attn")
     assert any("no reference file carries one: the run is compared and judged without a yardstick ratio" in n
                for n in report["notes"])
     assert not (run_dir / "yardstick").exists()  # no worker was even prepared

@@ -42,7 +42,7 @@ def test_the_build_is_read_from_name_version_and_files(name, version, files, kin
 def test_a_cuda_build_blocks_a_cpu_vllm_worker_and_says_why():
     cuda = classify_vllm("vllm", "0.24.0", CUDA_WHEEL)
     why = cpu_worker_blocker("vllm", "cpu", cuda)
-    assert why == "the installed vllm 0.24.0 is an accelerator build, not vLLM's CPU build (it ships vllm_flash_attn)"
+    assert why == "the installed vllm 0.24.0 is an accelerator build, not vLLM's CPU build: it ships vllm_flash_attn"
     assert cpu_worker_blocker("vllm", "cpu", classify_vllm(None, None, [])) == "vLLM is not installed here"
 
 

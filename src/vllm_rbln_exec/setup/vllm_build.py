@@ -43,9 +43,9 @@ class VllmBuild:
         if self.kind == ABSENT:
             return "vLLM is not installed here"
         if self.kind == ACCELERATOR:
-            return f"the installed {self.what} is an accelerator build, not vLLM's CPU build ({self.evidence})"
-        return f"the installed {self.what} is {'a CPU build' if self.kind == CPU else 'of an unknown build'} " \
-               f"({self.evidence})"
+            return f"the installed {self.what} is an accelerator build, not vLLM's CPU build: {self.evidence}"
+        return f"the installed {self.what} is {'a CPU build' if self.kind == CPU else 'of an unknown build'}: " \
+               f"{self.evidence}"
 
 
 def classify_vllm(name: str | None, version: str | None, files: Iterable[str]) -> VllmBuild:
