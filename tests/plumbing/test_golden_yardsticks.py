@@ -97,7 +97,7 @@ def save_plain(tmp_path, fake_model, golden):
 
 def test_a_failing_yardstick_worker_keeps_the_finished_comparison(fake_cli):
     # the GPU machine's failure as it was: the yardstick's vLLM came up on CUDA, not on the CPU
-    run = fake_cli("--target-dtype", "bfloat16", "--no-inspect-logits",
+    run = fake_cli("--target-dtype", "bfloat16", "--no-inspect-logits", "--fail-on", "kl_mean>2*yardstick",
                    switches={"sides": "yardstick", "platform": "cuda"})
     assert run.returncode == 0, run.stdout + run.stderr
     report = run.report
@@ -105,3 +105,6 @@ def test_a_failing_yardstick_worker_keeps_the_finished_comparison(fake_cli):
     assert "its worker failed: yardstick worker:" in report["resolved"]["yardstick_missing"]
     assert "platform 'cuda'" in report["resolved"]["yardstick_missing"]
     assert "Yardstick: missing (its worker failed" in flat(run.stdout)
+    # a tolerance relative to the yardstick is listed as not checked, with the reason; it never passes silently
+    assert "kl_mean>2*yardstick is relative to the yardstick, and this run's is missing: its worker failed" \
+        in flat(run.stdout)
