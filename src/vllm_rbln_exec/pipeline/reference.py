@@ -15,8 +15,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..capture.archive import pack_capture, unpack_capture
 from ..capture.cache import ReferenceCache
-from ..capture.store import Capture, CaptureError, load_capture, pack_capture, unpack_capture
+from ..capture.store import Capture, CaptureError, load_capture
 from ..core.errors import HarnessError, UsageError
 from ..setup.devices import installed_version
 from ..setup.options import RunOptions
@@ -64,7 +65,10 @@ def read_reference_file(options: RunOptions) -> tuple[RunOptions, ReferenceFile]
         capture = unpack_capture(path, scratch / "capture")
     except CaptureError as exc:
         shutil.rmtree(scratch, ignore_errors=True)
-        raise UsageError(f"reference file {path} cannot be used: {exc}", option="--reference") from exc
+        raise UsageError(f"reference file {path} cannot be used: {exc.message}", option="--reference") from None
+    except BaseException:  # Ctrl-C or SIGTERM while unpacking or hashing a large file: no scratch left behind
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
     fields = capture.settings.get("key_fields") or {}
     wanted = {"prompts": tuple(r.prompt for r in capture.prompts), "max_tokens": fields.get("max_tokens"),
               "logprobs": fields.get("logprobs"), "store": fields.get("store")}
@@ -117,6 +121,14 @@ def reference_from_cache(ctx: RunContext, options: RunOptions, key: str, fields:
     if why and why != "not cached":
         ctx.note(why)
     return None, info
+
+
+def check_cache(ctx: RunContext) -> None:
+    """Open the reference cache (converting an old one) before any run folder or engine exists: a cache that
+    cannot be used ends the run here with one sentence (exit 3), and what the conversion did becomes a note."""
+    with ReferenceCache(ctx.cache_root / "references") as cache:
+        for note in cache.notes:
+            ctx.note(note)
 
 
 def store_in_cache(ctx: RunContext, key: str, capture: Capture, fields: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..core.dtypes import DTYPE_ALIASES
 from ..core.errors import UsageError
+from ..core.paths import not_a_file
 from .server import check_server_flat
 
 ALIGN_MODES = ("forced", "free")
@@ -118,8 +119,8 @@ def saved_yardsticks(value: Any, save_reference: str | None) -> tuple[str, ...]:
 
 
 def _check_files(v: dict[str, Any]) -> None:
-    if v["reference_file"] and not Path(v["reference_file"]).is_file():
-        raise UsageError(f"reference file {v['reference_file']} does not exist", option="--reference")
+    if v["reference_file"] and (what := not_a_file(v["reference_file"])) is not None:
+        raise UsageError(f"reference file {v['reference_file']} {what}", option="--reference")
     if v["reference_file"] and v["save_reference"]:
         raise UsageError("--reference and --save-reference cannot be combined", option="--save-reference")
     if v["reference_file"] and v["ab"] is not None:
