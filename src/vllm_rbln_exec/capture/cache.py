@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..core.jsonio import refuse_unsafe_output
 from .store import Capture, CaptureError, pack_capture, unpack_capture
 
 KEY_VERSION = 1
@@ -118,6 +119,7 @@ class ReferenceCache:
             with handle, open(tmp, "wb") as out:
                 while chunk := handle.read(1 << 20):
                     out.write(chunk)
+            refuse_unsafe_output(dest)  # never replace a link, FIFO or device (cli.cache checked it up front too)
             os.replace(tmp, dest)
         finally:
             if tmp.exists():

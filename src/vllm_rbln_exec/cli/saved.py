@@ -34,11 +34,17 @@ def compare_cmd(
 
     Exit codes: 0 parity holds (of several runs: the last one's), 1 parity fails, 2 bad usage."""
     from ..outputs.terminal import make_console, render_noise, render_run, render_verdict
-    from ..pipeline.check import rejudge, write_reports
+    from ..pipeline.check import rejudge, saved_report_files, write_reports
+    from ..setup.checks import check_outputs
     from ..setup.options import DisplayOptions, GateOptions
 
     gates = GateOptions(fail_on=tuple(fail_on), spec=spec, use_defaults=not no_default_gates,
                         near_ties_fail=near_ties_fail)
+    try:  # before any report is read: a bad output path costs nothing, and never the saved run itself
+        check_outputs({"--json": json_out, "--junit": junit_out, "--markdown": markdown_out, "--html": html_out},
+                      {"--plots": plots_dir}, {**saved_report_files(saved), "the --spec file": spec})
+    except HarnessError as exc:
+        raise typer.Exit(report_error(exc, no_color))
     if len(saved) > 1:
         raise typer.Exit(compare_trend(saved, gates, json_out or junit_out or markdown_out, html_out, plots_dir,
                                        allow_mismatch, no_color))
@@ -61,12 +67,11 @@ def compare_trend(saved: list[str], gates, one_run_file: str | None, html_out: s
     """``compare`` of several runs: the side-by-side table, and the trend drawn when asked; the exit code."""
     from ..outputs.terminal import make_console
     from ..outputs.trend import render_trend
-    from ..pipeline.trend import check_trend_outputs, load_trend
+    from ..pipeline.trend import load_trend
 
     try:
         if one_run_file:
             raise UsageError("--json, --junit and --markdown describe one run; give one run folder or report")
-        check_trend_outputs(html_out, plots_dir)
         trend = load_trend(saved, gates, allow_mismatch)
         files = {}
         if html_out or plots_dir:

@@ -18,6 +18,7 @@ from typing import Any
 from ..capture.cache import ReferenceCache
 from ..capture.store import Capture, CaptureError, load_capture, pack_capture, unpack_capture
 from ..core.errors import HarnessError, UsageError
+from ..core.jsonio import refuse_unsafe_output
 from ..setup.devices import installed_version
 from ..setup.options import RunOptions
 from .captures import SidePlan
@@ -128,6 +129,7 @@ def save_reference_file(capture: Capture, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     pack_capture(Path(capture.root), tmp)
+    refuse_unsafe_output(path)  # never replace a link, FIFO or device (setup.checks refused them up front too)
     os.replace(tmp, path)
 
 
