@@ -22,14 +22,17 @@ def explicit_options(ctx: typer.Context) -> list[str]:
 
 
 def report_error(exc: HarnessError, no_color: bool = False) -> int:
+    from rich.markup import escape
+
     from ..outputs.terminal import make_console
 
     console = make_console(no_color=no_color, stderr=True)
     label = "usage error" if isinstance(exc, UsageError) else "error"
-    console.print(f"[bold red]{label}:[/] {exc.message}", highlight=False, markup=True)
+    # the message quotes the user's file names, prompts and servers' text: markup in them ("[/]") is text
+    console.print(f"[bold red]{label}:[/] {escape(str(exc.message))}", highlight=False, markup=True)
     if isinstance(exc, WorkerError):
         if exc.detail:
-            console.rule(f"last lines of the {exc.side} worker's log")
+            console.rule(f"last lines of the {escape(str(exc.side))} worker's log")
             console.print(exc.detail, markup=False, highlight=False)
         if exc.log_path:
             console.print(f"full log: {exc.log_path}", markup=False)

@@ -33,6 +33,8 @@ def compare_cmd(
     Runs of different models, layer cuts or prompts are refused unless --allow-mismatch.
 
     Exit codes: 0 parity holds (of several runs: the last one's), 1 parity fails, 2 bad usage."""
+    from rich.errors import MarkupError
+
     from ..outputs.terminal import make_console, render_noise, render_run, render_verdict
     from ..pipeline.check import rejudge, saved_report_files, write_reports
     from ..setup.checks import check_outputs
@@ -51,20 +53,27 @@ def compare_cmd(
     try:
         outcome = rejudge(saved[0], gates)
         write_reports(outcome, json_out, junit_out, markdown_out, html_out=html_out, plots_dir=plots_dir)
+        console = make_console(no_color=no_color)
+        render_run(console, outcome.run, DisplayOptions(no_color=no_color, inspect_logits=inspect_logits,
+                                                        snippet=not no_snippet))
+        render_noise(console, outcome.noise)
+        render_verdict(console, outcome.verdict, outcome.files)
+        render_localization_of(console, outcome.run)
     except HarnessError as exc:
         raise typer.Exit(report_error(exc, no_color))
-    console = make_console(no_color=no_color)
-    render_run(console, outcome.run, DisplayOptions(no_color=no_color, inspect_logits=inspect_logits,
-                                                    snippet=not no_snippet))
-    render_noise(console, outcome.noise)
-    render_verdict(console, outcome.verdict, outcome.files)
-    render_localization_of(console, outcome.run)
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, MarkupError) as exc:
+        # outputs.saved checks every field the verdict and the reports are known to read; a field beyond those
+        # that a hand-edited report broke is still this input's fault: one sentence, never a traceback
+        raise typer.Exit(report_error(UsageError(f"{saved[0]} holds a value this harness cannot show "
+                                                 f"({type(exc).__name__}: {exc}); is it a damaged report?"), no_color))
     raise typer.Exit(outcome.exit_code)
 
 
 def compare_trend(saved: list[str], gates, one_run_file: str | None, html_out: str | None, plots_dir: str | None,
                   allow_mismatch: bool, no_color: bool) -> int:
     """``compare`` of several runs: the side-by-side table, and the trend drawn when asked; the exit code."""
+    from rich.markup import escape
+
     from ..outputs.terminal import make_console
     from ..outputs.trend import render_trend
     from ..pipeline.trend import load_trend
@@ -87,7 +96,7 @@ def compare_trend(saved: list[str], gates, one_run_file: str | None, html_out: s
         return report_error(UsageError(f"cannot write the trend: {exc}"), no_color)
     console = make_console(no_color=no_color)
     for note in trend.notes:
-        console.print(f"[yellow]note:[/] {note}", highlight=False)
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     render_trend(console, trend.names, trend.runs, trend.verdicts)
     for name, path in files.items():
         console.print(f"{name:<9} {path}", markup=False, highlight=False)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..compare.catalogue import OVERALL, PROMPT, report_paths
+from ..verdict.noise import MODES
 
 PARITY_REPORT_KIND = "vllm-rbln-exec/parity-report"
 PARITY_REPORT_SCHEMA_VERSION = 1  # the combined document ``files`` writes
@@ -72,6 +73,11 @@ BUCKET_FIELDS = {"range": TEXT, "count": NUMBER + OPTIONAL, "kl_mean": NUMBER + 
                  "kl_max": NUMBER + OPTIONAL, "top1_rate": NUMBER + OPTIONAL}
 VERDICT_FIELDS = {"passed": (bool,), "violations": LIST, "checked": LIST, "skipped": LIST, "notes": LIST,
                   "warnings": LIST, "findings": LIST}
+NOISE_FIELDS = {"mode": TEXT, "runs": (int,), "sources": LIST + OPTIONAL, "overall": OBJECT + OPTIONAL,
+                "prompts": LIST + OPTIONAL, "estimator": TEXT + OPTIONAL}
+NOISE_MODES = set(MODES)  # merged floors join them with "+"
+SPREAD_FIELDS = {"values": LIST + OPTIONAL, "mean": NUMBER + OPTIONAL, "std": NUMBER + OPTIONAL,
+                 "noise": NUMBER + OPTIONAL}
 
 
 class ReportError(ValueError):
@@ -114,6 +120,8 @@ def split_report(data: Any) -> tuple[dict[str, Any], dict[str, Any] | None, dict
                              "passed": (bool,) + OPTIONAL}, "")
         if verdict is not None:
             _check_fields(verdict, VERDICT_FIELDS, "verdict.")
+        if noise is not None:
+            check_noise(noise)
     else:
         run, verdict, noise = data, None, None
     check_run(run)
@@ -136,6 +144,21 @@ def check_run(run: dict[str, Any], where: str = "") -> None:
     for key in ("reference_self", "yardstick"):
         if isinstance(run.get(key), dict):
             _check_results(run[key], f"{where}{key}.", required=False)
+
+
+def check_noise(noise: dict[str, Any]) -> None:
+    """The noise floor beside the run (``verdict.noise.noise_to_json``): its mode, and numbers where numbers go."""
+    _check_fields(noise, NOISE_FIELDS, "noise.")
+    if not set(str(noise.get("mode", "repeats")).split("+")) <= NOISE_MODES:
+        raise ReportError(f"noise.mode is {_kind(noise.get('mode'))}, not one of {', '.join(sorted(NOISE_MODES))}")
+    _check_items(noise.get("sources") or [], TEXT, "noise.sources")
+    tables = [("noise.overall", noise.get("overall") or {})]
+    tables += [(f"noise.prompts[{i}]", t) for i, t in enumerate(noise.get("prompts") or [])]
+    for where, table in tables:
+        _check_type(table, OBJECT, where)
+        for path, spread in table.items():
+            _check_fields(spread, SPREAD_FIELDS, f"{where}.{path}.", OBJECT)
+            _check_items(spread.get("values") or [], NUMBER + OPTIONAL, f"{where}.{path}.values")
 
 
 def _check_results(record: dict[str, Any], where: str, required: bool = True) -> None:
