@@ -32,6 +32,19 @@ class UsageError(HarnessError):
         self.option = option
 
 
+def describe_os_error(exc: OSError) -> str:
+    """One line for a failed file operation: the reason and the file, also for ``shutil.Error``, whose text is
+    the list of every file a copy failed on (a full disk gave one entry per array of a capture)."""
+    args = exc.args[0] if exc.args and isinstance(exc.args[0], list) else None
+    if args:  # shutil.Error([(src, dst, why), ...])
+        first = args[0]
+        why = first[2] if isinstance(first, tuple) and len(first) == 3 else first
+        more = f" (and {len(args) - 1} more file(s))" if len(args) > 1 else ""
+        return f"{why}{more}"
+    reason = exc.strerror or str(exc)
+    return f"{reason}: {exc.filename}" if exc.filename else reason
+
+
 class WorkerError(HarnessError):
     """A worker crashed, hung, or reported a failure; names the side."""
 

@@ -8,9 +8,11 @@ numpy, torch or any other module of the harness.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import shutil
 import stat
 import tempfile
 from pathlib import Path
@@ -105,6 +107,29 @@ def write_bytes_atomic(path: Path, data: bytes) -> Path:
 def write_text_atomic(path: Path, text: str) -> Path:
     """``write_bytes_atomic`` of the UTF-8 text."""
     return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def move_tree(src: Path, dest: Path) -> Path:
+    """Move the folder ``src`` to ``dest`` (which must not exist). A rename where it can; across file systems a
+    copy into a temporary folder beside ``dest``, renamed at the end, so a failed copy (a full disk) leaves no
+    half-copied folder, and no 0-byte ``capture.json``, at ``dest``; ``src`` is removed only after success."""
+    src, dest = Path(src), Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(src, dest)
+        return dest
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    try:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        os.rename(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(src, ignore_errors=True)
+    return dest
 
 
 def write_json_atomic(path: Path, data: Any) -> Path:

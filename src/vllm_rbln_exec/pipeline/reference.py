@@ -18,7 +18,7 @@ from typing import Any
 from ..capture.cache import ReferenceCache
 from ..capture.store import Capture, CaptureError, load_capture, pack_capture, unpack_capture
 from ..core.errors import HarnessError, UsageError
-from ..core.jsonio import refuse_unsafe_output
+from ..core.jsonio import move_tree, refuse_unsafe_output
 from ..setup.devices import installed_version
 from ..setup.options import RunOptions
 from .captures import SidePlan
@@ -91,7 +91,7 @@ def reference_from_file(ref: ReferenceFile, fields: dict[str, Any], run_dir: Pat
     dest = run_dir / "reference" / "capture"
     dest.parent.mkdir(parents=True, exist_ok=True)
     # moved, not copied and hashed again: unpacking verified every array a moment ago (read_reference_file)
-    shutil.move(str(ref.capture.root), dest)
+    move_tree(ref.capture.root, dest)
     return load_capture(dest)
 
 

@@ -24,6 +24,7 @@ from typing import Any
 from ..capture.cache import ReferenceCache, cache_key
 from ..capture.store import Capture, CaptureError, unpack_capture
 from ..compare.metrics import PromptComparison
+from ..core.jsonio import move_tree
 from ..setup.options import RunOptions
 from ..setup.sides import Side
 from .captures import Captured, forced, plan_side, run_side, side_job
@@ -113,7 +114,7 @@ def _from_companion(ctx: RunContext, path: Path, fields: dict[str, Any], dest: P
         ctx.note(f"yardstick file {path} does not match this run ({', '.join(differing)}): it is computed here")
         return None
     dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(capture.root), dest)
+    move_tree(capture.root, dest)
     shutil.rmtree(scratch, ignore_errors=True)
     from ..capture.store import load_capture
 
