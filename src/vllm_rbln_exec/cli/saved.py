@@ -6,6 +6,7 @@ No model runs here except ``localize``'s hidden-state capture, which the pipelin
 from __future__ import annotations
 
 import typer
+from rich.errors import MarkupError  # a few classes: the console itself loads inside the commands
 
 from ..core.errors import HarnessError, UsageError
 from .common import render_localization_of, report_error
@@ -33,8 +34,6 @@ def compare_cmd(
     Runs of different models, layer cuts or prompts are refused unless --allow-mismatch.
 
     Exit codes: 0 parity holds (of several runs: the last one's), 1 parity fails, 2 bad usage."""
-    from rich.errors import MarkupError
-
     from ..outputs.terminal import make_console, render_noise, render_run, render_verdict
     from ..pipeline.check import rejudge, saved_report_files, write_reports
     from ..setup.checks import check_outputs
@@ -61,12 +60,19 @@ def compare_cmd(
         render_localization_of(console, outcome.run)
     except HarnessError as exc:
         raise typer.Exit(report_error(exc, no_color))
-    except (TypeError, ValueError, KeyError, AttributeError, IndexError, MarkupError) as exc:
-        # outputs.saved checks every field the verdict and the reports are known to read; a field beyond those
-        # that a hand-edited report broke is still this input's fault: one sentence, never a traceback
-        raise typer.Exit(report_error(UsageError(f"{saved[0]} holds a value this harness cannot show "
-                                                 f"({type(exc).__name__}: {exc}); is it a damaged report?"), no_color))
+    except DAMAGED as exc:
+        raise typer.Exit(report_error(damaged(saved[0], exc), no_color))
     raise typer.Exit(outcome.exit_code)
+
+
+# outputs.saved checks every field the verdict and the reports are known to read; a field beyond those that a
+# hand-edited report broke is still the input's fault: one sentence and exit 2, never a traceback
+DAMAGED = (TypeError, ValueError, KeyError, AttributeError, IndexError, RecursionError, MarkupError)
+
+
+def damaged(name: str, exc: Exception) -> UsageError:
+    return UsageError(f"{name} holds a value this harness cannot show ({type(exc).__name__}: {exc}); "
+                      "is it a damaged report?")
 
 
 def compare_trend(saved: list[str], gates, one_run_file: str | None, html_out: str | None, plots_dir: str | None,
@@ -94,10 +100,15 @@ def compare_trend(saved: list[str], gates, one_run_file: str | None, html_out: s
         return report_error(exc, no_color)
     except OSError as exc:
         return report_error(UsageError(f"cannot write the trend: {exc}"), no_color)
+    except DAMAGED as exc:
+        return report_error(damaged(", ".join(saved), exc), no_color)
     console = make_console(no_color=no_color)
     for note in trend.notes:
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
-    render_trend(console, trend.names, trend.runs, trend.verdicts)
+    try:
+        render_trend(console, trend.names, trend.runs, trend.verdicts)
+    except DAMAGED as exc:
+        return report_error(damaged(", ".join(saved), exc), no_color)
     for name, path in files.items():
         console.print(f"{name:<9} {path}", markup=False, highlight=False)
     return trend.exit_code

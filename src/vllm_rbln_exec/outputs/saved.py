@@ -40,6 +40,7 @@ RATES = ("top1_rate", "top1_match", "topk_overlap", "topk_order_match", "jaccard
          "finite_overlap")  # shares: outside [0, 1] they are not what their name says
 
 NUMBER = (int, float)
+INT = (int,)
 TEXT = (str,)
 OBJECT = (dict,)
 LIST = (list,)
@@ -64,10 +65,20 @@ COMPARISON_FIELDS = {
     "distribution": OBJECT + OPTIONAL, "argmax_divergence": OBJECT + OPTIONAL, "worst_positions": LIST + OPTIONAL,
     "notes": LIST + OPTIONAL, "snippet": OBJECT + OPTIONAL, "first_position_topk": OBJECT + OPTIONAL,
     "series": OBJECT + OPTIONAL, "worst_position": (int,) + OPTIONAL, "first_divergence": (int,) + OPTIONAL,
+    "vocab_size": INT + OPTIONAL, "eps": NUMBER + OPTIONAL, "topk": INT + OPTIONAL,
 }
+SETTINGS_FIELDS = {name: INT + OPTIONAL for name in ("max_model_len", "num_hidden_layers", "tp", "pp", "dp", "batch",
+                                                     "max_tokens", "max_batched", "logprobs", "max_logprobs_cap",
+                                                     "topk", "block", "repeat")}
+SETTINGS_FIELDS.update({name: NUMBER + OPTIONAL for name in ("eps", "tie_margin")})
+SETTINGS_FIELDS.update({name: TEXT + OPTIONAL for name in ("align", "capture", "store", "model", "target",
+                                                           "reference_dtype", "target_dtype")})
+TOPK_FIELDS = {"position": INT + OPTIONAL, "target_ids": LIST, "target_vals": LIST, "reference_ids": LIST,
+               "reference_vals": LIST}
+SNIPPET_FIELDS = {"reference": LIST, "target": LIST}
 DISTRIBUTION_FIELDS = {"kl_buckets": LIST + OPTIONAL, "tie_margin": NUMBER + OPTIONAL, "topk": (int,) + OPTIONAL}
 DIVERGENCE_FIELDS = {"position": (int,) + OPTIONAL, "kind": TEXT + OPTIONAL, "margin": NUMBER + OPTIONAL}
-WORST_FIELDS = {"position": (int,) + OPTIONAL, "kl": NUMBER + OPTIONAL, "reference_topk": LIST + OPTIONAL,
+WORST_FIELDS = {"position": INT, "reference_token": INT + OPTIONAL, "target_argmax": INT + OPTIONAL, "kl": NUMBER + OPTIONAL, "reference_topk": LIST + OPTIONAL,
                 "target_topk": LIST + OPTIONAL, "reference_top1_prob": NUMBER + OPTIONAL}
 BUCKET_FIELDS = {"range": TEXT, "count": NUMBER + OPTIONAL, "kl_mean": NUMBER + OPTIONAL,
                  "kl_max": NUMBER + OPTIONAL, "top1_rate": NUMBER + OPTIONAL}
@@ -133,6 +144,10 @@ def check_run(run: dict[str, Any], where: str = "") -> None:
     if "schema_version" in run:
         _check_version(run.get("schema_version"), RUN_SCHEMAS, f"{where or 'run '}")
     _check_fields(run, RUN_FIELDS, where)
+    _check_fields(run.get("settings") or {}, SETTINGS_FIELDS, f"{where}settings.")
+    if isinstance(run.get("yardstick"), dict):
+        _check_fields(run["yardstick"], {"side": OBJECT + OPTIONAL, "why": TEXT + OPTIONAL}, f"{where}yardstick.")
+        _check_fields(run["yardstick"].get("side") or {}, SIDE_FIELDS, f"{where}yardstick.side.")
     _check_items(run.get("prompts") or [], TEXT, f"{where}prompts")
     _check_items(run.get("notes") or [], TEXT, f"{where}notes")
     for name, side in (run.get("sides") or {}).items():
@@ -175,8 +190,26 @@ def _check_results(record: dict[str, Any], where: str, required: bool = True) ->
         _check_metrics(comp, PROMPT, at)
         if isinstance(comp.get("argmax_divergence"), dict):
             _check_fields(comp["argmax_divergence"], DIVERGENCE_FIELDS, f"{at}argmax_divergence.")
+            _check_required(comp["argmax_divergence"], ("kind", "position"), f"{at}argmax_divergence")
         for j, entry in enumerate(comp.get("worst_positions") or []):
             _check_fields(entry, WORST_FIELDS, f"{at}worst_positions[{j}].", OBJECT)
+            _check_required(entry, ("position", "kl", "reference_token", "target_argmax"), f"{at}worst_positions[{j}]")
+        _check_numbers_in(comp, at)
+
+
+def _check_numbers_in(comp: dict[str, Any], at: str) -> None:
+    """The lists of numbers the per-prompt details print: the top-K at position 0 and the logprob snippet."""
+    topk, snippet = comp.get("first_position_topk"), comp.get("snippet")
+    if isinstance(topk, dict):
+        _check_fields(topk, TOPK_FIELDS, f"{at}first_position_topk.")
+        for name in TOPK_FIELDS:
+            if name != "position":
+                _check_items(topk.get(name) or [], INT if name.endswith("ids") else NUMBER + OPTIONAL,
+                             f"{at}first_position_topk.{name}")
+    if isinstance(snippet, dict):
+        _check_fields(snippet, SNIPPET_FIELDS, f"{at}snippet.")
+        for name in SNIPPET_FIELDS:
+            _check_items(snippet.get(name) or [], NUMBER + OPTIONAL, f"{at}snippet.{name}")
 
 
 def _check_metrics(record: dict[str, Any], scope: str, where: str) -> None:
@@ -198,6 +231,12 @@ def _check_metrics(record: dict[str, Any], scope: str, where: str) -> None:
             name = path.rsplit(".", 1)[-1]
             if name in RATES and node is not None and not 0.0 <= node <= 1.0:
                 raise ReportError(f"{where}{path} is {node!r}, but a share lies between 0 and 1")
+
+
+def _check_required(record: dict[str, Any], names: tuple[str, ...], where: str) -> None:
+    missing = [n for n in names if n not in record]
+    if missing:
+        raise ReportError(f"{where} has no {', '.join(missing)}")
 
 
 def _check_fields(record: Any, fields: dict[str, tuple], where: str, itself: tuple = OBJECT) -> None:
