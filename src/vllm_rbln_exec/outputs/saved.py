@@ -30,9 +30,9 @@ PARITY_REPORT_KIND = "vllm-rbln-exec/parity-report"
 PARITY_REPORT_SCHEMA_VERSION = 1  # the combined document ``files`` writes
 REPORT_SCHEMAS = (PARITY_REPORT_SCHEMA_VERSION,)
 RUN_SCHEMAS = (1, 2)  # the run inside it (pipeline.result.REPORT_SCHEMA_VERSION), or a plain report.json
-# A run's parity.json holds ~2.5 KB per compared position with its plot series (29.7 KB for the fake
-# engine's 2 prompts x 6 tokens; docs/robustness.md has the command): 256 MiB is ~100k positions, far
-# beyond a CI run, and json.loads of it costs a few GB, which is where reading must stop.
+# A parity.json grows by ~220 bytes per compared position (its plot series and worst positions; the fake
+# engine's 16 prompts x 64 tokens: 255 KB, 2 x 6: 30 KB; docs/robustness.md has the command), so 256 MiB is
+# over a million positions, far beyond any run, and json.loads of that much costs a few GB: reading stops there.
 MAX_REPORT_BYTES = 256 * 2**20
 MAX_DEPTH = 32  # a run's own report nests 8 deep; repeats, the yardstick and a localisation add a few
 MAX_TEXT = 4 * 2**20  # characters of one string (a long prompt of a long-context run)
@@ -76,7 +76,7 @@ SETTINGS_FIELDS.update({name: TEXT + OPTIONAL for name in ("align", "capture", "
 TOPK_FIELDS = {"position": INT + OPTIONAL, "target_ids": LIST, "target_vals": LIST, "reference_ids": LIST,
                "reference_vals": LIST}
 SNIPPET_FIELDS = {"reference": LIST, "target": LIST}
-DISTRIBUTION_FIELDS = {"kl_buckets": LIST + OPTIONAL, "tie_margin": NUMBER + OPTIONAL, "topk": (int,) + OPTIONAL}
+DISTRIBUTION_FIELDS = {"kl_buckets": LIST, "tie_margin": NUMBER + OPTIONAL, "topk": (int,) + OPTIONAL}
 DIVERGENCE_FIELDS = {"position": (int,) + OPTIONAL, "kind": TEXT + OPTIONAL, "margin": NUMBER + OPTIONAL}
 WORST_FIELDS = {"position": INT, "reference_token": INT + OPTIONAL, "target_argmax": INT + OPTIONAL, "kl": NUMBER + OPTIONAL, "reference_topk": LIST + OPTIONAL,
                 "target_topk": LIST + OPTIONAL, "reference_top1_prob": NUMBER + OPTIONAL}
@@ -150,6 +150,9 @@ def check_run(run: dict[str, Any], where: str = "") -> None:
         _check_fields(run["yardstick"].get("side") or {}, SIDE_FIELDS, f"{where}yardstick.side.")
     _check_items(run.get("prompts") or [], TEXT, f"{where}prompts")
     _check_items(run.get("notes") or [], TEXT, f"{where}notes")
+    for i, tokens in enumerate(run.get("reference_tokens") or []):
+        _check_type(tokens, LIST, f"{where}reference_tokens[{i}]")
+        _check_items(tokens, INT, f"{where}reference_tokens[{i}]")
     for name, side in (run.get("sides") or {}).items():
         _check_fields(side, SIDE_FIELDS, f"{where}sides.{name}.", OBJECT)
     _check_results(run, where)
@@ -194,6 +197,9 @@ def _check_results(record: dict[str, Any], where: str, required: bool = True) ->
         for j, entry in enumerate(comp.get("worst_positions") or []):
             _check_fields(entry, WORST_FIELDS, f"{at}worst_positions[{j}].", OBJECT)
             _check_required(entry, ("position", "kl", "reference_token", "target_argmax"), f"{at}worst_positions[{j}]")
+            for name in ("reference_topk", "target_topk"):
+                for k, pair in enumerate(entry.get(name) or []):
+                    _check_pair(pair, f"{at}worst_positions[{j}].{name}[{k}]")
         _check_numbers_in(comp, at)
 
 
@@ -220,6 +226,7 @@ def _check_metrics(record: dict[str, Any], scope: str, where: str) -> None:
         _check_fields(dist, DISTRIBUTION_FIELDS, f"{where}distribution.")
         for j, bucket in enumerate(dist.get("kl_buckets") or []):
             _check_fields(bucket, BUCKET_FIELDS, f"{where}distribution.kl_buckets[{j}].", OBJECT)
+            _check_required(bucket, ("range",), f"{where}distribution.kl_buckets[{j}]")
     for path in report_paths(scope):
         node: Any = record
         for part in path.split("."):
@@ -231,6 +238,14 @@ def _check_metrics(record: dict[str, Any], scope: str, where: str) -> None:
             name = path.rsplit(".", 1)[-1]
             if name in RATES and node is not None and not 0.0 <= node <= 1.0:
                 raise ReportError(f"{where}{path} is {node!r}, but a share lies between 0 and 1")
+
+
+def _check_pair(pair: Any, where: str) -> None:
+    """A ``[token id, logprob]`` entry of a top-K list."""
+    if not isinstance(pair, list) or len(pair) != 2:
+        raise ReportError(f"{where} is {_kind(pair)}, where a [token id, logprob] pair belongs")
+    _check_type(pair[0], INT, f"{where}[0]")
+    _check_type(pair[1], NUMBER + OPTIONAL, f"{where}[1]")
 
 
 def _check_required(record: dict[str, Any], names: tuple[str, ...], where: str) -> None:

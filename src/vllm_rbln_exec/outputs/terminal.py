@@ -279,7 +279,7 @@ def render_distribution(console: Console, run: dict[str, Any], tokens: TokenText
     for col in ("p(top-1)", "positions", "KL mean", "KL max", "same top-1"):
         buckets.add_column(col, justify="right")
     for b in d.get("kl_buckets", []):
-        buckets.add_row(b["range"], str(b["count"]), fmt(b.get("kl_mean")), fmt(b.get("kl_max")),
+        buckets.add_row(escape(str(b["range"])), str(b["count"]), fmt(b.get("kl_mean")), fmt(b.get("kl_max")),
                         fmt(b.get("top1_rate"), 3))
     console.print(buckets)
     render_worst(console, run, tokens)
