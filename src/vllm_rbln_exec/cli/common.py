@@ -28,8 +28,9 @@ def report_error(exc: HarnessError, no_color: bool = False) -> int:
 
     console = make_console(no_color=no_color, stderr=True)
     label = "usage error" if isinstance(exc, UsageError) else "error"
-    # the message quotes the user's file names, prompts and servers' text: markup in them ("[/]") is text
-    console.print(f"[bold red]{label}:[/] {escape(str(exc.message))}", highlight=False, markup=True)
+    # escaped: a message quotes what came from outside (a server's error text, a file name), where "[/]" is
+    # Rich markup and raised MarkupError, a traceback with exit 1
+    console.print(f"[bold red]{label}:[/] {escape(exc.message)}", highlight=False, markup=True)
     if isinstance(exc, WorkerError):
         if exc.detail:
             console.rule(f"last lines of the {escape(str(exc.side))} worker's log")
