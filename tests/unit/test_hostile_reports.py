@@ -16,6 +16,7 @@ import stat
 import numpy as np
 import pytest
 
+from vllm_rbln_exec.compare.catalogue import OVERALL, PROMPT, report_paths
 from vllm_rbln_exec.compare.metrics import compare_prompt, summarize
 from vllm_rbln_exec.core.errors import EXIT_PARITY_FAILED, UsageError, describe_os_error
 from vllm_rbln_exec.core.jsonio import UnsafeOutput, move_tree, unsafe_output, write_text_atomic
@@ -69,12 +70,15 @@ def test_old_saved_forms_still_load(tmp_path):
     assert load_saved(folder)[0]["model"] == "m"
 
 
-def _strip(record: dict) -> None:
-    for key, value in list(record.items()):
-        if isinstance(value, dict):
-            _strip(value)
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("index",):
-            record[key] = None
+def _strip(record: dict, scope: str) -> None:
+    """Every metric of the catalogue in ``record`` set to null (what a hand-edited report may hold)."""
+    for path in report_paths(scope):
+        *parents, name = path.split(".")
+        node = record
+        for part in parents:
+            node = node.get(part) or {}
+        if name in node:
+            node[name] = None
 
 
 @pytest.mark.parametrize("case", ["null metrics", "summary of positions only", "NaN kl_mean and top1_rate"])
@@ -82,14 +86,14 @@ def test_a_report_without_the_numbers_fails_every_tolerance_as_not_measured(tmp_
     data = _report()
     run = data["run"]
     if case == "null metrics":
-        _strip(run["summary"])
+        _strip(run["summary"], OVERALL)
         for comp in run["comparisons"]:
-            _strip(comp)
+            _strip(comp, PROMPT)
         run["summary"]["positions_compared"] = 5
         raw = None
     elif case == "summary of positions only":
         run["summary"] = {"positions_compared": 5}
-        run["comparisons"] = [{}]
+        run["comparisons"] = [{"index": i, "prompt": c["prompt"]} for i, c in enumerate(run["comparisons"])]
         raw = None
     else:
         for record in (run["summary"], *run["comparisons"]):
@@ -130,6 +134,7 @@ def test_an_unknown_schema_version_is_refused(tmp_path, where, expected):
     (("prompts",), [5], "prompts[0] is the number 5"),
     (("summary", "distribution", "top1_rate"), 5.0, "top1_rate is 5.0, but a share lies between 0 and 1"),
     (("comparisons",), "x", "comparisons is the string 'x'"),
+    (("comparisons", 0), {}, "comparisons[0] has no index, prompt"),
 ])
 def test_wrong_types_in_a_saved_report_are_one_sentence(tmp_path, path, value, named):
     data = _report()

@@ -65,7 +65,7 @@ COMPARISON_FIELDS = {
     "distribution": OBJECT + OPTIONAL, "argmax_divergence": OBJECT + OPTIONAL, "worst_positions": LIST + OPTIONAL,
     "notes": LIST + OPTIONAL, "snippet": OBJECT + OPTIONAL, "first_position_topk": OBJECT + OPTIONAL,
     "series": OBJECT + OPTIONAL, "worst_position": (int,) + OPTIONAL, "first_divergence": (int,) + OPTIONAL,
-    "vocab_size": INT + OPTIONAL, "eps": NUMBER + OPTIONAL, "topk": INT + OPTIONAL,
+    "vocab_size": INT, "eps": NUMBER + OPTIONAL, "topk": INT + OPTIONAL,
 }
 SETTINGS_FIELDS = {name: INT + OPTIONAL for name in ("max_model_len", "num_hidden_layers", "tp", "pp", "dp", "batch",
                                                      "max_tokens", "max_batched", "logprobs", "max_logprobs_cap",
@@ -78,8 +78,8 @@ TOPK_FIELDS = {"position": INT + OPTIONAL, "target_ids": LIST, "target_vals": LI
 SNIPPET_FIELDS = {"reference": LIST, "target": LIST}
 DISTRIBUTION_FIELDS = {"kl_buckets": LIST, "tie_margin": NUMBER + OPTIONAL, "topk": (int,) + OPTIONAL}
 DIVERGENCE_FIELDS = {"position": (int,) + OPTIONAL, "kind": TEXT + OPTIONAL, "margin": NUMBER + OPTIONAL}
-WORST_FIELDS = {"position": INT, "reference_token": INT + OPTIONAL, "target_argmax": INT + OPTIONAL, "kl": NUMBER + OPTIONAL, "reference_topk": LIST + OPTIONAL,
-                "target_topk": LIST + OPTIONAL, "reference_top1_prob": NUMBER + OPTIONAL}
+WORST_FIELDS = {"position": INT, "reference_token": INT, "target_argmax": INT, "kl": NUMBER + OPTIONAL,
+                "reference_topk": LIST, "target_topk": LIST, "reference_top1_prob": NUMBER + OPTIONAL}
 BUCKET_FIELDS = {"range": TEXT, "count": NUMBER + OPTIONAL, "kl_mean": NUMBER + OPTIONAL,
                  "kl_max": NUMBER + OPTIONAL, "top1_rate": NUMBER + OPTIONAL}
 VERDICT_FIELDS = {"passed": (bool,), "violations": LIST, "checked": LIST, "skipped": LIST, "notes": LIST,
@@ -190,6 +190,7 @@ def _check_results(record: dict[str, Any], where: str, required: bool = True) ->
     for i, comp in enumerate(comparisons or []):
         at = f"{where}comparisons[{i}]."
         _check_fields(comp, COMPARISON_FIELDS, at, OBJECT)
+        _check_required(comp, ("index", "prompt"), at.rstrip("."))
         _check_metrics(comp, PROMPT, at)
         if isinstance(comp.get("argmax_divergence"), dict):
             _check_fields(comp["argmax_divergence"], DIVERGENCE_FIELDS, f"{at}argmax_divergence.")
