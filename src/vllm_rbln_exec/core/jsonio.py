@@ -57,8 +57,8 @@ def unsafe_output(path: str | Path) -> str | None:
     than written through: the file it names may be anybody's, so the caller names it instead."""
     try:
         info = os.lstat(path)
-    except FileNotFoundError:
-        return None
+    except (FileNotFoundError, NotADirectoryError):  # nothing there to replace; whether it can be made is
+        return None  # the caller's question (setup.checks.unwritable_place)
     except OSError as exc:
         return f"cannot be looked at ({exc.strerror})"
     if stat.S_ISREG(info.st_mode):
