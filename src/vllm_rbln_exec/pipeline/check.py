@@ -175,7 +175,7 @@ def load_saved(path: str | Path) -> tuple[dict[str, Any], NoiseFloor | None]:
             raise UsageError(f"{path} compares no positions ({positions!r}): there is nothing to judge")
         floor = noise_from_json(noise) if noise else noise_floor(run)
     except (OSError, ValueError, TypeError, AttributeError) as exc:  # ReportError is a ValueError
-        raise UsageError(f"{path} is not a report this harness can read: {exc}") from exc
+        raise UsageError(f"{path} is not a vllm-rbln-exec report: {exc}") from exc
     return run, floor
 
 
