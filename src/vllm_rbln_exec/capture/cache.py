@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import HarnessError
+from ..core.jsonio import refuse_unsafe_output
 from ..core.paths import open_regular
 from .archive import pack_capture, unpack_capture
 from .store import Capture, CaptureError
@@ -165,6 +166,7 @@ class ReferenceCache:
             with handle, open(tmp, "wb") as out:
                 while chunk := handle.read(1 << 20):
                     out.write(chunk)
+            refuse_unsafe_output(dest)  # never replace a link, FIFO or device (cli.cache checked it up front too)
             os.replace(tmp, dest)
         finally:
             if tmp.exists():

@@ -14,7 +14,7 @@ import sys
 
 import typer
 
-from ..core.errors import HarnessError, UsageError
+from ..core.errors import HarnessError, UsageError, describe_os_error
 from . import cache, corpus, info, saved
 from .common import EXIT_CODES_HELP, explicit_options, render_localization_of, report_error
 
@@ -142,6 +142,8 @@ def execute(options) -> int:
             outcome = check_parity(options, view)
     except HarnessError as exc:
         return report_error(exc, no_color)
+    except OSError as exc:  # a full disk (or quota, or a read-only folder) under the run folder: the harness could not run
+        return report_error(HarnessError(f"the run could not write its files: {describe_os_error(exc)}"), no_color)
     except KeyboardInterrupt as exc:
         from ..worker.spawn import Terminated
 

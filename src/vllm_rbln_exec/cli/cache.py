@@ -83,6 +83,12 @@ def cache_export(key: str = typer.Argument(..., help="A key or a unique prefix o
                  dest: str = typer.Argument(..., help="The reference file to write."),
                  cache_dir: str = CACHE_DIR_OPTION) -> None:
     """Write one entry as a portable reference file (use it with --reference or `cache import`)."""
+    from ..setup.checks import check_outputs
+
+    try:  # before the cache opens: DEST must be a new or regular file, never a link, FIFO, device or folder
+        check_outputs({"DEST": dest})
+    except UsageError as exc:
+        raise typer.Exit(report_error(exc))
 
     def export(cache) -> None:
         full = cache.resolve(key)

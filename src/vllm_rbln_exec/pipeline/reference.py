@@ -19,6 +19,7 @@ from ..capture.archive import pack_capture, unpack_capture
 from ..capture.cache import ReferenceCache
 from ..capture.store import Capture, CaptureError, load_capture
 from ..core.errors import HarnessError, UsageError
+from ..core.jsonio import move_tree, refuse_unsafe_output
 from ..setup.devices import installed_version
 from ..setup.options import RunOptions
 from .captures import SidePlan
@@ -94,7 +95,7 @@ def reference_from_file(ref: ReferenceFile, fields: dict[str, Any], run_dir: Pat
     dest = run_dir / "reference" / "capture"
     dest.parent.mkdir(parents=True, exist_ok=True)
     # moved, not copied and hashed again: unpacking verified every array a moment ago (read_reference_file)
-    shutil.move(str(ref.capture.root), dest)
+    move_tree(ref.capture.root, dest)
     return load_capture(dest)
 
 
@@ -140,6 +141,7 @@ def save_reference_file(capture: Capture, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     pack_capture(Path(capture.root), tmp)
+    refuse_unsafe_output(path)  # never replace a link, FIFO or device (setup.checks refused them up front too)
     os.replace(tmp, path)
 
 

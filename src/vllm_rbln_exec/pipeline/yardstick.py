@@ -31,6 +31,7 @@ from ..capture.cache import ReferenceCache, cache_key
 from ..capture.store import Capture, CaptureError
 from ..compare.metrics import PromptComparison
 from ..core.errors import WorkerError
+from ..core.jsonio import move_tree
 from ..setup.devices import DeviceProfile
 from ..setup.options import RunOptions
 from ..setup.sides import Side, YardstickSpec, resolve_side, yardstick_options
@@ -179,7 +180,7 @@ def _from_companion(ctx: RunContext, path: Path, fields: dict[str, Any], dest: P
         ctx.note(f"yardstick file {path} does not match this run ({', '.join(differing)}): {instead}")
         return None
     dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(capture.root), dest)
+    move_tree(capture.root, dest)
     shutil.rmtree(scratch, ignore_errors=True)
     from ..capture.store import load_capture
 

@@ -120,6 +120,7 @@ class MetricGate(Gate):
         if out.skipped:
             return out
         relative = "yardstick" if self.yardstick_k is not None else "noise"
+        measured = null_means_never(self.path)
         for index, record in records:
             value = metric_value(record, self.path)
             where = "overall" if index is None else f"prompt {index}"
@@ -129,6 +130,7 @@ class MetricGate(Gate):
                 if spread is None:
                     out.notes.append(f"{where}: no {relative} value of {self.path}; {self.text} not checked there")
                     continue
+            measured = measured or value is not None
             if value is None:
                 if not null_means_never(self.path):
                     out.notes.append(f"{where}: {self.metric} is null (nothing to compute it from); "
@@ -137,6 +139,9 @@ class MetricGate(Gate):
             limit = self.threshold(spread)
             if _holds(value, self.op, limit):
                 out.violations.append(self._violation(run_json, index, record, value, limit, spread))
+        if not measured:  # no record holds the number: nothing shows that the tolerance holds, so it fails
+            relative_k = self.noise_k is not None or self.yardstick_k is not None
+            out.violations.append(not_measured(self, self.path, self.op, None if relative_k else self.base))
         return out
 
     def _violation(self, run_json: dict[str, Any], index: int | None, record: dict[str, Any], value: float,
@@ -163,6 +168,16 @@ class MetricGate(Gate):
             position=position, noise=spread if self.yardstick_k is None else None,
             yardstick=spread if self.yardstick_k is not None else None,
         )  # fmt: skip
+
+
+def not_measured(gate: Gate, path: str, op: str, threshold: float | None) -> Violation:
+    """The violation of a tolerance whose number the report does not hold (null, NaN or absent wherever it
+    is read): a saved report stripped of its metrics fails, instead of passing every tolerance it cannot
+    show. Scoped to the whole run, since no prompt holds the number either."""
+    where = "the run's summary" if getattr(gate, "scope", PROMPT) == OVERALL else "any prompt"
+    return Violation(gate=gate.text, source=gate.source, scope=OVERALL, metric=getattr(gate, "metric", "argmax"),
+                     path=path, value=None, op=op, threshold=threshold,
+                     message=f"{gate.text}: not measured ({path} has no value in {where}, so it cannot hold)")
 
 
 def parse_gate(expr: str, source: str = SOURCE_CLI) -> MetricGate:
@@ -202,12 +217,16 @@ class ArgmaxGate(Gate):
 
     def evaluate(self, run_json: dict[str, Any], noise: Any = None) -> GateOutcome:
         out = GateOutcome()
-        for i, comp in enumerate(run_json.get("comparisons") or []):
+        comparisons = run_json.get("comparisons") or []
+        for i, comp in enumerate(comparisons):
             violation, note = self._judge_prompt(comp, comp.get("index", i))
             if violation is not None:
                 out.violations.append(violation)
             if note:
                 out.notes.append(note)
+        # the rule reads each prompt's argmax counts: a report without any shows nothing about the argmax
+        if not any(metric_value(c, "distribution.top1_mismatches") is not None for c in comparisons):
+            out.violations.append(not_measured(self, "distribution.top1_mismatches", ">", 0.0))
         return out
 
     def _judge_prompt(self, comp: dict[str, Any], index: int) -> tuple[Violation | None, str | None]:
