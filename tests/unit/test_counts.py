@@ -18,7 +18,7 @@ POSITIONS = 128  # the default run: 4 built-in prompts x 32 tokens
 
 def run_with_flips(t: int, y: int, positions: int = POSITIONS, kl: float = 1e-3) -> dict:
     def record(flips: int) -> dict:
-        dist = {"kl_mean": kl, "kl_p99": 3 * kl, "dp_rms": math.sqrt(kl), "top1_mismatches": flips,
+        dist = {"kl_mean": kl, "kl_p99": 3 * kl, "dp_rms": math.sqrt(kl), "top1_mismatches": flips, "kl_nonfinite": 0,
                 "mismatches_near_tie": flips, "top1_rate": 1 - flips / positions}
         return {"index": 0, "prompt": "p", "positions_compared": positions, "distribution": dist}
 

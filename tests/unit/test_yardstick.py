@@ -34,7 +34,7 @@ KL = "distribution.kl_mean"
 
 
 def record(kl: float, flips: int = 0, prompt: str = "p", index: int = 0, **extra) -> dict:
-    dist = {"kl_mean": kl, "kl_p99": 3 * kl, "dp_rms": math.sqrt(kl), "top1_mismatches": flips,
+    dist = {"kl_mean": kl, "kl_p99": 3 * kl, "dp_rms": math.sqrt(kl), "top1_mismatches": flips, "kl_nonfinite": 0,
             "mismatches_near_tie": flips, "top1_rate": 1.0}
     return {"index": index, "prompt": prompt, "positions_compared": 8, "distribution": dist, **extra}
 

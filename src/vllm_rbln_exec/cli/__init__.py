@@ -14,7 +14,7 @@ import sys
 
 import typer
 
-from ..core.errors import HarnessError, UsageError
+from ..core.errors import HarnessError, UsageError, describe_os_error
 from . import cache, corpus, info, saved
 from .common import EXIT_CODES_HELP, explicit_options, render_localization_of, report_error
 
@@ -83,6 +83,7 @@ def run(
     target_model: str | None = typer.Option(None, "--target-model", help="Run the target on another checkpoint of the same model (quantized, converted)."),
     reference_file: str | None = typer.Option(None, "--reference", help="Compare against a saved reference file instead of running a reference worker."),
     save_reference: str | None = typer.Option(None, "--save-reference", help="Write the reference capture to FILE (portable)."),
+    save_yardsticks: str | None = typer.Option(None, "--save-yardsticks", help="With --save-reference: the precisions whose yardstick travels with FILE (FILE-stem.yardstick-ENGINE-DTYPE.vre), made here on the reference's device: bfloat16,float16 (default), one of them, or none."),
     fail_on: list[str] = typer.Option([], "--fail-on", help="Tolerance: fail when it holds, e.g. 'kl_mean>1e-3', 'top1<0.99', 'prompt:kl_max>0.1', 'kl_mean>3*noise'. Repeatable."),
     spec: str | None = typer.Option(None, "--spec", help="TOML parity spec (tolerances per model and dtype pair); default: [tool.vllm-rbln-exec] of ./pyproject.toml."),
     no_default_gates: bool = typer.Option(False, "--no-default-gates", help="Drop the built-in tolerances of the dtype pair."),
@@ -142,6 +143,8 @@ def execute(options) -> int:
             outcome = check_parity(options, view)
     except HarnessError as exc:
         return report_error(exc, no_color)
+    except OSError as exc:  # a full disk (or quota, or a read-only folder) under the run folder: the harness could not run
+        return report_error(HarnessError(f"the run could not write its files: {describe_os_error(exc)}"), no_color)
     except KeyboardInterrupt as exc:
         from ..worker.spawn import Terminated
 

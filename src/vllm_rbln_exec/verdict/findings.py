@@ -98,7 +98,11 @@ def _later_hint(one_pass: bool) -> str:
 def yardstick_sentence(run_json: dict[str, Any]) -> str | None:
     yard = yardstick_record(run_json)
     if yard is None:
-        return _no_yardstick_sentence(run_json)
+        missing = (run_json.get("resolved") or {}).get("yardstick_missing")
+        parts = [f"Yardstick: missing ({missing}), so no ratio: the verdict rests on the fixed tolerances alone, "
+                 "and a tolerance relative to the yardstick is skipped." if missing else None,
+                 _no_yardstick_sentence(run_json)]
+        return " ".join(p for p in parts if p) or None
     t, y = metric_value(run_json.get("summary") or {}, KL_PATH), metric_value(yard, KL_PATH)
     r = ratio(t, y, KL_PATH)
     side = (run_json.get("yardstick") or {}).get("side") or {}
@@ -116,8 +120,9 @@ def yardstick_sentence(run_json: dict[str, Any]) -> str | None:
 
 def _no_yardstick_sentence(run_json: dict[str, Any]) -> str | None:
     """A half-precision target judged without a yardstick: by fixed limits measured on other models."""
-    sides = run_json.get("sides") or {}
-    target = sides.get("target") or {}
+    target = (run_json.get("sides") or {}).get("target")
+    if not isinstance(target, dict):
+        return None
     try:
         dtype = canonical_dtype(target.get("dtype"), target.get("device"))
     except UsageError:  # a dtype this version does not know (a hand-edited report): nothing to say

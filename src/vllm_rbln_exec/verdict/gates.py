@@ -93,6 +93,9 @@ class MetricGate(Gate):
     def _skip_reason(self, run_json: dict[str, Any], noise: Any, records: list) -> str | None:
         if self.yardstick_k is not None:
             if yardstick_record(run_json) is None:
+                missing = (run_json.get("resolved") or {}).get("yardstick_missing")
+                if missing:
+                    return f"{self.text} is relative to the yardstick, and this run's is missing: {missing}"
                 return (f"{self.text} is relative to the yardstick, and this run has none (--yardstick auto "
                         "adds one when the target's dtype is coarser than the reference's; or name one)")
             if records and all(yardstick_value(run_json, self.path, i) is None for i, _ in records):
@@ -118,6 +121,7 @@ class MetricGate(Gate):
         if out.skipped:
             return out
         relative = "yardstick" if self.yardstick_k is not None else "noise"
+        measured = null_means_never(self.path)
         for index, record in records:
             value = metric_value(record, self.path)
             where = "overall" if index is None else f"prompt {index}"
@@ -127,6 +131,7 @@ class MetricGate(Gate):
                 if spread is None:
                     out.notes.append(f"{where}: no {relative} value of {self.path}; {self.text} not checked there")
                     continue
+            measured = measured or value is not None
             if value is None:
                 if not null_means_never(self.path):
                     out.notes.append(f"{where}: {self.metric} is null (nothing to compute it from); "
@@ -140,6 +145,9 @@ class MetricGate(Gate):
             limit = self.threshold(spread)
             if _holds(value, self.op, limit):
                 out.violations.append(self._violation(run_json, index, record, value, limit, spread))
+        if not measured:  # no record holds the number: nothing shows that the tolerance holds, so it fails
+            relative_k = self.noise_k is not None or self.yardstick_k is not None
+            out.violations.append(not_measured(self, self.path, self.op, None if relative_k else self.base))
         return out
 
     @property
@@ -192,6 +200,16 @@ class MetricGate(Gate):
         )  # fmt: skip
 
 
+def not_measured(gate: Gate, path: str, op: str, threshold: float | None) -> Violation:
+    """The violation of a tolerance whose number the report does not hold (null, NaN or absent wherever it
+    is read): a saved report stripped of its metrics fails, instead of passing every tolerance it cannot
+    show. Scoped to the whole run, since no prompt holds the number either."""
+    where = "the run's summary" if getattr(gate, "scope", PROMPT) == OVERALL else "any prompt"
+    return Violation(gate=gate.text, source=gate.source, scope=OVERALL, metric=getattr(gate, "metric", "argmax"),
+                     path=path, value=None, op=op, threshold=threshold,
+                     message=f"{gate.text}: not measured ({path} has no value in {where}, so it cannot hold)")
+
+
 def parse_gate(expr: str, source: str = SOURCE_CLI) -> MetricGate:
     """Parse one tolerance expression (see ``expressions``); UsageError quoting it when malformed or unknown."""
     return MetricGate(**asdict(parse_tolerance(expr)), source=source)
@@ -229,12 +247,16 @@ class ArgmaxGate(Gate):
 
     def evaluate(self, run_json: dict[str, Any], noise: Any = None) -> GateOutcome:
         out = GateOutcome()
-        for i, comp in enumerate(run_json.get("comparisons") or []):
+        comparisons = run_json.get("comparisons") or []
+        for i, comp in enumerate(comparisons):
             violation, note = self._judge_prompt(comp, comp.get("index", i))
             if violation is not None:
                 out.violations.append(violation)
             if note:
                 out.notes.append(note)
+        # the rule reads each prompt's argmax counts: a report without any shows nothing about the argmax
+        if not any(metric_value(c, "distribution.top1_mismatches") is not None for c in comparisons):
+            out.violations.append(not_measured(self, "distribution.top1_mismatches", ">", 0.0))
         return out
 
     def _judge_prompt(self, comp: dict[str, Any], index: int) -> tuple[Violation | None, str | None]:
