@@ -12,6 +12,7 @@ import pytest
 from vllm_rbln_exec.capture.hidden import HiddenError, load_hidden, write_hidden
 from vllm_rbln_exec.compare.layers import (
     FLOOR,
+    SUBMODULE_ORDER,
     G,
     K,
     chain_names,
@@ -197,3 +198,63 @@ def test_hidden_store_round_trip_and_damage(tmp_path):
     (tmp_path / "h" / "hidden.npz").write_bytes(b"not a zip")
     with pytest.raises(HiddenError):
         load_hidden(tmp_path / "h")
+
+
+# Each family's decoder-layer attributes on each engine (vLLM 0.32's and transformers 5's module trees):
+# attention, its QK-norms, the MLP (Mixtral's is block_sparse_moe in vLLM, mlp in transformers), an MoE
+# block's router (gate) and experts, and the norms around them.
+def _ns(*names, **children):
+    return SimpleNamespace(**{n: object() for n in names}, **children)
+
+
+def _layer(family: str, engine: str):
+    qk = ("q_norm", "k_norm") if family in ("qwen3", "qwen3-moe", "olmoe", "gemma3", "olmo2") else ()
+    attn = _ns("o_proj", *qk, *(("qkv_proj",) if engine == "vllm" else ("q_proj", "k_proj", "v_proj")))
+    norms = {"llama": ("input_layernorm", "post_attention_layernorm"),
+             "gemma": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                       "post_feedforward_layernorm"),
+             "olmo2": ("post_attention_layernorm", "post_feedforward_layernorm")}
+    kind = "gemma" if family.startswith("gemma") else "olmo2" if family == "olmo2" else "llama"
+    mlp = _ns("gate", "experts") if family in ("qwen3-moe", "mixtral", "olmoe") else _ns("down_proj")
+    mlp_name = "block_sparse_moe" if family == "mixtral" and engine == "vllm" else "mlp"
+    return _ns(*norms[kind], self_attn=attn, **{mlp_name: mlp})
+
+
+ZOO_SUBMODULES = {
+    "llama": ["input_layernorm", "attn", "post_attention_layernorm", "mlp"],
+    "qwen3": ["input_layernorm", "q_norm", "k_norm", "attn", "post_attention_layernorm", "mlp"],
+    "qwen3-moe": ["input_layernorm", "q_norm", "k_norm", "attn", "post_attention_layernorm", "router", "experts",
+                  "mlp"],
+    "mixtral": ["input_layernorm", "attn", "post_attention_layernorm", "router", "experts", "mlp"],
+    "olmoe": ["input_layernorm", "q_norm", "k_norm", "attn", "post_attention_layernorm", "router", "experts", "mlp"],
+    "gemma2": ["input_layernorm", "attn", "post_attention_layernorm", "pre_feedforward_layernorm", "mlp",
+               "post_feedforward_layernorm"],
+    "gemma3": ["input_layernorm", "q_norm", "k_norm", "attn", "post_attention_layernorm",
+               "pre_feedforward_layernorm", "mlp", "post_feedforward_layernorm"],
+    "olmo2": ["q_norm", "k_norm", "attn", "post_attention_layernorm", "mlp", "post_feedforward_layernorm"],
+}
+
+
+@pytest.mark.parametrize("family", sorted(ZOO_SUBMODULES))
+def test_every_familys_layer_maps_to_the_same_sub_modules_on_both_engines(family):
+    maps = {}
+    for engine in ("vllm", "transformers"):
+        inner = SimpleNamespace(embed_tokens=object(), layers=[_layer(family, engine) for _ in range(2)], norm=object())
+        head = {"logits_processor": object()} if engine == "vllm" else {"lm_head": object()}
+        maps[engine] = module_map(SimpleNamespace(model=inner, **head), engine, modules=True)
+    assert list(maps["vllm"]) == list(maps["transformers"])
+    subs = [n.split(".", 2)[2] for n in maps["vllm"] if n.startswith("layers.1.")]
+    assert subs == ZOO_SUBMODULES[family]
+    assert chain_names(list(maps["vllm"])) == ["embed", "layers.0", "layers.1", "norm", "logits"]
+    # the rule inside a layer reads them in this order
+    assert [s for s in SUBMODULE_ORDER if s in subs] == subs
+
+
+def test_the_culprit_module_is_the_first_to_depart_in_forward_order():
+    names = ["embed", "layers.0.router", "layers.0.experts", "layers.0.mlp", "layers.0", "norm", "logits"]
+    ref = _rows(names, 1)
+    tgt = {n: v.copy() for n, v in ref.items()}
+    for n in ("layers.0.router", "layers.0.experts", "layers.0.mlp", "layers.0", "norm", "logits"):
+        tgt[n] = tgt[n] * 1.5  # a wrong expert routed: the router departs first, the experts inherit
+    judged = localize_prompt(names, [0], ref, tgt, None, FLOOR["float32"])
+    assert judged["positions"][0]["first"] == "layers.0" and judged["positions"][0]["module"] == "router"

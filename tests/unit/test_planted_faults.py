@@ -10,12 +10,14 @@ import pytest
 from vllm_rbln_exec.core.errors import UsageError
 from vllm_rbln_exec.setup.faults import (
     BF16_UNIT_ROUNDOFF,
+    faults_for,
     parse_fault,
     plant,
     planted,
     read_safetensors,
     write_safetensors,
 )
+from vllm_rbln_exec.setup.zoo_families import FAMILIES, common_config
 
 
 def load_file(path):
@@ -105,3 +107,78 @@ def test_safetensors_round_trip_keeps_every_dtype_and_rounds_bf16_to_nearest(tmp
     assert np.array_equal(back["a"], tensors["a"]) and np.array_equal(back["h"], tensors["h"])
     assert np.array_equal(back["i"], tensors["i"])
     assert np.allclose(back["b"], values, rtol=2.0**-8) and back["b"][1] == 1.0  # a tie goes to even
+
+
+@pytest.fixture
+def moe_folder(tmp_path):
+    """A two-layer Mixtral-style checkpoint (per-expert w1/w2/w3 and a router), sliding window, rope per type."""
+    path = tmp_path / "moe"
+    path.mkdir()
+    rng = np.random.default_rng(1)
+    tensors = {"model.norm.weight": np.ones(HIDDEN, np.float32)}
+    for layer in range(2):
+        p = f"model.layers.{layer}."
+        tensors[p + "self_attn.o_proj.weight"] = rng.standard_normal((HIDDEN, HIDDEN)).astype(np.float32)
+        tensors[p + "post_attention_layernorm.weight"] = rng.standard_normal(HIDDEN).astype(np.float32)
+        tensors[p + "block_sparse_moe.gate.weight"] = rng.standard_normal((4, HIDDEN)).astype(np.float32)
+        for e in range(4):
+            for w in ("w1", "w2", "w3"):
+                tensors[p + f"block_sparse_moe.experts.{e}.{w}.weight"] = rng.standard_normal(
+                    (HIDDEN, HIDDEN)).astype(np.float32)
+    save_file(tensors, str(path / "model.safetensors"))
+    config = {"model_type": "mixtral", "num_hidden_layers": 2, "hidden_size": HIDDEN, "num_attention_heads": HEADS,
+              "head_dim": HEAD_DIM, "num_local_experts": 4, "sliding_window": 16, "rms_norm_eps": 1e-5,
+              "rope_parameters": {"sliding_attention": {"rope_theta": 1e4}, "full_attention": {"rope_theta": 1e6}}}
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_new_weight_faults_find_each_familys_tensor(moe_folder, tmp_path):
+    p = "model.layers.1."
+    names, a, b = changed(moe_folder, plant(moe_folder, tmp_path / "r", parse_fault("swap-experts:1:0:2")))
+    g = p + "block_sparse_moe.gate.weight"
+    assert names == {g} and np.array_equal(b[g][[0, 2]], a[g][[2, 0]]) and np.array_equal(b[g][1], a[g][1])
+    names, a, b = changed(moe_folder, plant(moe_folder, tmp_path / "d", parse_fault("scale:1:down_proj:1.01")))
+    assert names == {p + "block_sparse_moe.experts.0.w2.weight"}  # a short MLP name hits the first expert
+    names, a, b = changed(moe_folder, plant(moe_folder, tmp_path / "s", parse_fault("scale-rows:1:o_proj:1.05")))
+    o = p + "self_attn.o_proj.weight"
+    assert names == {o} and np.allclose(b[o][:HIDDEN // 2], a[o][:HIDDEN // 2] * 1.05)
+    assert np.array_equal(b[o][HIDDEN // 2:], a[o][HIDDEN // 2:])  # non-uniform: a norm cannot undo it
+    names, a, b = changed(moe_folder, plant(moe_folder, tmp_path / "h", parse_fault("swap-heads:1:0:1")))
+    assert names == {o} and np.array_equal(b[o][:, :HEAD_DIM], a[o][:, HEAD_DIM:2 * HEAD_DIM])
+    n = p + "post_attention_layernorm.weight"
+    names, a, b = changed(moe_folder, plant(moe_folder, tmp_path / "n",
+                                            parse_fault("norm-offset:1:post_attention_layernorm:-1")))
+    assert names == {n} and np.allclose(b[n], a[n] - 1)
+
+
+def test_config_faults_reach_per_layer_type_ropes_and_the_window(moe_folder, tmp_path):
+    cfg = json.loads((plant(moe_folder, tmp_path / "r", parse_fault("rope-theta:100")) / "config.json").read_text())
+    assert {v["rope_theta"] for v in cfg["rope_parameters"].values()} == {100}
+    cfg = json.loads((plant(moe_folder, tmp_path / "w", parse_fault("sliding-window:8")) / "config.json").read_text())
+    assert cfg["sliding_window"] == 8
+
+
+def test_faults_out_of_reach_are_refused(folder, tmp_path):
+    with pytest.raises(UsageError, match="no sliding window"):
+        plant(folder, tmp_path / "w", parse_fault("sliding-window:8"))  # a Llama config attends everywhere
+    with pytest.raises(UsageError, match="hits no weight"):
+        plant(folder, tmp_path / "e", parse_fault("swap-experts:0:0:1"))  # no router
+    with pytest.raises(UsageError, match="out of range"):
+        plant(folder, tmp_path / "h", parse_fault("swap-heads:0:0:9"))
+    with pytest.raises(UsageError, match="bad fault"):
+        parse_fault("swap-heads:0:1:1")
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_gets_the_faults_it_can_see(family):
+    config = common_config(FAMILIES[family], 4)
+    planned, blind = faults_for(config, 4)
+    kinds = {f.spec.split(":")[0] for f in planned}
+    assert {"swap-heads", "scale-rows", "norm-offset", "rope-theta", "weight-noise"} <= kinds
+    assert ("swap-experts" in kinds) == any(k in config for k in ("num_experts", "num_local_experts"))
+    assert ("sliding-window" in kinds) == bool(config.get("sliding_window"))
+    for f in planned:
+        parse_fault(f.spec.replace("x0.1", "1000"))  # every planned spec parses
+        assert f.layer in (None, 2)  # the middle layer, where --localize must point
+    assert any("sandwich" in b for b in blind) == family.startswith("zoo-gemma")

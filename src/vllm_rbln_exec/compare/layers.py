@@ -49,6 +49,11 @@ G = 3.5
 # transformers stays below 4.4e-6 over SmolLM2's 30 layers and logits, so 1e-4 leaves a 20x margin.
 # bfloat16: honest bfloat16 against float32 reached 4.0e-2 (logits) and 2.3e-2 (layers); without a
 # yardstick a half-precision run can only catch faults above these (float16 is assumed ~8x better).
+# A layer's sub-modules in the order its forward pass runs them (engines.hidden_hooks.SUBMODULES): norms,
+# QK-norms, attention, the sandwich norms, an MoE block's router and experts, the MLP. The first to depart
+# names the module inside the culprit layer.
+SUBMODULE_ORDER = ("input_layernorm", "q_norm", "k_norm", "attn", "post_attention_layernorm",
+                   "pre_feedforward_layernorm", "router", "experts", "mlp", "post_feedforward_layernorm")
 FLOOR = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
 TINY = 1e-12
 
@@ -127,16 +132,18 @@ def localize_prompt(names: list[str], positions: list[int], ref: dict[str, np.nd
                               "yardstick_rel_l2": e_y[i] if e_y is not None else None,
                               "ratio": _finite(judged.ratio[i]), "status": judged.status[i]}
                              for i, n in enumerate(chain)]}
-        if culprit and culprit.startswith("layers.") and f"{culprit}.attn" in rel_t:
+        if culprit and culprit.startswith("layers.") and any(f"{culprit}.{s}" in rel_t for s in SUBMODULE_ORDER):
             entry["module"] = _sub_module(culprit, j, rel_t, rel_y, floor)
         out.append(entry)
     return {"positions": out}
 
 
 def _sub_module(layer: str, j: int, rel_t: dict, rel_y: dict | None, floor: float) -> str | None:
-    """Inside the culprit layer: the first of its attention and MLP outputs whose ratio exceeds K."""
-    for sub in ("attn", "mlp"):
+    """Inside the culprit layer: the first of its sub-modules, in forward order, whose ratio exceeds K."""
+    for sub in SUBMODULE_ORDER:
         name = f"{layer}.{sub}"
+        if name not in rel_t:
+            continue
         honest = float(rel_y[name][j]) if rel_y is not None else 0.0
         if float(rel_t[name][0][j]) / max(honest, floor, TINY) > K:
             return sub

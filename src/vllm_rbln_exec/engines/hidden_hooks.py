@@ -1,7 +1,8 @@
 """Forward hooks that copy hidden states at chosen steps, in the process that runs the model; torch only.
 
-Owns the module map (the same names on every engine: ``embed``, ``layers.{i}``,
-``layers.{i}.attn``, ``layers.{i}.mlp``, ``norm``, ``logits``) and the recorder
+Owns the module map (the same names on every engine and family: ``embed``, ``layers.{i}``,
+the layer's sub-modules ``layers.{i}.NAME`` of ``SUBMODULES`` that its family has (attention and MLP
+always; norms, QK-norms, an MoE block's router and experts where present), ``norm``, ``logits``) and the recorder
 the hooks feed. It must not know about requests, files other than the one it is
 asked to dump into, or sides.
 
@@ -33,20 +34,69 @@ from typing import Any
 ATTR = "_vre_hidden_recorder"
 
 
+# The attribute that holds a decoder layer's attention and MLP blocks, by family (the first found is used):
+# every family of the zoo names its attention ``self_attn``; Mixtral's MLP is ``block_sparse_moe`` in vLLM.
+ATTENTION_NAMES = ("self_attn", "attention", "self_attention")
+MLP_NAMES = ("mlp", "block_sparse_moe", "feed_forward")
+# A layer's sub-modules in the order its forward pass runs them: (name in the map, where it is found). A
+# module a family lacks is left out; which one departs first names the culprit inside a layer
+# (compare.layers.SUBMODULE_ORDER is this order). ``post_attention_layernorm`` is the norm before the MLP in
+# Llama-style layers and the sandwich norm after attention in Gemma's; either way it runs between them.
+SUBMODULES = (
+    ("input_layernorm", "input_layernorm"),
+    ("q_norm", "{attn}.q_norm"),
+    ("k_norm", "{attn}.k_norm"),
+    ("attn", "{attn}"),
+    ("post_attention_layernorm", "post_attention_layernorm"),
+    ("pre_feedforward_layernorm", "pre_feedforward_layernorm"),
+    ("router", "{mlp}.gate"),
+    ("experts", "{mlp}.experts"),
+    ("mlp", "{mlp}"),
+    ("post_feedforward_layernorm", "post_feedforward_layernorm"),
+)
+
+
+def _find(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def layer_parts(layer: Any) -> dict[str, Any]:
+    """sub-module name -> module of one decoder layer, in forward order (SUBMODULES), those it has."""
+    attn = next((n for n in ATTENTION_NAMES if getattr(layer, n, None) is not None), None)
+    mlp = next((n for n in MLP_NAMES if getattr(layer, n, None) is not None), None)
+    out = {}
+    for name, where in SUBMODULES:
+        if ("{attn}" in where and attn is None) or ("{mlp}" in where and mlp is None):
+            continue
+        module = _find(layer, where.format(attn=attn, mlp=mlp))
+        if module is not None:
+            out[name] = module
+    return out
+
+
 def module_map(model: Any, engine: str, modules: bool) -> dict[str, tuple[Any, str]]:
     """name -> (module, how its output is read); ``model`` is the causal-LM wrapper of either engine."""
     inner = model.model
     out: dict[str, tuple[Any, str]] = {"embed": (inner.embed_tokens, "tensor")}
     for i, layer in enumerate(inner.layers):
-        if not hasattr(layer, "self_attn"):  # pipeline-parallel placeholder (PPMissingLayer)
+        if not any(hasattr(layer, n) for n in ATTENTION_NAMES):  # pipeline-parallel placeholder (PPMissingLayer)
             continue
         if modules:
-            out[f"layers.{i}.attn"] = (layer.self_attn, "first")
-            out[f"layers.{i}.mlp"] = (layer.mlp, "first")
+            for name, module in layer_parts(layer).items():
+                out[f"layers.{i}.{name}"] = (module, "first")
         out[f"layers.{i}"] = (layer, "sum" if engine == "vllm" else "first")
     out["norm"] = (inner.norm, "first")
     out["logits"] = (model.logits_processor, "logits") if engine == "vllm" else (model.lm_head, "logits")
     return out
+
+
+def is_chain(name: str) -> bool:
+    """Entries of the residual stream (always captured); sub-modules a family's engine may not call are not."""
+    return name in ("embed", "norm", "logits") or (name.startswith("layers.") and name.count(".") == 1)
 
 
 def _read(output: Any, how: str) -> Any:
@@ -58,12 +108,25 @@ def _read(output: Any, how: str) -> Any:
     return output
 
 
+def _token_rows(tensor: Any, engine: str) -> Any:
+    """[tokens, features]: vLLM's tensors lead with the flattened tokens; transformers' with batch (1) and
+    tokens when 3-D or more (per-head tensors of a QK-norm: [1, T, heads, head_dim]), tokens when 2-D
+    (router logits and expert outputs of an MoE block, computed on the flattened tokens)."""
+    if engine == "vllm" or tensor.dim() <= 2:
+        return tensor.reshape(tensor.shape[0], -1)
+    return tensor.reshape(tensor.shape[0] * tensor.shape[1], -1)
+
+
 class Recorder:
     """Copies one row of each hooked module's output at the wanted steps, as float32 on the host."""
 
     def __init__(self, model: Any, engine: str, modules: bool):
         self.engine = engine
         self.names = list(module_map(model, engine, modules))
+        # vLLM's Gemma multiplies the embedding by sqrt(hidden) after the embedding module, transformers'
+        # inside it: the recorded embedding is scaled alike on both
+        normalizer = getattr(model.model, "normalizer", None) if engine == "vllm" else None
+        self.embed_scale = None if normalizer is None else float(normalizer)
         # the step counter rides on the token embedding, called once per forward on both engines (vLLM's
         # compile wrapper calls LlamaModel.forward directly, so a hook on the model itself never fires)
         self.handles = [model.model.embed_tokens.register_forward_pre_hook(self._step)]
@@ -100,7 +163,9 @@ class Recorder:
             tensor = _read(output, how)
             if tensor is None:  # logits on a tensor-parallel rank other than 0
                 return
-            flat = tensor.reshape(-1, tensor.shape[-1])
+            if name == "embed" and self.embed_scale is not None:
+                tensor = tensor * self.embed_scale
+            flat = _token_rows(tensor, self.engine)
             row = flat[self._row_index(how, flat.shape[0])]
             self.rows[name][self.step] = row.detach().to(torch.float32).cpu().clone()
 
@@ -115,6 +180,8 @@ class Recorder:
         for name in self.names:
             got = self.rows[name]
             missing = [s for s in steps if s not in got]
+            if missing and not got and not is_chain(name):
+                continue  # a sub-module this engine never calls as a module (left out, not an error)
             if missing:
                 raise RuntimeError(f"hidden-state hook of {name!r} saw no forward at step(s) {missing} "
                                    "(compiled or graph-captured model? the pass runs with enforce_eager)")
@@ -127,6 +194,11 @@ class Recorder:
         for h in self.handles:
             h.remove()
         self.handles = []
+
+
+def captured(names: list[str], rows: dict[int, dict[str, Any]]) -> list[str]:
+    """The names every prompt's rows hold (a sub-module its engine never called is left out), in model order."""
+    return [n for n in names if all(n in r for r in rows.values())]
 
 
 # -- entry points for vLLM's ``apply_model`` (module-level: picklable by reference) ----------------

@@ -267,5 +267,5 @@ class TransformersEngine(Engine):
                 self.emit("hidden", f"{i + 1}/{len(prompts)} prompts", done=i + 1, total=len(prompts))
         finally:
             recorder.remove()
-        return recorder.names, rows, {"attn_implementation": getattr(self.model.config, "_attn_implementation", None),
+        return hidden_hooks.captured(recorder.names, rows), rows, {"attn_implementation": getattr(self.model.config, "_attn_implementation", None),
                                       "steps": "prefill of the prompt, then one decode step per forced token"}

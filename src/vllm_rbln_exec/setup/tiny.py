@@ -31,7 +31,7 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -255,16 +255,27 @@ def make_tiny_model(
     }
     if num_attention_heads % num_key_value_heads:
         raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
-    if (done := _existing(dest, params)) is not None:
+    return build_folder(dest, params, _write_folder)
+
+
+def build_folder(dest: Path, params: dict, write: Callable[[Path, dict], None], marker: str = MARKER) -> Path:
+    """The one builder of the folders the harness makes from parameters (the tiny model, the zoo): ``dest``
+    as is when ``marker`` in it holds ``params``; else made once, under a lock, in a temporary folder that
+    ``write(tmp, params)`` fills, given the marker and a manifest, and renamed into place."""
+    if (done := _existing(dest, params, marker)) is not None:
         return done
     with folder_lock(dest):
-        if (done := _existing(dest, params)) is not None:
+        if (done := _existing(dest, params, marker)) is not None:
             return done
         tmp = dest.with_name(f"{dest.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
-            _write_folder(tmp, params)
+            write(tmp, params)
+            _dump(tmp / marker, params)
+            for item in tmp.iterdir():  # safetensors writes 0600; a shared model folder wants 0644
+                item.chmod(0o644)
+            write_manifest(tmp, {"kind": params.get("kind", "tiny"), "params": params})
             os.replace(tmp, dest)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -272,19 +283,19 @@ def make_tiny_model(
     return dest
 
 
-def _existing(dest: Path, params: dict) -> Path | None:
-    """``dest`` when it already holds this tiny model, None when it does not exist; anything else is an error."""
+def _existing(dest: Path, params: dict, marker: str = MARKER) -> Path | None:
+    """``dest`` when it already holds this model, None when it does not exist; anything else is an error."""
     if not dest.exists():
         return None
     try:
-        found = json.loads((dest / MARKER).read_text())
+        found = json.loads((dest / marker).read_text())
     except (OSError, ValueError):
         found = None
     if found == params and is_model_folder(dest):
         return dest
     raise FileExistsError(
-        f"{dest} exists and is not the tiny model asked for "
-        f"({'other parameters: ' + json.dumps(found) if found else 'no ' + MARKER + ' in it'}); "
+        f"{dest} exists and is not the model asked for "
+        f"({'other parameters: ' + json.dumps(found) if found else 'no ' + marker + ' in it'}); "
         "remove it or choose another folder"
     )
 
@@ -309,10 +320,6 @@ def _write_folder(tmp: Path, p: dict) -> None:
         "model_input_names": ["input_ids", "attention_mask"],
     })
     _dump(tmp / "special_tokens_map.json", {"bos_token": BOS, "eos_token": EOS})
-    _dump(tmp / MARKER, p)
-    for item in tmp.iterdir():  # safetensors writes 0600; a shared model folder wants 0644
-        item.chmod(0o644)
-    write_manifest(tmp, {"kind": "tiny", "params": p})
 
 
 def main(argv: list[str] | None = None) -> int:

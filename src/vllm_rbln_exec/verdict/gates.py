@@ -25,6 +25,7 @@ from ..compare.catalogue import (
     prompt_counterpart,
 )
 from ..compare.yardstick import yardstick_record, yardstick_value
+from .counts import COUNT_ALPHA, COUNT_PATHS, critical_count, excess_p_value
 from .expressions import parse_tolerance
 from .judge import GateOutcome, Violation
 
@@ -136,6 +137,11 @@ class MetricGate(Gate):
                     out.notes.append(f"{where}: {self.metric} is null (nothing to compute it from); "
                                      f"{self.text} not checked there")
                 continue
+            if self.counts_tested:
+                violation = self._count_violation(run_json, index, record, value)
+                if violation is not None:
+                    out.violations.append(violation)
+                continue
             limit = self.threshold(spread)
             if _holds(value, self.op, limit):
                 out.violations.append(self._violation(run_json, index, record, value, limit, spread))
@@ -143,6 +149,30 @@ class MetricGate(Gate):
             relative_k = self.noise_k is not None or self.yardstick_k is not None
             out.violations.append(not_measured(self, self.path, self.op, None if relative_k else self.base))
         return out
+
+    @property
+    def counts_tested(self) -> bool:
+        """``count>K*yardstick`` on argmax flips: judged by the exact test of two counts (``counts``), not as a
+        ratio of small numbers."""
+        return self.yardstick_k is not None and self.op in (">", ">=") and self.path in COUNT_PATHS
+
+    def _count_violation(self, run_json: dict[str, Any], index: int | None, record: dict[str, Any],
+                         value: float) -> Violation | None:
+        yard = yardstick_record(run_json, index) or {}
+        y = metric_value(yard, self.path) or 0.0
+        n_t, n_y = record.get("positions_compared"), yard.get("positions_compared")
+        t = max(0.0, value - self.base)
+        k = max(self.yardstick_k or 0.0, 1e-9)
+        p = excess_p_value(t, y, k, n_t, n_y)
+        if p >= COUNT_ALPHA:
+            return None
+        critical = critical_count(y, k, n_t, n_y) + self.base
+        violation = self._violation(run_json, index, record, value, critical - 1, y)
+        violation.message = violation.message.replace(
+            f"(tolerance {self.text}, yardstick {_fmt(y)})",
+            f"(tolerance {self.text}: the target's rate is more than {_fmt(k)}x the yardstick's {_fmt(y)} over "
+            f"{_fmt(n_y)} positions, one-sided exact test p = {p:.2g} < {COUNT_ALPHA:g})")
+        return violation
 
     def _violation(self, run_json: dict[str, Any], index: int | None, record: dict[str, Any], value: float,
                    limit: float, spread: float | None) -> Violation:
