@@ -66,7 +66,7 @@ def run(
     devices_file: str | None = typer.Option(None, "--devices", help="TOML file adding or overriding device profiles."),
     cache_dir: str = typer.Option("cache", "--cache-dir", help="Folder for converted models and the reference cache."),
     run_dir: str | None = typer.Option(None, "--run-dir", help="Folder for this run's captures and logs (default: runs/<time>-<model>)."),
-    timeout: float = typer.Option(1800.0, "--timeout", help="Seconds a worker may take before it is stopped (a server side: the wait for one response)."),
+    timeout: float = typer.Option(1800.0, "--timeout", help="Seconds a worker may take before it is stopped (a server side: the total deadline of one request, connect, headers and body)."),
     kv_cache_gib: int | None = typer.Option(None, "--kv-cache-gib", help="KV cache of CPU workers in whole GiB (VLLM_CPU_KVCACHE_SPACE)."),
     align: str = typer.Option("forced", "--align", help="forced: the target is fed the reference's tokens, so every position compares; free: each side follows its own argmax."),
     tie_margin: float = typer.Option(0.5, "--tie-margin", help="A divergence where the reference's top-2 margin is below this (nats) is a near-tie."),

@@ -47,6 +47,8 @@ from .yardstick import YardstickRun, capture_yardstick
 
 def run_parity(options: RunOptions, progress: Progress | None = None) -> RunResult:
     ctx = RunContext.create(options.cache_dir, options.devices_file, options.capture.timeout, progress)
+    if options.server.api_key_env:  # the key reaches the header that needs it, never a worker or vLLM
+        ctx.secret_env = frozenset({options.server.api_key_env})
     asked, ref_file = options, None
     try:
         if options.reference_source.file:
