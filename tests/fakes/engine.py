@@ -22,7 +22,9 @@ Behaviour switches (environment variables; the worker inherits them):
   VRE_FAKE_SHIFT     AMOUNT or AMOUNT@PROMPT:POSITION: add AMOUNT nats to the logit
                      of each row's runner-up token (at every position, or at that one)
   VRE_FAKE_CRASH     start | generate: raise (the worker reports the error);
-                     kill: SIGKILL itself mid-generation (no result at all).
+                     kill: SIGKILL itself mid-generation (no result at all);
+                     missing_op: raise at generate what torch raises for an operator its kernel
+                     library lacks (vLLM 0.32's AVX2 build and W4A16, issue 25).
                      Mid-generation is prompt 0, position 1, after a row was written
                      (a corpus pass: before its second window, after the first was written).
   VRE_FAKE_HANG      start | generate: sleep VRE_FAKE_HANG_S seconds (default 3600)
@@ -83,6 +85,9 @@ class FakeEngine(Engine):
         if crash == stage:
             self._announce(f"crashing at {stage} as VRE_FAKE_CRASH asks")
             raise RuntimeError(f"fake engine crashed at {stage} (VRE_FAKE_CRASH={crash})")
+        if crash == "missing_op" and stage == "generate":
+            self._announce("calling a kernel the library lacks as VRE_FAKE_CRASH asks")
+            raise AttributeError("'_OpNamespace' '_C' object has no attribute 'cpu_gemm_wna16'")
         if crash == "kill" and stage == "generate":
             self._announce("killing itself with SIGKILL as VRE_FAKE_CRASH asks")
             os.kill(os.getpid(), signal.SIGKILL)

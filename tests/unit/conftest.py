@@ -26,6 +26,30 @@ def _no_process(*args, **kwargs):
     raise AssertionError("a unit test starts no process: move it to tests/plumbing or tests/integration")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def matplotlib_font_list(tmp_path_factory):
+    """matplotlib's font list, built without a process and without touching the user's cache.
+
+    On its first import matplotlib builds a font list and caches it in ``~/.cache/matplotlib``; to build it,
+    it runs ``fc-list`` where fontconfig is installed (``make browser`` installs it with Chromium). On a machine
+    where matplotlib had never run, that tripped the no-process rule below (issue 25). The unit tier gives
+    matplotlib a folder of its own and a font list made without fontconfig (what matplotlib does where
+    ``fc-list`` is missing): its bundled fonts, on every machine, first run or not."""
+    if "matplotlib.font_manager" in sys.modules:  # loaded before (its list exists): nothing is built
+        yield
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MPLCONFIGDIR", str(tmp_path_factory.mktemp("matplotlib")))
+        with pytest.MonkeyPatch.context() as no_fc_list:
+            no_fc_list.setattr(subprocess, "check_output", _no_fontconfig)
+            import matplotlib.font_manager  # noqa: F401  (builds the list now, into MPLCONFIGDIR)
+        yield
+
+
+def _no_fontconfig(*args, **kwargs):
+    raise FileNotFoundError("fc-list: not run in the unit tier")
+
+
 @pytest.fixture(autouse=True)
 def unit_rules(monkeypatch):
     """No process starts during a unit test, and no engine module is newly imported by it."""

@@ -79,7 +79,8 @@ def run_corpus(options: CorpusOptions, progress: Progress | None = None) -> dict
         "schema_version": SCHEMA_VERSION, "kind": "corpus", "model": options.model, "run_dir": str(run_dir),
         "corpus": plan.to_json(), "options": options.plan_json(), "sides": rows,
         "yardstick": {"why": sides.yardstick_why, "label": sides.yardstick.label if sides.yardstick else None},
-        "notes": ctx.notes + corpus_notes(plan, rows), "elapsed_s": round(time.monotonic() - t_start, 1),
+        "skipped": [skipped_record(entry, why) for entry, why in sides.skipped],
+        "notes": ctx.notes + [f"{e.label} skipped: {why}" for e, why in sides.skipped] + corpus_notes(plan, rows), "elapsed_s": round(time.monotonic() - t_start, 1),
     }  # fmt: skip
     write_json_atomic(run_dir / RESULT_FILE, result)
     return result
@@ -161,6 +162,14 @@ def side_record(entry: CorpusSide, captured: tuple[Capture, dict[str, Any]], ref
         "quantization": quantization_of(Path(side.checkpoint)), "size": size, **how,
         "timings": dict(capture.info.timings), "effective": effective, "summary": summary,
     }  # fmt: skip
+
+
+def skipped_record(entry: CorpusSide, why: str) -> dict[str, Any]:
+    """A target this machine cannot run (``setup.capabilities``): what it is and why it was not scored."""
+    side = entry.side
+    return {"label": entry.label, "role": side.role, "device": side.device, "engine": side.engine,
+            "dtype": side.dtype, "checkpoint": side.checkpoint, "quantization": quantization_of(Path(side.checkpoint)),
+            "why": why}
 
 
 def quantization_of(folder: Path) -> dict[str, Any] | None:

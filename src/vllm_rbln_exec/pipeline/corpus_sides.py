@@ -13,7 +13,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..core.errors import HarnessError
 from ..engines import ENGINES
+from ..setup.capabilities import side_gap
 from ..setup.corpus import CorpusPlan
 from ..setup.corpus_options import CorpusOptions
 from ..setup.devices import get_profile, installed_version
@@ -47,6 +49,7 @@ class CorpusSides:
     yardstick: CorpusSide | None
     yardstick_why: str
     notes: list[str] = field(default_factory=list, hash=False)
+    skipped: tuple[tuple[CorpusSide, str], ...] = ()  # targets this machine cannot run, and why (capabilities)
 
     def all(self) -> tuple[CorpusSide, ...]:
         return (self.reference, *((self.yardstick,) if self.yardstick else ()), *self.targets)
@@ -79,7 +82,10 @@ def resolve_corpus_sides(ctx: RunContext, options: CorpusOptions, plan: CorpusPl
     capture = capture_options(options, plan)
     profile = get_profile(options.reference.device or "cpu", ctx.profiles, option="--reference-device")
     reference = resolve_side(options.reference, profile, capture, str(reference_path), options.model)
-    targets = []
+    gap = side_gap(reference)
+    if gap is not None:
+        raise HarnessError(f"the reference cannot run on this machine: {gap}")
+    targets, skipped = [], []
     for t in options.targets:
         path = target_paths.get(t.label, reference_path)
         asked = t.side
@@ -87,7 +93,14 @@ def resolve_corpus_sides(ctx: RunContext, options: CorpusOptions, plan: CorpusPl
             asked = replace(asked, dtype=checkpoint_dtype(path))
         side = resolve_side(asked, get_profile(asked.device, ctx.profiles), capture, str(path),
                             asked.checkpoint or options.model)
-        targets.append(CorpusSide(t.label, side, fingerprints[path], f"targets/{t.label}"))
+        entry = CorpusSide(t.label, side, fingerprints[path], f"targets/{t.label}")
+        gap = side_gap(side)
+        if gap is None:
+            targets.append(entry)
+        else:  # the other targets are still scored; the table and corpus.json say why this one is not
+            skipped.append((entry, gap))
+    if not targets:
+        raise HarnessError("no target can run on this machine: " + "; ".join(f"{e.label}: {why}" for e, why in skipped))
     spec = parse_yardstick(options.yardstick, ENGINES.names())
     yardstick, why = None, "none: no target"
     for target in targets:
@@ -102,7 +115,7 @@ def resolve_corpus_sides(ctx: RunContext, options: CorpusOptions, plan: CorpusPl
             check_engine_args(entry.side.engine, entry.side.engine_args, entry.label,
                               text_config(read_config(Path(entry.side.checkpoint))))
     return CorpusSides(CorpusSide(REFERENCE, reference, fingerprints[reference_path], REFERENCE), tuple(targets),
-                       yardstick, why)
+                       yardstick, why, skipped=tuple(skipped))
 
 
 def corpus_job(ctx: RunContext, options: CorpusOptions, plan: CorpusPlan, entry: CorpusSide, tokenizer: str,

@@ -10,9 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..core.errors import HarnessError
 from ..engines import ENGINES
 from ..remote.probe import ServerInfo
 from ..setup.ab import check_preset_device, check_speculative
+from ..setup.capabilities import side_gap
 from ..setup.devices import DeviceProfile, get_profile, resolve_auto_target
 from ..setup.engine_args import check_engine_args
 from ..setup.models import read_config, text_config
@@ -108,7 +110,19 @@ def resolve_sides(ctx: RunContext, options: RunOptions, devices: Devices, models
                        (yardstick, models.reference_path)):
         if side is not None and side.engine != "vllm" and not side.url:
             check_engine_args(side.engine, side.engine_args, side.role, text_config(read_config(path)))
+    check_runnable(options, (reference, target, yardstick))
     return ResolvedSides(reference, target, decisions, yardstick)
+
+
+def check_runnable(options: RunOptions, sides: tuple[Side | None, ...]) -> None:
+    """Refuse, before any engine starts, a side whose engine build lacks a kernel its checkpoint needs here
+    (``setup.capabilities``); a reference read from a file runs nowhere and is not asked."""
+    for side in sides:
+        if side is None or (side.role == "reference" and options.reference_source.file):
+            continue
+        gap = side_gap(side)
+        if gap is not None:
+            raise HarnessError(f"the {side.role} cannot run on this machine: {gap}")
 
 
 def _served(asked: SideOptions, servers: dict[str, ServerInfo]) -> Side:

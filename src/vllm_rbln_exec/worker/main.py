@@ -31,8 +31,9 @@ from ..capture.journal import Journal
 from ..capture.store import CAPTURE_JSON, FULL, TOKENS, TOPN, CaptureWriter, SideInfo
 from ..core.jsonio import write_json_atomic
 from ..core.records import RecordError
+from ..setup.capabilities import missing_op_sentence
 from ..setup.request import CAPTURE, CONVERT, CORPUS, HIDDEN, CaptureRequest, WorkerTask, read_task
-from .spawn import EVENTS, RESULT
+from .spawn import EVENTS, MISSING_KERNEL, RESULT
 
 EXIT_FAILED = 1
 EXIT_PLATFORM = 4
@@ -342,6 +343,8 @@ def main(argv: list[str]) -> int:
         return exc.code
     except BaseException as exc:  # report anything, then fail
         traceback.print_exc()
-        message = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-        write_json_atomic(folder / RESULT, {"ok": False, "kind": "exception", "error": message})
+        missing = missing_op_sentence(exc)  # a kernel its build lacks on this processor: one sentence, no traceback
+        message = missing or f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        write_json_atomic(folder / RESULT, {"ok": False, "kind": MISSING_KERNEL if missing else "exception",
+                                            "error": message})
         return EXIT_FAILED

@@ -30,6 +30,7 @@ REQUEST = "request.json"
 RESULT = "result.json"
 EVENTS = "events.jsonl"
 LOG = "worker.log"
+MISSING_KERNEL = "missing_kernel"  # result kind: the engine called an operator its kernel library lacks
 DISK_FULL_BYTES = 1 << 20  # less free than this under a failed worker's folder: say the disk is full
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
@@ -185,7 +186,9 @@ def finish_worker(handle: WorkerHandle) -> dict[str, Any]:
         result["elapsed_s"] = time.monotonic() - handle.started
         return result
     if result is not None and not result.get("ok"):
-        raise WorkerError(job.side, result.get("error", "failed"), tail, str(folder / LOG))
+        # a missing kernel is said in one sentence; the traceback stays in the log
+        shown = "" if result.get("kind") == MISSING_KERNEL else tail
+        raise WorkerError(job.side, result.get("error", "failed"), shown, str(folder / LOG))
     how = f"was killed by signal {-rc}" if rc is not None and rc < 0 else f"exited with code {rc}"
     raise WorkerError(job.side, f"crashed: the process {how} without a result{_disk_full(folder)}", tail,
                       str(folder / LOG))
