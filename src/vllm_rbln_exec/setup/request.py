@@ -81,6 +81,7 @@ class ConvertRequest:
 
     gguf_file: str
     dest: str
+    assembler: str | None = None  # a module whose assemble(gguf_file) writes the GGUF first (removed after)
 
 
 @dataclass(frozen=True)

