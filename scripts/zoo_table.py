@@ -145,7 +145,7 @@ def main() -> int:
         for model in models:
             entry = saved["models"].setdefault(model, {"cases": {}})
             for key, target, expect in model_cases(args, model):
-                if key not in entry["cases"]:
+                if key not in entry["cases"] or entry["cases"][key].get("error"):
                     rec = run_case(args, model, out / model, key, **target)
                     entry["cases"][key] = {**rec, "expect": expect}
                     if entry.get("entropy") is None and rec.get("reference_capture"):
