@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -65,6 +66,7 @@ def run_case(args, model: str, out: Path, key: str, **target) -> dict:
     flat = dict(model=model, target="cpu", use_cache=True, cache_dir=args.cache_dir, max_tokens=args.max_tokens,
                 num_prompts=args.num_prompts, run_dir=str(out / key.replace(":", "_").replace("@", "-")),
                 num_hidden_layers=args.layers.get(model), inspect_logits=False, **target)
+    shutil.rmtree(flat["run_dir"], ignore_errors=True)  # a case run again (it errored) starts afresh
     t0 = time.monotonic()
     try:
         outcome = check_parity(build_options(**{k: v for k, v in flat.items() if v is not None}))
