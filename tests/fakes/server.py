@@ -7,7 +7,11 @@ real one): ``/v1/models`` with ``owned_by: vllm``, ``/version``, completions wit
 keyed ``token_id:<id>`` (``return_tokens_as_token_ids``), ``-9999.0`` for -inf, ``token_ids`` and
 ``prompt_token_ids`` (``return_token_ids``), and a 400 "... greater than max allowed: N" past its
 ``max_logprobs``. Its "model" is a small numpy function of the context, so a test can compute the exact rows.
-Knobs make it misbehave: a cap it applies silently, failures before it answers, a required API key.
+Knobs make it misbehave: a cap it applies silently, failures before it answers, a required API key, numbers
+that are not log-probabilities (``bad_value``: +5.0, NaN or +Infinity in place of each row's top logprob), and
+llama-cpp-python's refusals (``llama_cpp``): its server (0.3, ``--logits_all true``) answers ``logprobs: -1``
+and token-id prompts with HTTP 500 "validation error" bodies, ignores vLLM's ``prompt_logprobs`` and names
+tokens by their text.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 class FakeServer:
     def __init__(self, vocab: int = 40, max_logprobs: int = -1, *, silent_cap: int | None = None,
                  failures: list[int] | None = None, api_key: str | None = None, prompt_logprobs: bool = True,
-                 retry_after: str | None = None, echo: bool = True):
+                 retry_after: str | None = None, echo: bool = True, bad_value: float | None = None,
+                 llama_cpp: bool = False, bad_from: int = 0):
         self.vocab = vocab
         self.max_logprobs = max_logprobs
         self.silent_cap = silent_cap  # answer with only this many entries, no error (a silently capped server)
@@ -37,6 +42,9 @@ class FakeServer:
         self.prompt_logprobs = prompt_logprobs  # False: a server that ignores vLLM's extra parameter
         self.retry_after = retry_after
         self.echo = echo  # False: echo ignored, logprobs of generated tokens only (llama.cpp's server)
+        self.bad_value = bad_value
+        self.bad_from = bad_from  # the first completion request (0-based) whose rows hold bad_value
+        self.llama_cpp = llama_cpp
         self.requests: list[dict] = []
         self.headers_seen: list[dict] = []
         self._embed = np.random.default_rng(7).normal(size=(vocab, vocab)) * 2.0
@@ -74,6 +82,12 @@ class FakeServer:
         return httpx.Response(404, json={"detail": "Not Found"})
 
     def complete(self, body: dict) -> httpx.Response:
+        if self.llama_cpp:
+            refusal = llama_cpp_refusal(body)
+            if refusal is not None:
+                return httpx.Response(500, json={"error": {"message": refusal, "type": "internal_server_error",
+                                                           "param": None, "code": None}})
+            body = {k: v for k, v in body.items() if k != "prompt_logprobs"}  # not a parameter it knows
         prompt = body["prompt"]
         ids = list(prompt) if isinstance(prompt, list) else self.tokenize(prompt)
         for name in ("prompt_logprobs", "logprobs"):
@@ -103,8 +117,9 @@ class FakeServer:
             tokens = (ids if echo else []) + generated
             choice["logprobs"] = {"tokens": [f"token_id:{t}" for t in tokens], "top_logprobs": tops,
                                   "token_logprobs": [None] * len(tokens), "text_offset": [0] * len(tokens)}
-        return httpx.Response(200, json={"id": "cmpl-1", "object": "text_completion", "model": MODEL,
-                                         "choices": [choice], "usage": {}})
+        answer = {"id": "cmpl-1", "object": "text_completion", "model": MODEL, "choices": [choice], "usage": {}}
+        # NaN and Infinity written as Python's json writes them (httpx's json= refuses them)
+        return httpx.Response(200, content=json.dumps(answer).encode(), headers={"content-type": "application/json"})
 
     def _entries(self, row: np.ndarray, token: int, n: int) -> list[tuple[int, float, int]]:
         order = np.lexsort((np.arange(row.size), -row))
@@ -115,14 +130,32 @@ class FakeServer:
             keep = min(keep, self.silent_cap)
         chosen = [int(i) for i in order[:keep]]
         picked = [token] + [i for i in chosen if i != token]  # vLLM lists the row's own token first
-        return [(i, max(float(row[i]), -9999.0), int(ranks[i])) for i in picked]
+        top = int(order[0]) if self.bad_value is not None and len(self.requests) > self.bad_from else -1
+        return [(i, self.bad_value if i == top else max(float(row[i]), -9999.0),
+                 int(ranks[i])) for i in picked]
 
     def _ranked(self, row, token, n):
         return {str(i): {"logprob": lp, "rank": r, "decoded_token": chr(0x1F600 + i)}
                 for i, lp, r in self._entries(row, token, n)}
 
     def _keyed(self, row, token, n):
-        return {f"token_id:{i}": lp for i, lp, _ in self._entries(row, token, n)}
+        name = (lambda i: f"tok{i}") if self.llama_cpp else (lambda i: f"token_id:{i}")
+        return {name(i): lp for i, lp, _ in self._entries(row, token, n)}
+
+
+def llama_cpp_refusal(body: dict) -> str | None:
+    """llama-cpp-python 0.3's HTTP 500 text for a request its pydantic model refuses (None: it takes it)."""
+    errors = []
+    if isinstance(body.get("prompt"), list):
+        errors.append("prompt\n  Input should be a valid string [type=string_type, input_value=[9, 10], "
+                      "input_type=list]")
+    if isinstance(body.get("logprobs"), int) and body["logprobs"] < 0:
+        errors.append("logprobs\n  Input should be greater than or equal to 0 [type=greater_than_equal, "
+                      "input_value=-1, input_type=int]")
+    if not errors:
+        return None
+    return f"{len(errors)} validation error{'s' if len(errors) > 1 else ''} for CreateCompletionRequest\n" + \
+        "\n".join(errors)
 
 
 def transport(server: FakeServer) -> httpx.MockTransport:

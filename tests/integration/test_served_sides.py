@@ -82,7 +82,7 @@ def served(tmp_path_factory):
     offline = subprocess.Popen([sys.executable, "-m", "vllm_rbln_exec", "--target", "cpu", "--store", "fp32",
                                 "--align", "free",
                                 "--cache-dir", str(cache), "--run-dir", str(root / "offline"), "--save-reference",
-                                str(root / "ref.vre"), *COMMON], cwd=root, stdout=subprocess.PIPE,
+                                str(root / "ref.vre"), "--save-yardsticks", "none", *COMMON], cwd=root, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         t0 = time.monotonic()

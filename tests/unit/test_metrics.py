@@ -146,8 +146,8 @@ def test_disjoint_top_n_lists():
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_top_n_with_shared_ids_in_other_order():
-    ref = side([5], [[-0.1, -2.0, -3.0]], ids=[[5, 1, 7]])
-    tgt = side([5], [[-3.0, -0.1, -2.0]], ids=[[7, 5, 1]])  # same (id, value) pairs, listed differently
+    ref = side([5], [[-0.3, -2.0, -3.0]], ids=[[5, 1, 7]])
+    tgt = side([5], [[-3.0, -0.3, -2.0]], ids=[[7, 5, 1]])  # same (id, value) pairs, listed differently
     c = compare(ref, tgt, 10, topk=3)
     assert c.finite_entries == 3
     assert c.finite_overlap == pytest.approx(3 / 10)
@@ -250,7 +250,7 @@ def test_topk_ids_selection_at_a_tie_prefers_low_ids():
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_topk_overlap_ignores_absent_entries_when_n_is_below_k():
-    vals = [[-0.1, -2.0, -3.0]]
+    vals = [[-0.3, -2.0, -3.0]]
     c = compare(side([0], vals, ids=[[0, 1, 2]]), side([0], vals, ids=[[0, 1, 3]]), 1000, topk=5)
     assert c.topk_overlap == pytest.approx(2 / 3)
 

@@ -22,11 +22,15 @@ def explicit_options(ctx: typer.Context) -> list[str]:
 
 
 def report_error(exc: HarnessError, no_color: bool = False) -> int:
+    from rich.markup import escape
+
     from ..outputs.terminal import make_console
 
     console = make_console(no_color=no_color, stderr=True)
     label = "usage error" if isinstance(exc, UsageError) else "error"
-    console.print(f"[bold red]{label}:[/] {exc.message}", highlight=False, markup=True)
+    # escaped: a message quotes what came from outside (a server's error text, a file name), where "[/]" is
+    # Rich markup and raised MarkupError, a traceback with exit 1
+    console.print(f"[bold red]{label}:[/] {escape(exc.message)}", highlight=False, markup=True)
     if isinstance(exc, WorkerError):
         if exc.detail:
             console.rule(f"last lines of the {exc.side} worker's log")

@@ -1,7 +1,7 @@
 """Two captures compared prompt by prompt: the entry from captures to ``PromptComparison`` records.
 
-Checks that the captures can be compared (same mode, or full rows against top-N ones; vocabulary; prompts)
-and hands each prompt's arrays to ``metrics.compare_prompt``. It reads
+Checks that the captures can be compared (same mode, or full rows against top-N ones; vocabulary; prompts;
+no logprob above 0, ``sanity``) and hands each prompt's arrays to ``metrics.compare_prompt``. It reads
 captures; it must not judge, render or know where the captures came from.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 from ..capture.store import FULL, TOPN, Capture
 from ..core.errors import HarnessError
 from .metrics import PromptComparison, compare_prompt
+from .sanity import impossible_rows
 
 
 def compare_captures(reference: Capture, target: Capture, *, aligned: bool, eps: float, topk: int,
@@ -34,10 +35,14 @@ def compare_captures(reference: Capture, target: Capture, *, aligned: bool, eps:
     for i, (r, t) in enumerate(zip(reference.prompts, target.prompts)):
         if r.prompt != t.prompt:
             raise HarnessError(f"prompt {i} differs between the captures")
+        ref_rows, tgt_rows = reference.logprobs(i), target.logprobs(i)
+        problem = impossible_rows(ref_rows, "reference", i) or impossible_rows(tgt_rows, "target", i)
+        if problem:
+            raise HarnessError(problem)
         out.append(compare_prompt(
             i, r.prompt,
-            {"token_ids": r.token_ids, "text": r.text, "logprobs": reference.logprobs(i), "ids": reference.top_ids(i)},
-            {"token_ids": t.token_ids, "text": t.text, "logprobs": target.logprobs(i), "ids": target.top_ids(i)},
+            {"token_ids": r.token_ids, "text": r.text, "logprobs": ref_rows, "ids": reference.top_ids(i)},
+            {"token_ids": t.token_ids, "text": t.text, "logprobs": tgt_rows, "ids": target.top_ids(i)},
             vocab_size=vocab, eps=eps, topk=topk, snippet_elems=snippet_elems, aligned=aligned,
             tie_margin=tie_margin,
         ))

@@ -10,13 +10,16 @@ bound on the KL of the whole distributions, exact when the known entries hold al
 it from above (the target may put any of its tail anywhere). Rows are taken as they are, true logprobs
 over the whole vocabulary (vLLM's and the engines' top-N values are), never renormalised. Tail masses
 below ``TAIL_RESOLUTION`` are rounding (float32 logprobs of ~20 entries summed) and count as empty: a
-top-N that holds all the mass then compares exactly like the full rows would. Pure numpy/scipy, called by
+top-N that holds all the mass then compares exactly like the full rows would. A tail below
+``-MASS_TOLERANCE`` (known entries holding more than all the mass) is an error, never an empty bucket. Pure numpy/scipy, called by
 ``distribution`` per block of rows; it must not aggregate, judge or touch files.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from ..core.errors import HarnessError
 
 MASS_TOLERANCE = 1e-3
 # A float32 logprob is off by up to ~6e-8 relative; summed over ~20 known probabilities the known mass,
@@ -45,7 +48,9 @@ def kl_with_holes(ref: np.ndarray, tgt: np.ndarray):
 
 def kl_tail_bucket(ref: np.ndarray, tgt: np.ndarray):
     """KL per row over the entries finite on both sides plus one bucket for the rest of each side's mass
-    (a lower bound on the whole rows' KL). Same return as ``kl_with_holes``; nothing is renormalised."""
+    (a lower bound on the whole rows' KL). Same return as ``kl_with_holes``; nothing is renormalised.
+    Known entries whose probabilities sum above 1 + MASS_TOLERANCE (a negative tail) are not
+    log-probabilities: HarnessError, never a tail of 0 and a KL clipped to 0 (a server's +5.0 once passed so)."""
     ref = ref.astype(np.float64)
     tgt = tgt.astype(np.float64)
     known = np.isfinite(ref) & np.isfinite(tgt)
@@ -53,14 +58,28 @@ def kl_tail_bucket(ref: np.ndarray, tgt: np.ndarray):
     p, q = np.where(known, np.exp(r), 0.0), np.where(known, np.exp(t), 0.0)
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         terms = (p * (r - t)).sum(axis=1)
-        p_tail = 1.0 - p.sum(axis=1)
-        q_tail = np.maximum(1.0 - q.sum(axis=1), TAIL_RESOLUTION)
-        p_tail = np.where(p_tail > TAIL_RESOLUTION, p_tail, 0.0)
+        p_tail, q_tail = 1.0 - p.sum(axis=1), 1.0 - q.sum(axis=1)
+        _refuse_negative_tails(p_tail, q_tail)
+        q_tail = np.maximum(q_tail, TAIL_RESOLUTION)
+        p_tail = np.where(p_tail > TAIL_RESOLUTION, p_tail, 0.0)  # within [-tol, 1e-6]: rounding, empty
         tail = np.where(p_tail > 0, p_tail * np.log(p_tail / q_tail), 0.0)
-        kl = np.maximum(terms + tail, 0.0)
+        kl = terms + tail
+        # within the tolerance a bucket KL is >= -MASS_TOLERANCE (Gibbs with masses off by the tolerance)
+        if (kl < -MASS_TOLERANCE).any():
+            raise HarnessError(f"a top-N row's KL came out at {float(np.nanmin(kl)):.3g}, below 0: its values are "
+                               "not log-probabilities")
+        kl = np.maximum(kl, 0.0)
     kl[np.isnan(ref).any(axis=1) | np.isnan(tgt).any(axis=1)] = np.nan
     none = np.zeros(ref.shape[0], dtype=bool)
     return kl, np.zeros(ref.shape[0]), np.zeros(ref.shape[0]), none, none.copy()
+
+
+def _refuse_negative_tails(p_tail: np.ndarray, q_tail: np.ndarray) -> None:
+    for side, tail in (("reference", p_tail), ("target", q_tail)):
+        bad = np.flatnonzero(tail < -MASS_TOLERANCE)
+        if bad.size:
+            raise HarnessError(f"the {side}'s known probabilities of a top-N row sum to {1.0 - tail[bad[0]]:.6g}, "
+                               f"above 1 + {MASS_TOLERANCE:g} (a negative tail): these are not log-probabilities")
 
 
 def logsumexp(rows: np.ndarray, axis: int) -> np.ndarray:

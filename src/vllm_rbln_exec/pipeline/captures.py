@@ -8,7 +8,6 @@ comparison and no rendering.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -77,7 +76,7 @@ def side_env(ctx: RunContext, side: Side, profile: DeviceProfile,
     kv = kv_cache_gib or profile.engine_default("kv_cache_gib")
     if kv and profile.platform == "cpu":
         extra["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(kv)))  # vLLM parses it with int(): "1.0" fails
-    return profile.build_env(dict(os.environ), ctx.cache_root / "compile" / f"{side.role}-{profile.name}",
+    return profile.build_env(ctx.base_env(), ctx.cache_root / "compile" / f"{side.role}-{profile.name}",
                              known_vars=vllm_known_env_vars(), extra=extra)
 
 

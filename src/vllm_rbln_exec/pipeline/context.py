@@ -6,6 +6,7 @@ results (the steps return those). It must not run anything itself.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ class RunContext:
     notes: list[str] = field(default_factory=list)
     stamp: str = field(default_factory=profile_stamp)  # one stamp for every side's trace folder
     run_dir: Path | None = None
+    secret_env: frozenset[str] = frozenset()  # variables no worker gets (a server's API key: --api-key-env)
 
     @classmethod
     def create(cls, cache_dir: str, devices_file: str | None, timeout: float,
@@ -40,6 +42,10 @@ class RunContext:
     @property
     def models_dir(self) -> Path:
         return self.cache_root / "models"
+
+    def base_env(self) -> dict[str, str]:
+        """This process's environment without ``secret_env``: what a worker's environment is built from."""
+        return {k: v for k, v in os.environ.items() if k not in self.secret_env}
 
     def note(self, text: str) -> None:
         self.notes.append(text)

@@ -7,7 +7,6 @@ in ``setup.models``. Conversion runs in a worker, since it needs transformers.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,7 +107,7 @@ def _rebuilt(ctx: RunContext, why: str) -> None:
 def convert_gguf(ctx: RunContext, resolved: ResolvedModel) -> None:
     ctx.progress("model", f"converting {resolved.gguf_file.name} (once)", {})
     cpu = get_profile("cpu", ctx.profiles, option="--devices")
-    env, _ = cpu.build_env(dict(os.environ), ctx.cache_root / "compile" / "convert")
+    env, _ = cpu.build_env(ctx.base_env(), ctx.cache_root / "compile" / "convert")
     task = convert_task(ctx.models_dir / ".conversion", ConvertRequest(str(resolved.gguf_file), str(resolved.path),
                                                                              resolved.assembler))
     run_worker(WorkerJob(task=task, env=env, timeout=ctx.timeout), on_event=ctx.on_event("model"))

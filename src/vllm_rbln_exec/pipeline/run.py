@@ -42,11 +42,13 @@ from .reference import (
 from .result import RunResult, side_result
 from .served import capture_plan, check_prompt_tokens, probe_servers, with_server
 from .sides import ResolvedSides, resolve_devices, resolve_sides
-from .yardstick import YardstickRun, capture_yardstick
+from .yardstick import YardstickRun, capture_yardstick, save_yardsticks, yardstick_blocker
 
 
 def run_parity(options: RunOptions, progress: Progress | None = None) -> RunResult:
     ctx = RunContext.create(options.cache_dir, options.devices_file, options.capture.timeout, progress)
+    if options.server.api_key_env:  # the key reaches the header that needs it, never a worker or vLLM
+        ctx.secret_env = frozenset({options.server.api_key_env})
     asked, ref_file = options, None
     try:
         if options.reference_source.file:
@@ -58,6 +60,7 @@ def run_parity(options: RunOptions, progress: Progress | None = None) -> RunResu
         c = options.capture
         check_prompt_lengths(c.prompts, models.reference_path, c.max_model_len, c.max_tokens)
         sides = resolve_sides(ctx, options, devices, models, servers)
+        blocker = yardstick_blocker(ctx, options, sides.yardstick)  # decided before any engine starts
         run_dir = ctx.run_dir = make_run_dir(options.outputs, options.model)
         vocab = int(text_config(read_config(models.reference_path)).get("vocab_size") or 0)
         ref_plan, tgt_plan = (with_server(plan_side(ctx, options, s, models, options.capture.prompts),
@@ -69,12 +72,17 @@ def run_parity(options: RunOptions, progress: Progress | None = None) -> RunResu
         reference, target, source, cache_info = capture_sides(ctx, options, ref_plan, tgt_plan, ref_file, fields,
                                                               run_dir)
         comparisons = compare(options, reference.capture, target.capture)
-        yardstick = capture_yardstick(ctx, options, sides.yardstick, sides.decisions.get("yardstick", ""), models,
-                                      reference, run_dir, compare)
+        yardstick, missing = capture_yardstick(ctx, options, sides.yardstick, sides.decisions.get("yardstick", ""),
+                                               models, reference, run_dir, compare, blocker)
+        if options.reference_source.save and devices.reference is not None:
+            save_yardsticks(ctx, options, devices.reference, sides.reference, sides.target, models, reference,
+                            run_dir, compare, yardstick.side if yardstick else None)
         repeats, reference_self = measure_repeats(ctx, options, reference, source, ref_plan, tgt_plan, run_dir)
         result = assemble(ctx, asked, options, models, sides, (reference, target, source), comparisons, cache_info,
                           repeats, reference_self)
         result.yardstick = yardstick_record(yardstick)
+        if missing:
+            result.resolved["yardstick_missing"] = missing
         return result
     finally:
         if ref_file is not None:

@@ -1,8 +1,9 @@
 """Pipeline step: the server sides (``--target-url``, ``--reference-url``), probed first and captured over HTTP.
 
 ``probe_servers`` runs right after the options are read, before any model is prepared or engine started: an
-unreachable server, a wrong URL, a missing API key or a model the server does not serve ends the run in
-seconds (exit 3). ``capture_plan`` is how the run captures any side: a worker for the sides the harness
+unreachable server, a wrong URL, a missing API key, a model the server does not serve, or a server that
+refuses what the capture will ask (token-id prompts, the logprobs width, the way of scoring; asked of it on a
+short prompt) ends the run in seconds (exit 3). ``capture_plan`` is how the run captures any side: a worker for the sides the harness
 runs, the HTTP client (``remote``) for a server, in the main process (it is plain HTTP; no torch, no
 vLLM), writing the same capture folder. It owns no parsing and no comparison.
 """
@@ -15,8 +16,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..capture.store import FULL, Capture, load_capture
+from ..remote.advice import PROBE_TEXT
 from ..remote.capture import ServedPrompt, capture_server, side_info
-from ..remote.client import Endpoint, ServerClient
+from ..remote.client import Endpoint, ServerClient, ServerError
 from ..remote.probe import ServerInfo, probe_logprobs, probe_server
 from ..setup.options import REFERENCE, TARGET, RunOptions
 from ..setup.request import CaptureRequest
@@ -24,7 +26,10 @@ from ..setup.server import read_api_key
 from .captures import Captured, SidePlan, run_side, side_job
 from .context import RunContext
 
-PROBE_PROMPT = "The capital of France is"  # any text: the probe asks how logprobs come back, not what they are
+# The probe's prompt is what the capture will send, shortened: token ids for a target (it is fed the reference's
+# prompt ids), text for a reference server (it generates from the prompt's text). Small ids exist in every
+# vocabulary (special tokens in some, which a server scores like any other).
+PROBE_IDS = [9, 10, 11, 12, 13]
 
 
 def endpoint_of(options: RunOptions, url: str) -> Endpoint:
@@ -47,8 +52,12 @@ def probe_servers(ctx: RunContext, options: RunOptions) -> dict[str, ServerInfo]
         asked = options.server.logprobs if options.server.logprobs is not None else options.capture.logprobs
         ctx.progress(role, f"asking the server at {url} what it serves", {"stage": "probe"})
         t0 = time.monotonic()
-        info = asyncio.run(_probe(endpoint_of(options, url), options.server.served_model, asked,
-                                  options.server.scoring, how))
+        prompt = PROBE_TEXT if role == REFERENCE else list(PROBE_IDS)
+        try:
+            info = asyncio.run(_probe(endpoint_of(options, url), options.server.served_model, prompt, asked,
+                                      options.server.scoring, how))
+        except ServerError as exc:  # which side, when both are servers
+            raise ServerError(f"the {role} server: {exc.message}") from None
         for note in info.notes:
             ctx.note(f"{role} server: {note}")
         ctx.progress(role, f"{info.software} serves {info.model} ({info.scoring}, "
@@ -58,10 +67,11 @@ def probe_servers(ctx: RunContext, options: RunOptions) -> dict[str, ServerInfo]
     return found
 
 
-async def _probe(endpoint: Endpoint, served_model: str | None, asked: int, scoring: str, how: str) -> ServerInfo:
+async def _probe(endpoint: Endpoint, served_model: str | None, prompt: list[int] | str, asked: int, scoring: str,
+                 how: str) -> ServerInfo:
     async with ServerClient(endpoint) as client:
         info = await probe_server(client, served_model)
-        await probe_logprobs(client, info, PROBE_PROMPT, asked, scoring, how)
+        await probe_logprobs(client, info, prompt, asked, scoring, how)
         return info
 
 

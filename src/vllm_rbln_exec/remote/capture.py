@@ -26,8 +26,17 @@ import httpx
 
 from ..capture.store import FULL, TOPN, Capture, CaptureWriter, SideInfo
 from .client import Endpoint, ServerClient, ServerError, status_error
-from .probe import ECHO, GENERATE, PROMPT_LOGPROBS, ServerInfo, request_body
-from .rows import CappedRows, RowError, prompt_logprob_entries, read_array, rows_of, token_id, top_logprob_entries
+from .probe import ECHO, GENERATE, PROBE_TEXT_TOKENS, PROMPT_LOGPROBS, ServerInfo, request_body, response_cap
+from .rows import (
+    CappedRows,
+    ImpossibleRows,
+    RowError,
+    prompt_logprob_entries,
+    read_array,
+    rows_of,
+    token_id,
+    top_logprob_entries,
+)
 
 Progress = Callable[[str, str, dict[str, Any]], None]
 BAR_WIDTH = 20
@@ -97,7 +106,7 @@ async def _capture_all(endpoint: Endpoint, info: ServerInfo, prompts: list[Serve
         async def one(p: ServedPrompt) -> None:
             nonlocal done
             async with gate:
-                parsed = await _one_prompt(client, info, p, max_tokens, vocab)
+                parsed = await _one_prompt(client, info, p, max_tokens, vocab, label)
             writer.add(p.index, p.prompt, parsed.prompt_ids, parsed.tokens, parsed.text, logprobs=parsed.rows,
                        ids=parsed.ids)
             done += 1
@@ -115,27 +124,41 @@ async def _capture_all(endpoint: Endpoint, info: ServerInfo, prompts: list[Serve
 
 
 async def _one_prompt(client: ServerClient, info: ServerInfo, p: ServedPrompt, max_tokens: int,
-                      vocab: int) -> _Parsed:
+                      vocab: int, label: str) -> _Parsed:
     if p.force is not None:
         sequence = list(p.prompt_ids or ()) + list(p.force)
         body = request_body(info.model, info.scoring, sequence, info.logprobs, max_tokens=1)
+        positions = len(sequence) + 1
     else:
         prompt = list(p.prompt_ids) if p.prompt_ids is not None else p.prompt
         body = request_body(info.model, GENERATE, prompt, info.logprobs, max_tokens=max_tokens)
-    response = await client.post("completions", body)
+        positions = (len(prompt) if isinstance(prompt, list) else PROBE_TEXT_TOKENS + len(prompt)) + max_tokens
+    response = await client.post("completions", body, cap=response_cap(positions, info.logprobs, vocab))
     if response.status_code != 200:
         raise status_error(f"prompt {p.index} ({info.scoring})", response)
     try:
         return await asyncio.to_thread(_parse, response.content, info, p, vocab)
+    except ImpossibleRows as exc:
+        raise ServerError(f"the {label} server's logprobs at prompt {p.index}, {exc}: these are not "
+                          "log-probabilities, and the run stops rather than score them") from None
     except CappedRows as exc:
         raise ServerError(f"prompt {p.index}: {exc}: the server caps logprobs without an error. Start it with a "
                           f"higher limit (vLLM: --max-logprobs -1) or ask for what it gives (--server-logprobs "
-                          f"{exc.returned})") from exc
+                          f"{exc.returned})") from None
     except RowError as exc:
-        raise ServerError(f"prompt {p.index}: {exc}") from exc
+        raise ServerError(f"prompt {p.index}: {exc}") from None
 
 
 def _parse(body: bytes, info: ServerInfo, p: ServedPrompt, vocab: int) -> _Parsed:
+    try:
+        return _parse_any(body, info, p, vocab)
+    except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as exc:
+        if isinstance(exc, RowError):
+            raise
+        raise RowError(f"the response is not an OpenAI completion the harness can read ({type(exc).__name__})") from None
+
+
+def _parse_any(body: bytes, info: ServerInfo, p: ServedPrompt, vocab: int) -> _Parsed:
     if p.force is None:
         return _parse_generated(body, info, p, vocab)
     start, tokens = len(p.prompt_ids or ()), list(p.force)

@@ -10,7 +10,8 @@ so a response's big array is never decoded whole: ``read_array`` decodes it one 
 (``json.loads`` of a 149 MB response took 1.3 GB). A row that holds fewer entries than were asked, or
 whose entries past some rank are all padding, is a capped row (``CappedRows``): the server limits logprobs
 (vLLM's ``--max-logprobs``, 20 by default) without saying so, and such rows must never be compared as if
-they were what was asked. Pure logic: no network, no engines.
+they were what was asked. Values that cannot be log-probabilities (positive, NaN, +inf, rows whose
+probabilities sum above 1) are ``ImpossibleRows``, found first. Pure logic: no network, no engines.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from ..compare.sanity import impossible_entries
+from .client import load_json
+
 # OpenAI's JSON has no infinity: vLLM writes -inf logprobs as this (clamp_prompt_logprobs, max(lp, -9999.0))
 NEG_INF_SENTINEL = -9999.0
 _TOKEN_ID = re.compile(r"token_id:(-?\d+)$")
@@ -31,6 +35,10 @@ _SPACE = " \t\r\n"
 
 class RowError(ValueError):
     """A response whose logprobs cannot be read as rows (unknown shape, token ids missing)."""
+
+
+class ImpossibleRows(RowError):
+    """Values that cannot be log-probabilities: NaN, +inf, above 0, or a row whose probabilities do not sum to 1."""
 
 
 class CappedRows(RowError):
@@ -76,8 +84,10 @@ def read_array(body: bytes, key: str, reader: Callable[[Any], Entries],
     while not closed:
         try:
             value, i = _DECODER.raw_decode(text, i)
+        except RecursionError:
+            raise RowError(f"the {key!r} list in the response is nested too deeply to be logprobs") from None
         except ValueError as exc:
-            raise RowError(f"the {key!r} list in the response is malformed: {exc}") from exc
+            raise RowError(f"the {key!r} list in the response is malformed: {exc}") from None
         out.append(reader(value) if value is not None and keep(len(out)) else None)
         i = _skip_space(text, i)
         closed = text[i:i + 1] == "]"
@@ -89,9 +99,9 @@ def read_array(body: bytes, key: str, reader: Callable[[Any], Entries],
 
 def _loads(latin: str) -> dict[str, Any]:
     try:
-        data = json.loads(latin.encode("latin-1").decode("utf-8"))
-    except ValueError as exc:
-        raise RowError(f"the response is not JSON: {exc}") from exc
+        data = load_json(latin.encode("latin-1"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RowError(f"the response is not JSON within the limits: {exc}") from None
     if not isinstance(data, dict):
         raise RowError("the response is not a JSON object")
     return data
@@ -111,9 +121,9 @@ def prompt_logprob_entries(position: Any) -> tuple[np.ndarray, np.ndarray, np.nd
         ids = np.fromiter((int(k) for k in position), dtype=np.int64, count=len(position))
         vals = np.fromiter((float(v["logprob"]) for v in position.values()), dtype=np.float64, count=len(position))
         ranks = [v.get("rank") for v in position.values()]
-    except (ValueError, TypeError, KeyError) as exc:
-        raise RowError(f"a prompt_logprobs entry is not {{id: {{logprob, rank}}}}: {exc}") from exc
-    rank_arr = None if any(r is None for r in ranks) else np.asarray(ranks, dtype=np.int64)
+        rank_arr = None if any(r is None for r in ranks) else np.asarray(ranks, dtype=np.int64)
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
+        raise RowError(f"a prompt_logprobs entry is not {{id: {{logprob, rank}}}}: {exc}") from None
     return ids, vals, rank_arr
 
 
@@ -126,10 +136,13 @@ def top_logprob_entries(position: Any) -> tuple[np.ndarray, np.ndarray, None]:
     for n, (key, value) in enumerate(position.items()):
         match = _TOKEN_ID.match(key)
         if match is None:
-            raise RowError(f"the server names tokens by their text ({key!r}), not by id: the harness needs "
+            raise RowError(f"the server names tokens by their text ({key[:40]!r}), not by id: the harness needs "
                            "token ids (vLLM's return_tokens_as_token_ids; another server must support it)")
-        ids[n] = int(match.group(1))
-        vals[n] = float(value)
+        try:
+            ids[n] = int(match.group(1))
+            vals[n] = float(value)
+        except (ValueError, TypeError, OverflowError):
+            raise RowError(f"a top_logprobs entry is not {{'token_id:N': logprob}}: {key[:40]!r}") from None
     return ids, vals, None
 
 
@@ -137,7 +150,7 @@ def token_id(text: str) -> int:
     """The id in a ``token_id:<id>`` token string."""
     match = _TOKEN_ID.match(str(text))
     if match is None:
-        raise RowError(f"token {text!r} is not of the form token_id:<id>")
+        raise RowError(f"token {str(text)[:40]!r} is not of the form token_id:<id>")
     return int(match.group(1))
 
 
@@ -194,15 +207,24 @@ def _unclamp(vals: np.ndarray) -> np.ndarray:
 def rows_of(entries: list[Entries | None], tokens: list[int], width: int,
             vocab: int) -> tuple[np.ndarray, np.ndarray | None]:
     """Rows of consecutive positions (``tokens[t]``: the token that follows position ``t``): [T, V] when
-    ``width`` is -1, else ([T, N+1] values, [T, N+1] ids) (``topn_row``)."""
+    ``width`` is -1, else ([T, N+1] values, [T, N+1] ids) (``topn_row``). Values that cannot be
+    log-probabilities (``compare.sanity``) are an ``ImpossibleRows`` naming the position, checked before
+    anything else (a NaN once read as -inf padding, and +5.0 as a probability)."""
     if len(entries) != len(tokens):
         raise RowError(f"{len(entries)} logprob positions for {len(tokens)} tokens")
     if any(e is None for e in entries):
         raise RowError("the server sent no logprobs for a position that needs them")
+    for t, (_, vals, _) in enumerate(entries):
+        problem = impossible_entries(_unclamp(vals), full=False)
+        if problem:
+            raise ImpossibleRows(f"position {t}: {problem}")
     if width == -1:
         rows = np.empty((len(tokens), vocab), dtype=np.float32)
         for t, (ids, vals, _) in enumerate(entries):
             rows[t] = full_row(ids, vals, vocab)
+            problem = impossible_entries(rows[t], full=True)
+            if problem:
+                raise ImpossibleRows(f"position {t}: {problem}")
         return rows, None
     vals_out = np.empty((len(tokens), width + 1), dtype=np.float32)
     ids_out = np.empty((len(tokens), width + 1), dtype=np.int32)

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..core.dtypes import DTYPE_ALIASES
 from ..core.errors import UsageError
 from .server import check_server_flat
 
@@ -29,6 +30,7 @@ def check_flat(v: dict[str, Any]) -> None:
     _check_choices(v)
     _check_profiling(v)
     _check_files(v)
+    saved_yardsticks(v["save_yardsticks"], v["save_reference"])
     check_server_flat(v)
 
 
@@ -88,6 +90,31 @@ def _check_profiling(v: dict[str, Any]) -> None:
     if v["require_cache"] and "reference" in sides and not v["reference_file"]:
         raise UsageError("profiling the reference computes it, which --require-cache forbids; "
                          "use --profile-side target", option="--profile-side" if side else "--profile")
+
+
+DEFAULT_SAVED_YARDSTICKS = ("bfloat16", "float16")  # the precisions a device team runs against a float32 golden
+
+
+def saved_yardsticks(value: Any, save_reference: str | None) -> tuple[str, ...]:
+    """``--save-yardsticks``: the dtypes whose yardstick travels with a saved reference (none: no extra engine)."""
+    if value is None:
+        return DEFAULT_SAVED_YARDSTICKS if save_reference else ()
+    if not save_reference:
+        raise UsageError("--save-yardsticks goes with --save-reference (the yardsticks travel with that file)",
+                         option="--save-yardsticks")
+    items = [value] if isinstance(value, str) else list(value)
+    names = [n.strip().lower() for item in items for n in str(item).split(",") if n.strip()]
+    if names == ["none"]:
+        return ()
+    out: list[str] = []
+    for name in names:
+        dtype = DTYPE_ALIASES.get(name)
+        if dtype not in DEFAULT_SAVED_YARDSTICKS:
+            raise UsageError(f"--save-yardsticks {value!r}: {name!r} is not a precision a yardstick is made for; "
+                             "use bfloat16, float16, both comma-separated, or none", option="--save-yardsticks")
+        if dtype not in out:
+            out.append(dtype)
+    return tuple(out)
 
 
 def _check_files(v: dict[str, Any]) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import UsageError
-from .checks import check_flat, profiled_sides
+from .checks import check_flat, profiled_sides, saved_yardsticks
 from .prompts import builtin_prompts, check_not_empty, expand_prompt_args
 from .server import normalize_url
 
@@ -37,7 +37,7 @@ FLAT_DEFAULTS: dict[str, Any] = {
     "align": "forced", "tie_margin": 0.5, "capture": "fast", "store": "q16", "fail_on": (), "spec": None,
     "no_default_gates": False, "near_ties_fail": None, "repeat": 1, "json_out": None, "junit_out": None,
     "html_out": None, "plots_dir": None,
-    "markdown_out": None, "reference_file": None, "save_reference": None, "devices_file": None,
+    "markdown_out": None, "reference_file": None, "save_reference": None, "save_yardsticks": None, "devices_file": None,
     "cache_dir": "cache", "runs_dir": "runs", "run_dir": None, "timeout": 1800.0, "kv_cache_gib": None,
     "verbose": False, "localize": False, "localize_modules": False, "yardstick": "auto", "ab": None,
     "target_url": None, "reference_url": None, "served_model": None, "api_key_env": None, "api_key_file": None,
@@ -112,6 +112,7 @@ class ReferenceOptions:
     save: str | None
     use_cache: bool
     require_cache: bool
+    yardsticks: tuple[str, ...] = ()  # the dtypes whose yardstick is written next to ``save`` (--save-yardsticks)
 
 
 @dataclass(frozen=True)
@@ -239,7 +240,8 @@ def _records(v: dict[str, Any], explicit: frozenset[str]) -> RunOptions:
         compare=CompareOptions(v["eps"], v["topk"], v["snippet_elems"], v["tie_margin"]),
         gates=GateOptions(tuple(v["fail_on"]), v["spec"], not v["no_default_gates"], v["near_ties_fail"]),
         reference_source=ReferenceOptions(v["reference_file"], v["save_reference"],
-                                          bool(v["use_cache"] or v["require_cache"]), bool(v["require_cache"])),
+                                          bool(v["use_cache"] or v["require_cache"]), bool(v["require_cache"]),
+                                          saved_yardsticks(v["save_yardsticks"], v["save_reference"])),
         outputs=OutputOptions(v["json_out"], v["junit_out"], v["markdown_out"], v["run_dir"], v["runs_dir"],
                               v["html_out"], v["plots_dir"]),
         display=DisplayOptions(bool(v["no_color"]), bool(v["inspect_logits"]), not v["no_snippet"],

@@ -65,24 +65,35 @@ def server_root(base: str) -> str:
 
 def read_api_key(env_name: str | None, file: str | None) -> str | None:
     """The API key, from the environment variable named ``env_name`` or the first line of ``file``; None when
-    neither is given. A named source that holds nothing is a UsageError (a CI secret that did not arrive)."""
+    neither is given. A named source that holds nothing, or a key an HTTP header cannot carry, is a UsageError
+    that never shows the key (a CI secret that did not arrive, or one pasted with a newline inside)."""
     if env_name:
         key = os.environ.get(env_name, "").strip()
+        source = f"--api-key-env {env_name}"
         if not key:
-            raise UsageError(f"--api-key-env {env_name}: that environment variable is not set or empty",
-                             option="--api-key-env")
-        return key
-    if file:
+            raise UsageError(f"{source}: that environment variable is not set or empty", option="--api-key-env")
+    elif file:
         path = Path(file).expanduser()
         try:
             key = path.read_text(encoding="utf-8").strip().splitlines()[0].strip() if path.is_file() else ""
         except (OSError, UnicodeDecodeError, IndexError):
             key = ""
+        source = f"--api-key-file {file}"
         if not key:
-            raise UsageError(f"--api-key-file {file}: not a readable file with the key on its first line",
+            raise UsageError(f"{source}: not a readable file with the key on its first line",
                              option="--api-key-file")
-        return key
-    return None
+    else:
+        return None
+    if not header_safe(key):
+        raise UsageError(f"{source}: the API key holds a character an HTTP header cannot carry (a space, newline, "
+                         "control or non-ASCII character; the key is not shown)", option=source.split()[0])
+    return key
+
+
+def header_safe(key: str) -> bool:
+    """Whether an HTTP header can carry ``key`` as it is: visible ASCII only (no space, newline or control
+    character; httpx raises on them with the whole header value, the key, in its message)."""
+    return bool(key) and all(0x21 <= ord(c) <= 0x7E for c in key)
 
 
 def check_server_flat(v: dict[str, Any]) -> None:

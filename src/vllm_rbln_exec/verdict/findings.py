@@ -49,7 +49,9 @@ def phase_sentence(run_json: dict[str, Any]) -> str | None:
 def yardstick_sentence(run_json: dict[str, Any]) -> str | None:
     yard = yardstick_record(run_json)
     if yard is None:
-        return None
+        missing = (run_json.get("resolved") or {}).get("yardstick_missing")
+        return (f"Yardstick: missing ({missing}), so no ratio: the verdict rests on the fixed tolerances alone, "
+                "and a tolerance relative to the yardstick is skipped." if missing else None)
     path = "distribution.kl_mean"
     t, y = metric_value(run_json.get("summary") or {}, path), metric_value(yard, path)
     r = ratio(t, y, path)

@@ -92,6 +92,9 @@ class MetricGate(Gate):
     def _skip_reason(self, run_json: dict[str, Any], noise: Any, records: list) -> str | None:
         if self.yardstick_k is not None:
             if yardstick_record(run_json) is None:
+                missing = (run_json.get("resolved") or {}).get("yardstick_missing")
+                if missing:
+                    return f"{self.text} is relative to the yardstick, and this run's is missing: {missing}"
                 return (f"{self.text} is relative to the yardstick, and this run has none (--yardstick auto "
                         "adds one when the target's dtype is coarser than the reference's; or name one)")
             if records and all(yardstick_value(run_json, self.path, i) is None for i, _ in records):
