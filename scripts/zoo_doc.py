@@ -30,8 +30,9 @@ everywhere. The H column below is the same measure on the reference capture of e
 Every run below: vLLM CPU float32 reference, `--target cpu`, built-in defaults only, `--yardstick auto`,
 {prompts} prompts x {tokens} tokens, {cpu}. The planted faults run on transformers CPU as the target
 (one cheap engine start per fault; the reference and the yardstick are cached); `--localize` with
-sub-modules at float32. Verdict defaults: those of the branch the table was made on (see the commit
-that regenerated it).
+sub-modules at float32. Verdict defaults: those of commit `{commit}` (branch `zoo`, main merged in;
+the recalibration of branch `verdict` not yet in it); a verdict rejudged with other defaults:
+`vllm-rbln-exec compare runs/zoo/MODEL/CASE`.
 
 Columns: **fp32 floor** = KL mean of transformers fp32 against the vLLM fp32 reference (and its
 verdict); **bf16 vLLM / bf16 HF** = KL mean of vLLM / transformers CPU bfloat16, its ratio to the
@@ -78,7 +79,7 @@ def write_doc(path: Path, saved: dict, command: str) -> None:
     models = saved.get("models") or {}
     any_settings = next((m.get("settings") for m in models.values() if m.get("settings")), {}) or {}
     text = HEADER.format(command=command, prompts=any_settings.get("num_prompts", 4),
-                         tokens=any_settings.get("max_tokens", 16), cpu=_cpu())
+                         tokens=any_settings.get("max_tokens", 16), cpu=_cpu(), commit=_commit())
     kinds = []
     for m in models.values():
         for key in m["cases"]:
@@ -119,6 +120,16 @@ def _why(models: dict, kind: str) -> str:
                     "subtle: at bf16 it may sit below rounding (· when not flagged)"
                 return f"{c['expect']['why']} ({gross})"
     return ""
+
+
+def _commit() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def _cpu() -> str:
