@@ -109,8 +109,8 @@ def write_doc(path: Path, saved: dict, command: str) -> None:
     failed = [(n, k, c.get("failed_by") or [c.get("error")]) for n, m in models.items()
               for k, c in m["cases"].items() if c["expect"].get("honest") and not c.get("passed")]
     if failed:
-        text += ("\n## Honest runs that failed (for the verdict's calibration)\n\nNot a defect of the target: "
-                 "an MoE router picks its top-2 experts discontinuously, so bfloat16 rounding of the router's "
+        text += ("\n## Honest runs that failed (for the verdict's calibration)\n\nOn the MoE families this is not a defect of the target: "
+                 "their router picks its top-2 experts discontinuously, so bfloat16 rounding of the router's "
                  "logits at a near-tie sends a token to other experts (the zoo's experts, halves of different "
                  "MLPs, differ much), and two honest bf16 engines can disagree by more than either does with "
                  "float32. Built-in limits measured on dense models fail them.\n\n") + "\n".join(
