@@ -77,7 +77,7 @@ def _fault(cases: dict, spec: str) -> str:
     return f"{flag32}/{flag16}{where}"
 
 
-def write_doc(path: Path, saved: dict, command: str) -> None:
+def write_doc(path: Path, saved: dict, command: str, expected: list[str] = ()) -> None:
     models = saved.get("models") or {}
     any_settings = next((m.get("settings") for m in models.values() if m.get("settings")), {}) or {}
     text = HEADER.format(command=command, prompts=any_settings.get("num_prompts", 4),
@@ -100,6 +100,10 @@ def write_doc(path: Path, saved: dict, command: str) -> None:
             cells.append("n/a" if spec is None else f"{_fault(cases, spec)}")
         lines.append("| " + " | ".join(cells) + " |")
     text += "\n" + "\n".join(lines) + "\n"
+    missing = [m for m in expected if m not in models]
+    if missing:
+        text += ("\nNot in the table yet (not run: `python scripts/zoo_table.py --models " + " ".join(missing)
+                 + "` adds them): " + ", ".join(f"`{m}`" for m in missing) + ".\n")
     text += "\n## The faults\n\n" + "\n".join(
         f"- `{k}`: {_why(models, k)}" for k in kinds) + "\n"
     text += "\n## What each architecture cannot see\n\n"

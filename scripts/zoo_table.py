@@ -157,7 +157,8 @@ def main() -> int:
             entry["settings"] = {"max_tokens": args.max_tokens, "num_prompts": args.num_prompts,
                                  "layers": args.layers.get(model)}
             results_path.write_text(json.dumps(saved, indent=1))
-    write_doc(Path(args.doc), saved, command="python scripts/zoo_table.py")
+    write_doc(Path(args.doc), saved, command="python scripts/zoo_table.py",
+              expected=[*FAMILIES, *(m for m in REAL if m in MODEL_ALIASES)])
     print(f"wrote {args.doc}", file=sys.stderr)
     return 0
 
