@@ -93,7 +93,8 @@ def cases(args, model_path: Path, config: dict) -> list[tuple[str, dict]]:
 def run_case(args, name: str, target: dict, dtype: str, run_dir: Path) -> dict:
     flat = dict(model=args.model, target="cpu", target_dtype=dtype, use_cache=True, cache_dir=args.cache_dir,
                 max_tokens=args.max_tokens, num_prompts=args.num_prompts, run_dir=str(run_dir),
-                num_hidden_layers=args.num_hidden_layers, inspect_logits=False, **target)
+                num_hidden_layers=args.num_hidden_layers, max_model_len=args.max_model_len, inspect_logits=False,
+                **target)
     t0 = time.monotonic()
     outcome = check_parity(build_options(**{k: v for k, v in flat.items() if v is not None}))
     print(f"  {name} {dtype}: {'pass' if outcome.passed else 'FAIL'} ({time.monotonic() - t0:.0f} s)",
@@ -140,6 +141,7 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--num-prompts", type=int, default=4)
     p.add_argument("--num-hidden-layers", type=int, default=None)
+    p.add_argument("--max-model-len", type=int, default=None, help="e.g. 1024 for gemma3-270m (262k vocabulary)")
     p.add_argument("--cache-dir", default="cache")
     p.add_argument("--out", default=None, help="folder of the run folders and results.json (default runs/faults-MODEL)")
     p.add_argument("--rejudge", metavar="OUT", help="judge the run folders under OUT again with today's defaults")

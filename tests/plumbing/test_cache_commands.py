@@ -10,8 +10,9 @@ import sys
 import numpy as np
 import pytest
 
+from vllm_rbln_exec.capture.archive import pack_capture, unpack_capture
 from vllm_rbln_exec.capture.cache import ReferenceCache, cache_key
-from vllm_rbln_exec.capture.store import FULL, CaptureWriter, SideInfo, pack_capture, unpack_capture
+from vllm_rbln_exec.capture.store import FULL, CaptureWriter, SideInfo
 
 pytestmark = pytest.mark.plumbing
 

@@ -156,10 +156,12 @@ def test_run_options_before_a_subcommand_are_refused_not_dropped(cli_run):
 
 
 @pytest.mark.parametrize("content, message", [
-    ('{"summary": {}, "comparisons": "x"}', "of the wrong type"),
-    ('{"summary": [], "comparisons": []}', "of the wrong type"),
+    ('{"summary": {}, "comparisons": "x"}', "comparisons is the string 'x', where a list belongs"),
+    ('{"summary": [], "comparisons": []}', "summary is a list, where an object belongs"),
     ('{"summary": {}, "comparisons": []}', "compares no positions"),
-    ('{"summary": {"positions_compared": 0}, "comparisons": [{}]}', "compares no positions"),
+    ('{"summary": {"positions_compared": 0}, "comparisons": [{"index": 0, "prompt": "a"}]}',
+     "compares no positions"),
+    ('{"summary": {"positions_compared": 3}, "comparisons": [{}]}', "comparisons[0] has no index, prompt"),
 ])
 def test_compare_refuses_a_malformed_or_empty_report(cli_run, content, message):
     # an empty report must not be judged "PARITY HOLDS"

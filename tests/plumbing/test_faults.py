@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from tests.helpers import FAKE_CLI, fake_args, fake_env, processes_mentioning
 
-from vllm_rbln_exec.capture.cache import META_PREFIX, REF_PREFIX, ReferenceCache
+from vllm_rbln_exec.capture.cache import ReferenceCache
 
 pytestmark = pytest.mark.plumbing
 
@@ -50,10 +50,10 @@ def _only_entry(cache_dir: Path) -> str:
 def _damage_cache_entry(cache_dir: Path, how: str) -> None:
     key = _only_entry(cache_dir)
     with ReferenceCache(cache_dir / "references") as cache:
-        handle = cache.cache.get(REF_PREFIX + key, read=True)
-        blob = handle if isinstance(handle, bytes) else handle.read()
+        packed = cache.entries_dir / f"{key}.vre"
+        blob = packed.read_bytes()
         blob = _flip_array_byte(blob) if how == "bit" else blob[: len(blob) // 2]
-        cache.cache.set(REF_PREFIX + key, blob)  # what a bad sector or a cut copy leaves behind
+        packed.write_bytes(blob)  # what a bad sector or a cut copy leaves behind
 
 
 # -- damaged data is never used ---------------------------------------------------------------------------
@@ -239,7 +239,7 @@ def test_two_runs_at_once_on_one_cache(tmp_path, fake_model, fake_cli):
     assert [p.returncode for p in procs] == [0, 0], errors
     with ReferenceCache(tmp_path / "cache" / "references") as cache:
         entries = cache.entries()
-        assert len(entries) == 1 and META_PREFIX + entries[0]["key"] in cache.cache
+        assert len(entries) == 1 and entries[0]["key"] in cache
     res = fake_cli("--use-cache", "--num-hidden-layers", "2", "--no-inspect-logits")
     assert res.returncode == 0 and res.report["cache"]["hit"] is True
 

@@ -1,11 +1,11 @@
-"""The reference cache: key derivation and the diskcache-backed store."""
+"""The reference cache: key derivation and the file-backed store (bytes and JSON, never pickles)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from vllm_rbln_exec.capture.cache import META_PREFIX, REF_PREFIX, ReferenceCache, cache_key
+from vllm_rbln_exec.capture.cache import ReferenceCache, cache_key
 
 BASE_FIELDS = {
     "model": "smollm2-135m",
@@ -108,12 +108,10 @@ def test_miss(tmp_path):
         assert cache.entries() == []
 
 
-# diskcache keeps a small bytes value inline in its database and get(read=True) then returns
-# the bytes themselves, not a file; a value of 32 KiB or more lives in a file and comes back
-# as an open file handle. Both must come out of get() as a dropped entry.
+# garbage where the packed capture should be: short (no tar header) and long (a header of nonsense)
 GARBAGE = {
-    "inline": b"garbage",
-    "file": b"garbage" * 10_000,
+    "short": b"garbage",
+    "long": b"garbage" * 10_000,
 }
 
 
@@ -125,13 +123,13 @@ def test_corrupted_entry_is_dropped(tmp_path, small_capture, garbage):
     with ReferenceCache(tmp_path / "refs") as cache:
         cache.put(key, capture.root, BASE_FIELDS)
         cache.put(other, capture.root, BASE_FIELDS)
-        cache.cache.set(REF_PREFIX + key, garbage)
+        (cache.entries_dir / f"{key}.vre").write_bytes(garbage)
 
         loaded, why = cache.get(key, tmp_path / "out")
         assert loaded is None
         assert why is not None and "dropped" in why
         assert key not in cache
-        assert (META_PREFIX + key) not in cache.cache
+        assert not (cache.entries_dir / f"{key}.json").exists()
         assert [e["key"] for e in cache.entries()] == [other]
 
         # the next lookup is a plain miss; the other entry is untouched

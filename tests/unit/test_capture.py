@@ -9,6 +9,7 @@ import tarfile
 import numpy as np
 import pytest
 
+from vllm_rbln_exec.capture.archive import pack_capture, unpack_capture
 from vllm_rbln_exec.capture.store import (
     CAPTURE_JSON,
     FULL,
@@ -20,8 +21,6 @@ from vllm_rbln_exec.capture.store import (
     file_digest,
     load_capture,
     metadata_digest,
-    pack_capture,
-    unpack_capture,
 )
 
 

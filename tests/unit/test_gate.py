@@ -190,11 +190,23 @@ def test_lower_bound_and_passing_run(run):
     assert low.violations[0].position == 1 and low.violations[1].position == 0
 
 
-def test_null_value_is_a_note_not_a_violation(run):
-    run["summary"]["min_pearson"] = None
-    verdict = judge(run, [parse_gate("pearson<0.99")])
+def test_a_null_value_where_others_were_measured_is_a_note(run):
+    run["comparisons"][0]["pearson"] = None
+    verdict = judge(run, [parse_gate("prompt:pearson<0.5")])
     assert verdict.passed
-    assert any("pearson is null" in n for n in verdict.notes)
+    assert any("prompt 0: pearson is null" in n for n in verdict.notes)
+
+
+@pytest.mark.parametrize("gate", ["pearson<0.99", "prompt:pearson<0.5"])
+def test_a_tolerance_the_report_holds_no_number_for_fails_as_not_measured(run, gate):
+    run["summary"]["min_pearson"] = None
+    for comp in run["comparisons"]:
+        comp["pearson"] = None
+    verdict = judge(run, [parse_gate(gate)])
+    assert not verdict.passed and verdict.exit_code == EXIT_PARITY_FAILED
+    (violation,) = verdict.violations
+    assert violation.value is None and violation.scope == OVERALL
+    assert violation.message.startswith(f"{gate}: not measured")
 
 
 def test_null_first_divergence_means_never(run):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from vllm_rbln_exec.capture import q16 as cap
+from vllm_rbln_exec.capture.archive import pack_capture, unpack_capture
 from vllm_rbln_exec.capture.q16 import dequantize_q16, quantize_q16
 from vllm_rbln_exec.capture.store import (
     TOKENS,
@@ -15,8 +16,6 @@ from vllm_rbln_exec.capture.store import (
     CaptureWriter,
     SideInfo,
     load_capture,
-    pack_capture,
-    unpack_capture,
 )
 from vllm_rbln_exec.compare import distribution as dist
 from vllm_rbln_exec.compare import elementwise, kernels, metrics

@@ -22,9 +22,9 @@ from vllm_rbln_exec.setup.sides import (
     resolve_side,
     yardstick_options,
 )
-from vllm_rbln_exec.verdict.defaults import YARDSTICK_TOLERANCES, default_gates
+from vllm_rbln_exec.verdict.defaults import BACKSTOP_TOLERANCES, YARDSTICK_TOLERANCES, default_gates
 from vllm_rbln_exec.verdict.expressions import parse_tolerance
-from vllm_rbln_exec.verdict.findings import DECODE_ONLY_SHARE, phase_sentence, yardstick_sentence
+from vllm_rbln_exec.verdict.findings import DECODE_ONLY_SHARE, phase_sentence, precision_sentence, yardstick_sentence
 from vllm_rbln_exec.verdict.gates import parse_gate
 from vllm_rbln_exec.verdict.judge import judge
 from vllm_rbln_exec.verdict.spec import gates_for_run
@@ -34,7 +34,7 @@ KL = "distribution.kl_mean"
 
 
 def record(kl: float, flips: int = 0, prompt: str = "p", index: int = 0, **extra) -> dict:
-    dist = {"kl_mean": kl, "kl_p99": 3 * kl, "dp_rms": math.sqrt(kl), "top1_mismatches": flips,
+    dist = {"kl_mean": kl, "kl_p99": 3 * kl, "dp_rms": math.sqrt(kl), "top1_mismatches": flips, "kl_nonfinite": 0,
             "mismatches_near_tie": flips, "top1_rate": 1.0}
     return {"index": index, "prompt": prompt, "positions_compared": 8, "distribution": dist, **extra}
 
@@ -93,10 +93,8 @@ def test_a_yardstick_below_the_floor_is_taken_at_the_floor():
     assert parse_gate("kl_mean>3*yardstick").check(report([4 * floor(KL)], [0.0]), None)
 
 
-def test_flips_relative_to_a_yardstick_without_flips_count_it_as_one():
-    gate = parse_gate("mismatches>3*yardstick")
-    assert not gate.check(report([1e-3], [1e-3], flips=(3, 0)), None)
-    assert gate.check(report([1e-3], [1e-3], flips=(4, 0)), None)
+def test_flip_ratios_in_tables_count_a_yardstick_without_flips_as_one():
+    # the ratio column of the reports keeps its floor; the tolerance judges counts by their test (test_counts.py)
     assert ratio(4, 0, "distribution.top1_mismatches") == 4 and ratio(0, 0, "distribution.top1_mismatches") == 0
 
 
@@ -114,13 +112,29 @@ def test_ratio_table_has_the_four_metrics_overall_and_per_prompt():
 
 
 # -- the built-in tolerances with a yardstick ----------------------------------------------------
-def test_defaults_add_the_relative_tolerances_only_with_a_yardstick_and_keep_the_absolute_backstop():
+def test_with_a_yardstick_the_ratios_judge_and_the_fixed_limits_shrink_to_the_gross_backstop():
     plain = {g.text for g in default_gates("float32", "bfloat16")}
     with_yard = {g.text for g in default_gates("float32", "bfloat16", yardstick=True)}
-    assert with_yard - plain == {parse_gate(e).text for e, _ in YARDSTICK_TOLERANCES}
-    assert "kl_mean>1e-2" in with_yard
-    assert {g.text for g in gates_for_run(report([1e-3], [1e-3]))} >= with_yard - plain
-    assert not {g.text for g in gates_for_run(report([1e-3], None))} & (with_yard - plain)
+    relative = {parse_gate(e).text for e, _ in YARDSTICK_TOLERANCES}
+    assert relative <= with_yard and not relative & plain
+    assert {parse_gate(e).text for e, _ in BACKSTOP_TOLERANCES} <= with_yard
+    assert "kl_mean>1e-2" in plain and "kl_mean>1e-2" not in with_yard  # the dtype's limit, without a yardstick only
+    assert {g.text for g in gates_for_run(report([1e-3], [1e-3]))} >= relative
+    assert not {g.text for g in gates_for_run(report([1e-3], None))} & relative
+    # float32 keeps its measured limits even with a (named) yardstick
+    assert "kl_mean>3e-8" in {g.text for g in default_gates("float32", "float32", yardstick=True)}
+
+
+@pytest.mark.parametrize("kl, yard_kl, passed", [
+    (2.11e-2, 2.11e-2, True),  # Gemma-3-270M's honest bf16 (ratio 1.000): failed on the fixed limits before
+    (2.11e-2, None, False),  # the same run without a yardstick: the dtype's fixed limit (1e-2) judges
+    (1.5e-1, 1.5e-1, False),  # the yardstick itself grossly off: the backstop
+    (5e-3, 1e-3, False),  # 5x the yardstick
+])
+def test_a_target_at_its_yardstick_passes_whatever_the_model_and_the_backstop_catches_a_broken_yardstick(
+        kl, yard_kl, passed):
+    run = report([kl, kl], None if yard_kl is None else [yard_kl, yard_kl])
+    assert judge(run, gates_for_run(run)).passed is passed
 
 
 # -- the side --------------------------------------------------------------------------------------
@@ -192,6 +206,39 @@ def test_phase_sentence(prefill, decode, words):
     assert words in phase_sentence({"summary": {"kl_prefill": prefill, "kl_decode": decode}})
 
 
+def phased(prefill: float, decode: float, yard: tuple[float, float] | None = None, **settings) -> dict:
+    run = {"summary": {"kl_prefill": prefill, "kl_decode": decode}, "settings": settings}
+    if yard is not None:
+        run["yardstick"] = {"side": {}, "summary": {"kl_prefill": yard[0], "kl_decode": yard[1]}}
+    return run
+
+
+@pytest.mark.parametrize("target, yard, words, absent", [
+    # Gemma-3-270M's honest bf16: large KL, ratio ~1 in both phases: nothing to look for
+    ((0.08, 0.02), (0.08, 0.02), "where honest rounding at this precision puts them, nothing to place", "look at"),
+    ((0.5, 0.02), (0.08, 0.02), "excess over honest rounding is already there at position 0", "nothing to place"),
+    ((0.08, 0.5), (0.08, 0.02), "excess over honest rounding appears only after position 0", "nothing to place"),
+])
+def test_the_phase_sentence_reads_the_yardstick(target, yard, words, absent):
+    text = phase_sentence(phased(*target, yard))
+    assert words in text and absent not in text
+
+
+def test_a_server_scored_in_one_prefill_pass_has_no_decode_steps():
+    run = phased(1e-4, 5e-3, target_url="http://h/v1", align="forced")
+    text = phase_sentence(run)
+    assert "ran no decode steps" in text and "decode kernels" not in text and "(decode steps)" not in text
+    assert "decode kernels" in phase_sentence(phased(1e-4, 5e-3, target_url="http://h/v1", align="free"))
+
+
+def test_a_servers_auto_dtype_is_stated_as_an_assumption():
+    run = {"settings": {"target_url": "http://h/v1"}, "sides": {"target": {"dtype": "auto", "device": "server"}}}
+    assert "an assumption" in precision_sentence(run)
+    run["sides"]["target"]["dtype"] = "bfloat16"
+    assert precision_sentence(run) is None
+    assert precision_sentence({"settings": {}, "sides": {"target": {"dtype": "auto", "device": "cpu"}}}) is None
+
+
 def test_phase_sentence_is_absent_for_reports_without_the_split():
     assert phase_sentence({"summary": {}}) is None
 
@@ -205,7 +252,9 @@ def test_reports_show_the_yardstick_and_old_reports_render_without_one():
     assert "**Yardstick**" in text and "**4**" in text
     old = report([1e-3], None)
     old_text = markdown_summary(old, judge(old, gates_for_run(old)))
-    assert "Yardstick" not in old_text and yardstick_sentence(old) is None
+    assert "**Yardstick**" not in old_text and yardstick_sentence(old).startswith("No yardstick: this bfloat16")
+    old["sides"]["target"]["dtype"] = "float32"
+    assert yardstick_sentence(old) is None  # float32 is judged by measured limits: nothing to add
 
 
 def test_spec_files_take_yardstick_tolerances_per_dtype_pair():
@@ -216,3 +265,36 @@ def test_spec_files_take_yardstick_tolerances_per_dtype_pair():
     kl = [g for g in gates if getattr(g, "path", None) == KL and g.scope == "overall"]
     assert [g.text for g in kl] == ["kl_mean>1.5*yardstick"]  # replaces the defaults on that metric
     assert kl[0].yardstick_k == 1.5 and "spec" in kl[0].source
+
+
+# -- a declared quantisation -------------------------------------------------------------------------
+def test_a_declared_quantisation_keeps_only_the_gross_and_structural_gates_and_is_read_from_the_report():
+    gates = {g.text for g in default_gates("float32", "bfloat16", yardstick=True, quantization="w8a8")}
+    assert gates == {"kl_mean>1", "prompt:kl_mean>2", "positions_compared<1", "kl_nonfinite>0"}
+    run = report([0.3, 0.3], [1e-3, 1e-3], flips=(40, 1))  # W4A16-sized KL, many flips: what it does by design
+    assert not judge(run, gates_for_run(run)).passed
+    run["settings"]["target_quantization"] = "w4a16"
+    verdict = judge(run, gates_for_run(run))
+    assert verdict.passed and any("declared to quantise (w4a16)" in f for f in verdict.findings)
+    assert any("declared quantisation (w4a16) costs" in f for f in verdict.findings)
+
+
+@pytest.mark.parametrize("label, ok", [("w8a8", True), ("q4_1-a8", True), ("fp8:e4m3", True), ("", False),
+                                       ("w8 a8", False), ("x" * 41, False), ("$(rm)", False)])
+def test_the_quantisation_label_is_checked(label, ok):
+    if ok:
+        assert build_options(target_quantization=label).gates.target_quantization == label
+    else:
+        with pytest.raises(UsageError, match="--target-quantization"):
+            build_options(target_quantization=label)
+
+
+def test_the_findings_read_rounding_where_the_verdict_passes_it():
+    from vllm_rbln_exec.verdict.findings import ROUNDING_RATIO
+
+    assert parse_gate(YARDSTICK_TOLERANCES[0][0]).path == KL
+    assert parse_gate(YARDSTICK_TOLERANCES[0][0]).yardstick_k == ROUNDING_RATIO
+    # Gemma-3-270M, transformers bf16 against the vLLM bf16 yardstick (4 x 16): 2.00x overall, 7.32x on one prompt
+    run = report([0.00313, 0.00299, 0.0150, 0.0041], [0.0033, 0.0030, 0.00205, 0.00091])
+    verdict = judge(run, gates_for_run(run))
+    assert verdict.passed and "within what honest rounding" in yardstick_sentence(run)

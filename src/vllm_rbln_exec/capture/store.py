@@ -19,11 +19,10 @@ must not import torch or vLLM (the main process reads captures too).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-import shutil
-import tarfile
+import stat
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -34,7 +33,9 @@ import numpy as np
 
 from ..core.errors import HarnessError
 from ..core.jsonio import strict_json, write_json_atomic
+from ..core.paths import kind_of, open_regular
 from .q16 import Q16_RANGE, dequantize_q16, quantize_q16
+from .schema import SchemaError, check_capture_json
 
 # 2: q16 records carry the range their levels span (version 1 did not, and its
 # builds used two different ranges, so its q16 files cannot be decoded safely).
@@ -44,6 +45,7 @@ DIGEST = "sha256"  # 1.1 GB/s on this machine's CPU (SHA-NI); blake2b 0.5, md5 0
 _HASH_CHUNK = 1 << 22
 _HASH_THREADS = max(1, min(4, os.cpu_count() or 1))
 CAPTURE_JSON = "capture.json"
+CAPTURE_JSON_MAX_BYTES = 64 << 20  # a 4-prompt capture's is about 10 KiB; a 2,000-window corpus's about 5 MiB
 FULL = "full"
 TOPN = "topn"
 # Token ids and texts only, no arrays: what ``capture: "plain"`` (plain greedy
@@ -131,7 +133,14 @@ class Capture:
     def _path(self, name: str) -> Path:
         if self.root is None:
             raise CaptureError("capture has no folder; it was never saved or loaded")
-        return self.root / name
+        path = self.root / name
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError as exc:
+            raise CaptureError(f"cannot read {name}: {exc.strerror or exc}") from exc
+        if not stat.S_ISREG(mode):  # the name is plain (schema), but the entry itself may be a link or a FIFO
+            raise CaptureError(f"{name} is {kind_of(mode)}, not an array file")
+        return path
 
     # -- (de)serialisation --------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -143,6 +152,8 @@ class Capture:
 
     @classmethod
     def from_json(cls, data: dict[str, Any], root: Path | None = None) -> Capture:
+        if not isinstance(data, dict):
+            raise CaptureError(f"{CAPTURE_JSON} holds a JSON {type(data).__name__}, not an object")
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
             hint = {1: " (written by a pre-release build whose q16 layout it does not record: capture it again)",
@@ -153,6 +164,10 @@ class Capture:
             )
         if data.get("digest") != metadata_digest(data):
             raise CaptureError(f"{CAPTURE_JSON}: metadata digest mismatch (the file was changed or damaged)")
+        try:
+            check_capture_json(data, (FULL, TOPN, TOKENS))
+        except SchemaError as exc:
+            raise CaptureError(f"{CAPTURE_JSON} is malformed: {exc}") from None
         try:
             return cls(
                 info=SideInfo(**data["info"]),
@@ -300,14 +315,23 @@ def load_capture(root: Path, verify_arrays: bool = False) -> Capture:
     checked for shape (CaptureError names the prompt and the array that failed)."""
     root = Path(root)
     meta = root / CAPTURE_JSON
-    if not meta.is_file():
+    if not os.path.lexists(meta):
         raise CaptureError(f"{root} holds no {CAPTURE_JSON}: not a finished capture")
     try:
-        data = json.loads(meta.read_text())
+        with open_regular(meta, follow=False, max_bytes=CAPTURE_JSON_MAX_BYTES) as f:
+            data = json.loads(f.read().decode("utf-8"))
     except (OSError, ValueError) as exc:
-        raise CaptureError(f"{meta} is unreadable: {exc}") from exc
+        raise CaptureError(f"{meta} is unreadable: {exc}") from None
+    except RecursionError:
+        raise CaptureError(f"{meta} is nested too deeply to be a capture's metadata") from None
     capture = Capture.from_json(data, root=root)
     if verify_arrays:
+        for i, record in enumerate(capture.prompts):  # each a regular file, before any is opened
+            for what, name in record.files():
+                try:
+                    capture._path(name)
+                except CaptureError as exc:
+                    raise CaptureError(f"prompt {i} {what}: {exc.message}") from None
         found = digests_of(root, [name for r in capture.prompts for _, name in r.files()])
         for i, record in enumerate(capture.prompts):
             if (record.logprobs_file is None) != (capture.mode == TOKENS):
@@ -345,10 +369,14 @@ def _preallocated(path: Path, dtype, shape: tuple[int, int]) -> None:
             os.posix_fallocate(f.fileno(), 0, size)
 
 
-def file_digest(path: Path) -> str:
+def file_digest(path: Path, stop: threading.Event | None = None) -> str:
+    """The digest of a regular file (a link, FIFO or device is an OSError); ``stop`` set ends it between
+    chunks (InterruptedError), so a thread hashing a large file lets the process end within a chunk."""
     h = hashlib.new(DIGEST)
-    with open(path, "rb") as f:
+    with open_regular(path, follow=False) as f:
         while chunk := f.read(_HASH_CHUNK):
+            if stop is not None and stop.is_set():
+                raise InterruptedError(f"hashing {path} was stopped")
             h.update(chunk)
     return f"{DIGEST}:{h.hexdigest()}"
 
@@ -362,17 +390,27 @@ def metadata_digest(data: dict[str, Any]) -> str:
 
 def digests_of(root: Path, names: list[str]) -> dict[str, str | OSError]:
     """The digest of each file, hashed on a few threads (hashlib releases the GIL on large buffers:
-    1.3 GB/s on one thread here, about twice that on two); an unreadable file maps to its OSError."""
+    1.3 GB/s on one thread here, about twice that on two); an unreadable file maps to its OSError.
+
+    The main thread waits on the results, which a signal interrupts (SIGTERM raises ``Terminated`` in the
+    CLI); the ``stop`` flag then ends every hashing thread at its next 4 MiB chunk, so the pool's shutdown
+    (and the interpreter's exit, which joins such threads) waits milliseconds, not the rest of the file."""
+    stop = threading.Event()
+
     def one(name: str) -> str | OSError:
         try:
-            return file_digest(Path(root) / name)
+            return file_digest(Path(root) / name, stop)
         except OSError as exc:
             return exc
 
     if len(names) < 2:
         return {name: one(name) for name in names}
-    with ThreadPoolExecutor(max_workers=_HASH_THREADS) as pool:
+    pool = ThreadPoolExecutor(max_workers=_HASH_THREADS)
+    try:
         return dict(zip(names, pool.map(one, names)))
+    finally:
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _check_digests(record: PromptRecord, i: int, found: dict[str, str | OSError]) -> None:
@@ -388,43 +426,7 @@ def _check_digests(record: PromptRecord, i: int, found: dict[str, str | OSError]
 
 
 def _load_array(path: Path) -> np.ndarray:
-    try:
+    try:  # np.load opens the path itself: Capture._path checked that it is a regular file
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise CaptureError(f"cannot read {path}: {exc}") from exc
-
-
-# -- single-file form: a plain (uncompressed) tar of the folder ---------------
-def pack_capture(root: Path, dest: Path | io.BufferedIOBase) -> None:
-    """Write the capture folder ``root`` as one tar file (no pickle, no compression)."""
-    root = Path(root)
-    names = sorted(p.name for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
-    if CAPTURE_JSON not in names:
-        raise CaptureError(f"{root} is not a finished capture")
-    mode = "w"
-    if isinstance(dest, (str, Path)):
-        with tarfile.open(dest, mode) as tar:
-            for name in names:
-                tar.add(root / name, arcname=name)
-    else:
-        with tarfile.open(fileobj=dest, mode=mode) as tar:
-            for name in names:
-                tar.add(root / name, arcname=name)
-
-
-def unpack_capture(src: Path | io.BufferedIOBase, root: Path) -> Capture:
-    """Unpack a single-file capture into ``root`` and load it (arrays verified)."""
-    root = Path(root)
-    if root.exists():
-        shutil.rmtree(root)
-    root.mkdir(parents=True)
-    try:
-        tar = tarfile.open(src) if isinstance(src, (str, Path)) else tarfile.open(fileobj=src)
-        with tar:
-            for member in tar.getmembers():
-                if not member.isfile() or "/" in member.name or member.name.startswith("."):
-                    raise CaptureError(f"unexpected entry {member.name!r} in capture file")
-                tar.extract(member, root, filter="data")
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise CaptureError(f"capture file is unreadable: {exc}") from exc
-    return load_capture(root, verify_arrays=True)

@@ -14,7 +14,7 @@ import sys
 
 import typer
 
-from ..core.errors import HarnessError, UsageError
+from ..core.errors import HarnessError, UsageError, describe_os_error
 from . import cache, corpus, info, saved
 from .common import EXIT_CODES_HELP, explicit_options, render_localization_of, report_error
 
@@ -105,6 +105,7 @@ def run(
     api_key_file: str | None = typer.Option(None, "--api-key-file", help="File whose first line is the servers' API key (never printed or stored)."),
     server_logprobs: int | None = typer.Option(None, "--server-logprobs", help="Logprobs per position to ask a server for: -1 the full vocabulary, N its top N (default: --logprobs). A server that refuses -1 and names its limit gives its top N, with a note."),
     server_retries: int = typer.Option(3, "--server-retries", help="Retries of a server request on HTTP 429/5xx or a dropped connection, with exponential backoff (Retry-After honoured)."),
+    target_quantization: str | None = typer.Option(None, "--target-quantization", help="Declare that the target quantises weights or activations beyond its dtype (a label: w8a8, fp8, w4a16, q4_1-a8, ...): the dtype's built-in tolerances and the yardstick's ratios (honest rounding at the dtype) do not describe it, so the built-in gates are the structural ones and a gross backstop (KL mean above 1 nat); give your own with --fail-on or a spec (docs/gating.md). Recorded in the report."),
     server_scoring: str = typer.Option("auto", "--server-scoring", help="How a teacher-forced server target is scored: prompt_logprobs (vLLM's extra parameter), echo (echo with logprobs), auto (prompt_logprobs, else echo)."),
 ) -> None:
     """Run the parity check (the default command)."""
@@ -142,6 +143,8 @@ def execute(options) -> int:
             outcome = check_parity(options, view)
     except HarnessError as exc:
         return report_error(exc, no_color)
+    except OSError as exc:  # a full disk (or quota, or a read-only folder) under the run folder: the harness could not run
+        return report_error(HarnessError(f"the run could not write its files: {describe_os_error(exc)}"), no_color)
     except KeyboardInterrupt as exc:
         from ..worker.spawn import Terminated
 

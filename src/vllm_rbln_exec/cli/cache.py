@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ..core.errors import UsageError
+from ..core.errors import HarnessError, UsageError
 from .common import report_error
 
 cache_app = typer.Typer(help="Manage cached references (ls, show, clear, export, import).", no_args_is_help=True)
@@ -14,18 +14,25 @@ CACHE_DIR_OPTION = typer.Option("cache", "--cache-dir", help="The harness's cach
 
 
 def _with_cache(cache_dir: str, action) -> None:
-    """Open the reference cache, run ``action(cache)``, map failures to exit codes."""
+    """Open the reference cache, run ``action(cache)``, map failures to exit codes: a bad key or file is a
+    usage error (2), a cache folder that cannot be used (an unreadable old database) exit 3."""
+    import sys
+
     from ..capture.cache import ReferenceCache
     from ..capture.store import CaptureError
 
     root = Path(cache_dir) / "references"
     try:
         with ReferenceCache(root) as cache:
+            for note in cache.notes:
+                print(f"note: {note}", file=sys.stderr)
             action(cache)
     except KeyError as exc:
         raise typer.Exit(report_error(UsageError(str(exc.args[0]))))
     except (CaptureError, OSError) as exc:
-        raise typer.Exit(report_error(UsageError(str(exc))))
+        raise typer.Exit(report_error(UsageError(getattr(exc, "message", None) or str(exc))))
+    except HarnessError as exc:
+        raise typer.Exit(report_error(exc))
 
 
 @cache_app.command("ls")
@@ -76,6 +83,12 @@ def cache_export(key: str = typer.Argument(..., help="A key or a unique prefix o
                  dest: str = typer.Argument(..., help="The reference file to write."),
                  cache_dir: str = CACHE_DIR_OPTION) -> None:
     """Write one entry as a portable reference file (use it with --reference or `cache import`)."""
+    from ..setup.checks import check_outputs
+
+    try:  # before the cache opens: DEST must be a new or regular file, never a link, FIFO, device or folder
+        check_outputs({"DEST": dest})
+    except UsageError as exc:
+        raise typer.Exit(report_error(exc))
 
     def export(cache) -> None:
         full = cache.resolve(key)
@@ -91,16 +104,17 @@ def cache_import(files: list[str] = typer.Argument(..., help="Reference files (f
     """Store reference files in the cache under the key their own metadata gives."""
 
     from ..capture.store import CaptureError
+    from ..core.paths import not_a_file
 
     def do_import(cache) -> None:
         for f in files:
-            if not Path(f).is_file():
-                raise typer.Exit(report_error(UsageError(f"{f} does not exist")))
+            if (what := not_a_file(f)) is not None:
+                raise typer.Exit(report_error(UsageError(f"{f} {what}")))
         for f in files:
             try:
                 key = cache.import_file(Path(f))
             except CaptureError as exc:
-                raise typer.Exit(report_error(UsageError(f"{f} is not a reference file: {exc}")))
+                raise typer.Exit(report_error(UsageError(f"{f} is not a reference file: {exc.message}")))
             print(f"{f} -> {key[:12]}")
 
     _with_cache(cache_dir, do_import)

@@ -33,7 +33,7 @@ def report_error(exc: HarnessError, no_color: bool = False) -> int:
     console.print(f"[bold red]{label}:[/] {escape(exc.message)}", highlight=False, markup=True)
     if isinstance(exc, WorkerError):
         if exc.detail:
-            console.rule(f"last lines of the {exc.side} worker's log")
+            console.rule(f"last lines of the {escape(str(exc.side))} worker's log")
             console.print(exc.detail, markup=False, highlight=False)
         if exc.log_path:
             console.print(f"full log: {exc.log_path}", markup=False)

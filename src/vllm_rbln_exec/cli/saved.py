@@ -6,6 +6,7 @@ No model runs here except ``localize``'s hidden-state capture, which the pipelin
 from __future__ import annotations
 
 import typer
+from rich.errors import MarkupError  # a few classes: the console itself loads inside the commands
 
 from ..core.errors import HarnessError, UsageError
 from .common import render_localization_of, report_error
@@ -34,39 +35,58 @@ def compare_cmd(
 
     Exit codes: 0 parity holds (of several runs: the last one's), 1 parity fails, 2 bad usage."""
     from ..outputs.terminal import make_console, render_noise, render_run, render_verdict
-    from ..pipeline.check import rejudge, write_reports
+    from ..pipeline.check import rejudge, saved_report_files, write_reports
+    from ..setup.checks import check_outputs
     from ..setup.options import DisplayOptions, GateOptions
 
     gates = GateOptions(fail_on=tuple(fail_on), spec=spec, use_defaults=not no_default_gates,
                         near_ties_fail=near_ties_fail)
+    try:  # before any report is read: a bad output path costs nothing, and never the saved run itself
+        check_outputs({"--json": json_out, "--junit": junit_out, "--markdown": markdown_out, "--html": html_out},
+                      {"--plots": plots_dir}, {**saved_report_files(saved), "the --spec file": spec})
+    except HarnessError as exc:
+        raise typer.Exit(report_error(exc, no_color))
     if len(saved) > 1:
         raise typer.Exit(compare_trend(saved, gates, json_out or junit_out or markdown_out, html_out, plots_dir,
                                        allow_mismatch, no_color))
     try:
         outcome = rejudge(saved[0], gates)
         write_reports(outcome, json_out, junit_out, markdown_out, html_out=html_out, plots_dir=plots_dir)
+        console = make_console(no_color=no_color)
+        render_run(console, outcome.run, DisplayOptions(no_color=no_color, inspect_logits=inspect_logits,
+                                                        snippet=not no_snippet))
+        render_noise(console, outcome.noise)
+        render_verdict(console, outcome.verdict, outcome.files)
+        render_localization_of(console, outcome.run)
     except HarnessError as exc:
         raise typer.Exit(report_error(exc, no_color))
-    console = make_console(no_color=no_color)
-    render_run(console, outcome.run, DisplayOptions(no_color=no_color, inspect_logits=inspect_logits,
-                                                    snippet=not no_snippet))
-    render_noise(console, outcome.noise)
-    render_verdict(console, outcome.verdict, outcome.files)
-    render_localization_of(console, outcome.run)
+    except DAMAGED as exc:
+        raise typer.Exit(report_error(damaged(saved[0], exc), no_color))
     raise typer.Exit(outcome.exit_code)
+
+
+# outputs.saved checks every field the verdict and the reports are known to read; a field beyond those that a
+# hand-edited report broke is still the input's fault: one sentence and exit 2, never a traceback
+DAMAGED = (TypeError, ValueError, KeyError, AttributeError, IndexError, RecursionError, MarkupError)
+
+
+def damaged(name: str, exc: Exception) -> UsageError:
+    return UsageError(f"{name} holds a value this harness cannot show ({type(exc).__name__}: {exc}); "
+                      "is it a damaged report?")
 
 
 def compare_trend(saved: list[str], gates, one_run_file: str | None, html_out: str | None, plots_dir: str | None,
                   allow_mismatch: bool, no_color: bool) -> int:
     """``compare`` of several runs: the side-by-side table, and the trend drawn when asked; the exit code."""
+    from rich.markup import escape
+
     from ..outputs.terminal import make_console
     from ..outputs.trend import render_trend
-    from ..pipeline.trend import check_trend_outputs, load_trend
+    from ..pipeline.trend import load_trend
 
     try:
         if one_run_file:
             raise UsageError("--json, --junit and --markdown describe one run; give one run folder or report")
-        check_trend_outputs(html_out, plots_dir)
         trend = load_trend(saved, gates, allow_mismatch)
         files = {}
         if html_out or plots_dir:
@@ -80,10 +100,15 @@ def compare_trend(saved: list[str], gates, one_run_file: str | None, html_out: s
         return report_error(exc, no_color)
     except OSError as exc:
         return report_error(UsageError(f"cannot write the trend: {exc}"), no_color)
+    except DAMAGED as exc:
+        return report_error(damaged(", ".join(saved), exc), no_color)
     console = make_console(no_color=no_color)
     for note in trend.notes:
-        console.print(f"[yellow]note:[/] {note}", highlight=False)
-    render_trend(console, trend.names, trend.runs, trend.verdicts)
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+    try:
+        render_trend(console, trend.names, trend.runs, trend.verdicts)
+    except DAMAGED as exc:
+        return report_error(damaged(", ".join(saved), exc), no_color)
     for name, path in files.items():
         console.print(f"{name:<9} {path}", markup=False, highlight=False)
     return trend.exit_code

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 EXIT_OK = 0
 EXIT_PARITY_FAILED = 1
 EXIT_USAGE = 2
@@ -30,6 +32,23 @@ class UsageError(HarnessError):
     def __init__(self, message: str, option: str | None = None, detail: str | None = None):
         super().__init__(message, detail)
         self.option = option
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for a failed file operation: the reason and the file, also for ``shutil.Error``, whose text is
+    the list of every file a copy failed on (a full disk gave one entry per array of a capture)."""
+    args = exc.args[0] if exc.args and isinstance(exc.args[0], list) else None
+    if args:  # shutil.Error([(src, dst, why), ...])
+        first = args[0]
+        if isinstance(first, tuple) and len(first) == 3:
+            # why is str(OSError): "[Errno 28] No space left on device: 'src' -> 'dst'"; the place is the folder
+            why = f"{str(first[2]).split(': ', 1)[0]} while copying into {Path(str(first[1])).parent.parent}"
+        else:
+            why = str(first)
+        more = f" ({len(args)} files failed)" if len(args) > 1 else ""
+        return f"{why}{more}"
+    reason = exc.strerror or str(exc)
+    return f"{reason}: {exc.filename}" if exc.filename else reason
 
 
 class WorkerError(HarnessError):

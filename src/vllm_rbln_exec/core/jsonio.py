@@ -8,9 +8,13 @@ numpy, torch or any other module of the harness.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import shutil
+import stat
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,17 +40,96 @@ def strict_json(value: Any) -> Any:
     return str(value)
 
 
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file: readers see the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+_UMASK = os.umask(0o022)  # read once, at import, before any thread could create a file in between
+os.umask(_UMASK)
+
+
+class UnsafeOutput(OSError):
+    """A writer was pointed at something it must not replace (see ``unsafe_output``)."""
+
+
+def unsafe_output(path: str | Path) -> str | None:
+    """Why a writer must not replace ``path``, or None (absent, or a regular file).
+
+    Read with ``lstat``, never by opening: opening a FIFO for writing blocks until a reader comes. Every
+    writer renames a temporary file over its target, which would turn a device node, a FIFO or a symbolic
+    link into a regular file (as root, ``--json /dev/full`` replaced the device). A link is refused rather
+    than written through: the file it names may be anybody's, so the caller names it instead."""
     try:
-        tmp.write_text(text, encoding="utf-8")
+        info = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):  # nothing there to replace; whether it can be made is
+        return None  # the caller's question (setup.checks.unwritable_place)
+    except OSError as exc:
+        return f"cannot be looked at ({exc.strerror})"
+    if stat.S_ISREG(info.st_mode):
+        return None
+    if stat.S_ISLNK(info.st_mode):
+        return "is a symbolic link, which a report never replaces or writes through (name the file itself)"
+    if stat.S_ISDIR(info.st_mode):
+        return "is a folder; give a file name"
+    return f"is a {_file_kind(info.st_mode)}, not a regular file, and is never replaced"
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def refuse_unsafe_output(path: str | Path) -> None:
+    reason = unsafe_output(path)
+    if reason is not None:
+        raise UnsafeOutput(f"{path} {reason}")
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file: readers see the old file or the new one, and a
+    failed write (a full disk) leaves neither a partial file nor the temporary one. The temporary file is
+    created exclusively (``mkstemp``), so nothing placed at a guessable name is followed."""
+    path = Path(path)
+    refuse_unsafe_output(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it 0600; a plain open() would have given this
+        refuse_unsafe_output(path)  # again: something may have been put there while the report was written
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """``write_bytes_atomic`` of the UTF-8 text."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def move_tree(src: Path, dest: Path) -> Path:
+    """Move the folder ``src`` to ``dest`` (which must not exist). A rename where it can; across file systems a
+    copy into a temporary folder beside ``dest``, renamed at the end, so a failed copy (a full disk) leaves no
+    half-copied folder, and no 0-byte ``capture.json``, at ``dest``; ``src`` is removed only after success."""
+    src, dest = Path(src), Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(src, dest)
+        return dest
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    try:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        os.rename(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(src, ignore_errors=True)
+    return dest
 
 
 def write_json_atomic(path: Path, data: Any) -> Path:

@@ -26,9 +26,8 @@ from ..compare.yardstick import ratio_table
 from ..core.jsonio import strict_json, write_text_atomic
 from ..verdict.judge import Verdict
 from ..verdict.noise import NoiseFloor, noise_from_json, noise_to_json
+from .saved import PARITY_REPORT_KIND, PARITY_REPORT_SCHEMA_VERSION, read_report, split_report
 
-PARITY_REPORT_SCHEMA_VERSION = 1
-PARITY_REPORT_KIND = "vllm-rbln-exec/parity-report"
 SUITE_NAME = "vllm-rbln-exec"
 MAX_MARKDOWN_PROMPTS = 20
 MAX_MARKDOWN_VIOLATIONS = 25
@@ -57,16 +56,15 @@ def write_json(path: str | Path, run_json: dict[str, Any], verdict: Verdict,
 
 
 def load_report(path: str | Path) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any] | None]:
-    """(run_json, verdict or None, noise or None) from a combined report or a plain report.json."""
-    data = json.loads(Path(path).read_text())
-    if isinstance(data, dict) and data.get("kind") == PARITY_REPORT_KIND:
-        return data["run"], data.get("verdict"), data.get("noise")
-    return data, None, None
+    """(run_json, verdict or None, noise or None) from a combined report or a plain report.json, read within
+    the limits of ``saved`` and checked against its schema (``saved.ReportError``, a ValueError, naming the field)."""
+    return split_report(read_report(path))
 
 
 def add_to_report(path: str | Path, key: str, value: Any) -> Path:
     """Put ``value`` under ``key`` of the run in a saved report (combined or plain), everything else untouched."""
-    data = json.loads(Path(path).read_text())
+    data = read_report(path)
+    split_report(data)
     run = data["run"] if isinstance(data, dict) and data.get("kind") == PARITY_REPORT_KIND else data
     run[key] = value
     return write_text_atomic(Path(path), json.dumps(strict_json(data), indent=2, allow_nan=False) + "\n")

@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..core.jsonio import write_bytes_atomic
 from .plotdata import Plot
 
 INK = "#010203"  # sentinel text/axes colour of the inline theme, replaced by currentColor
@@ -332,8 +333,9 @@ def write_files(fig, folder: Path, stem: str, formats: tuple[str, ...] = ("png",
     with _pyplot().rc_context(_style("file")):
         for ext in formats:
             path = folder / f"{stem}.{ext}"
-            fig.savefig(path, format=ext, dpi=110, metadata={"Date": None} if ext == "svg" else None)
-            out.append(path)
+            buffer = io.BytesIO()  # drawn first: savefig(path) would open a FIFO there and block
+            fig.savefig(buffer, format=ext, dpi=110, metadata={"Date": None} if ext == "svg" else None)
+            out.append(write_bytes_atomic(path, buffer.getvalue()))
     _close(fig)
     return out
 

@@ -114,6 +114,8 @@ def render_run_profile(console, run: dict[str, Any], top: int = DEFAULT_TOP) -> 
     """The profile section of a run's report; nothing when no side was profiled.
 
     A trace that cannot be read is reported and skipped: the parity result stands."""
+    from rich.markup import escape
+
     sides = run.get("sides") or {}
     profiled = [(side, sides[side]["profile"]) for side in SIDES if (sides.get(side) or {}).get("profile")]
     if not profiled:
@@ -123,7 +125,7 @@ def render_run_profile(console, run: dict[str, Any], top: int = DEFAULT_TOP) -> 
         try:
             summary = summarize_folder(info["dir"])
         except ProfileError as exc:
-            console.print(f"[yellow]note:[/] {side}: {exc.message}", markup=True, highlight=False)
+            console.print(f"[yellow]note:[/] {side}: {escape(str(exc.message))}", markup=True, highlight=False)
             continue
         render_op_tables(console, summary, top)
     render_speed_table(console, speed_rows_from_run(run))

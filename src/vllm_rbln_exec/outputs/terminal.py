@@ -106,9 +106,10 @@ def render_sides(console: Console, run: dict[str, Any]) -> None:
     sides = run.get("sides") or {}
     for name in ("reference", "target"):
         r = sides.get(name) or {}
-        table.add_row(name, str(r.get("device", "?")), str(r.get("platform", "?")),
-                      f"{r.get('engine', '?')} {r.get('engine_version', '')}".strip(), str(r.get("dtype", "?")),
-                      f"{float(r.get('elapsed_s') or 0.0):.1f} s", str(r.get("source", "?")))
+        cells = (str(r.get("device", "?")), str(r.get("platform", "?")),
+                 f"{r.get('engine', '?')} {r.get('engine_version', '')}".strip(), str(r.get("dtype", "?")))
+        table.add_row(name, *map(escape, cells), f"{float(r.get('elapsed_s') or 0.0):.1f} s",
+                      escape(str(r.get("source", "?"))))
     console.print(table)
     differences = (run.get("resolved") or {}).get("differences") or []
     if differences:
@@ -278,7 +279,7 @@ def render_distribution(console: Console, run: dict[str, Any], tokens: TokenText
     for col in ("p(top-1)", "positions", "KL mean", "KL max", "same top-1"):
         buckets.add_column(col, justify="right")
     for b in d.get("kl_buckets", []):
-        buckets.add_row(b["range"], str(b["count"]), fmt(b.get("kl_mean")), fmt(b.get("kl_max")),
+        buckets.add_row(escape(str(b["range"])), str(b["count"]), fmt(b.get("kl_mean")), fmt(b.get("kl_max")),
                         fmt(b.get("top1_rate"), 3))
     console.print(buckets)
     render_worst(console, run, tokens)
@@ -397,7 +398,7 @@ def render_noise(console: Console, noise) -> None:
     """The run-to-run spread of the headline metrics (``--repeat``)."""
     if noise is None:
         return
-    table = Table(title=f"noise floor ({noise.mode}, {noise.runs} runs)", title_justify="left")
+    table = Table(title=f"noise floor ({escape(str(noise.mode))}, {noise.runs} runs)", title_justify="left")
     for name in ("metric", "values", "noise"):
         table.add_column(name, justify="left" if name == "metric" else "right")
     shown = ("max_abs_diff", "mean_abs_diff", "min_pearson", "top1_match", "distribution.kl_mean",

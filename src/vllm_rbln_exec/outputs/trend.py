@@ -79,15 +79,16 @@ def series(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def render_trend(console, names: list[str], runs: list[dict[str, Any]], verdicts: list[dict[str, Any]]) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
-    rows = table_rows(names, runs, verdicts)
-    table = Table(title=f"{len(runs)} runs of {runs[0].get('model')}, oldest first", title_justify="left")
+    rows = table_rows(names, runs, verdicts)  # run names, models and sides are the user's text: never markup
+    table = Table(title=f"{len(runs)} runs of {escape(str(runs[0].get('model')))}, oldest first", title_justify="left")
     table.add_column("metric")
     for name in rows[0][1:]:
-        table.add_column(name, justify="right")
+        table.add_column(escape(name), justify="right")
     for row in rows[1:]:
-        table.add_row(*row)
+        table.add_row(*map(escape, row))
     console.print(table)
 
 

@@ -147,8 +147,18 @@ def check_parity(options: RunOptions, progress=None) -> ParityOutcome:
     return outcome
 
 
+def saved_report_files(paths: list[str]) -> dict[str, str]:
+    """{"the saved run X": file} for every report file ``load_saved`` may read from the given paths."""
+    files = {}
+    for path in map(Path, paths):
+        for found in ([path / PARITY_FILE, path / "report.json"] if path.is_dir() else [path]):
+            files[f"the saved run {found}"] = str(found)
+    return files
+
+
 def load_saved(path: str | Path) -> tuple[dict[str, Any], NoiseFloor | None]:
-    """A saved run from a run folder (its parity.json or report.json) or a JSON report file."""
+    """A saved run from a run folder (its parity.json or report.json) or a JSON report file, checked against
+    the saved report's schema (``outputs.saved``): anything else is one sentence and a usage error."""
     path = Path(path)
     if path.is_dir():
         candidates = [path / PARITY_FILE, path / "report.json"]
@@ -156,22 +166,16 @@ def load_saved(path: str | Path) -> tuple[dict[str, Any], NoiseFloor | None]:
         if found is None:
             raise UsageError(f"{path} holds no {PARITY_FILE} or report.json: not a run folder")
         path = found
-    elif not path.is_file():
+    elif not path.exists():
         raise UsageError(f"{path} does not exist")
     try:
         run, _, noise = load_report(path)
-    except (OSError, ValueError) as exc:
+        positions = run["summary"].get("positions_compared")
+        if not isinstance(positions, int) or isinstance(positions, bool) or positions < 1 or not run["comparisons"]:
+            raise UsageError(f"{path} compares no positions ({positions!r}): there is nothing to judge")
+        floor = noise_from_json(noise) if noise else noise_floor(run)
+    except (OSError, ValueError, TypeError, AttributeError) as exc:  # ReportError is a ValueError
         raise UsageError(f"{path} is not a vllm-rbln-exec report: {exc}") from exc
-    if not isinstance(run, dict) or "summary" not in run or "comparisons" not in run:
-        raise UsageError(f"{path} is not a vllm-rbln-exec report (no summary or comparisons)")
-    summary, comparisons = run["summary"], run["comparisons"]
-    if not isinstance(summary, dict) or not isinstance(comparisons, list) \
-            or not all(isinstance(c, dict) for c in comparisons):
-        raise UsageError(f"{path} is not a vllm-rbln-exec report (summary or comparisons of the wrong type)")
-    positions = summary.get("positions_compared")
-    if not isinstance(positions, int) or isinstance(positions, bool) or positions < 1 or not comparisons:
-        raise UsageError(f"{path} compares no positions ({positions!r}): there is nothing to judge")
-    floor = noise_from_json(noise) if noise else noise_floor(run)
     return run, floor
 
 

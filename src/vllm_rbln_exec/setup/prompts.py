@@ -74,25 +74,41 @@ def read_prompts_file(path: str) -> list[str]:
     text = read_text_file(p, "prompts file", "--prompts")
     try:
         prompts = _parse(text, p.suffix)
-    except (ValueError, KeyError, TypeError) as exc:
+    except ValueError as exc:
         raise UsageError(f"cannot read prompts from {p}: {exc}", option="--prompts") from exc
-    if not prompts or not all(isinstance(x, str) and x for x in prompts):
-        raise UsageError(f"{p} holds no prompts (or a non-string one)", option="--prompts")
+    if not prompts:
+        raise UsageError(f"{p} holds no prompts", option="--prompts")
     return prompts
 
 
-def _parse(text: str, suffix: str) -> list:
+def _parse(text: str, suffix: str) -> list[str]:
     if suffix == ".json":
-        return [d["prompt"] if isinstance(d, dict) else d for d in json.loads(text)]
-    if suffix == ".jsonl":
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        return [d["prompt"] if isinstance(d, dict) else d for d in rows]
-    return [line for line in text.splitlines() if line.strip()]
+        items = json.loads(text)
+        if not isinstance(items, list):
+            raise ValueError(f"a .json prompts file holds a list, not {type(items).__name__}")
+    elif suffix == ".jsonl":
+        items = [json.loads(line) for line in text.splitlines() if line.strip()]
+    else:
+        return [line for line in text.splitlines() if line.strip()]
+    return [_prompt_of(item, i) for i, item in enumerate(items)]
+
+
+def _prompt_of(item: object, index: int) -> str:
+    """A string, or an object's ``prompt`` string; ValueError naming the item otherwise (a number is no prompt)."""
+    value = item.get("prompt") if isinstance(item, dict) else item
+    if not isinstance(value, str) or not value:
+        shown = json.dumps(value)[:40] if value is not None else "missing"
+        raise ValueError(f"item {index}: the prompt is {shown}, not a non-empty string "
+                         "(give a string, or an object with a \"prompt\" string)")
+    return value
 
 
 def check_not_empty(prompts: list[str] | tuple[str, ...]) -> None:
     for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, str) or not prompt:
+        if not isinstance(prompt, str):
+            raise UsageError(f"prompt {i} is {type(prompt).__name__} {str(prompt)[:40]!r}, not text",
+                             option="--prompts")
+        if not prompt:
             raise UsageError(f"prompt {i} is empty: an engine has nothing to continue", option="--prompts")
 
 

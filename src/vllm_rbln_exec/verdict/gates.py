@@ -25,6 +25,7 @@ from ..compare.catalogue import (
     prompt_counterpart,
 )
 from ..compare.yardstick import yardstick_record, yardstick_value
+from .counts import COUNT_ALPHA, COUNT_PATHS, critical_count, excess_p_value
 from .expressions import parse_tolerance
 from .judge import GateOutcome, Violation
 
@@ -120,6 +121,7 @@ class MetricGate(Gate):
         if out.skipped:
             return out
         relative = "yardstick" if self.yardstick_k is not None else "noise"
+        measured = null_means_never(self.path)
         for index, record in records:
             value = metric_value(record, self.path)
             where = "overall" if index is None else f"prompt {index}"
@@ -129,15 +131,48 @@ class MetricGate(Gate):
                 if spread is None:
                     out.notes.append(f"{where}: no {relative} value of {self.path}; {self.text} not checked there")
                     continue
+            measured = measured or value is not None
             if value is None:
                 if not null_means_never(self.path):
                     out.notes.append(f"{where}: {self.metric} is null (nothing to compute it from); "
                                      f"{self.text} not checked there")
                 continue
+            if self.counts_tested:
+                violation = self._count_violation(run_json, index, record, value)
+                if violation is not None:
+                    out.violations.append(violation)
+                continue
             limit = self.threshold(spread)
             if _holds(value, self.op, limit):
                 out.violations.append(self._violation(run_json, index, record, value, limit, spread))
+        if not measured:  # no record holds the number: nothing shows that the tolerance holds, so it fails
+            relative_k = self.noise_k is not None or self.yardstick_k is not None
+            out.violations.append(not_measured(self, self.path, self.op, None if relative_k else self.base))
         return out
+
+    @property
+    def counts_tested(self) -> bool:
+        """``count>K*yardstick`` on argmax flips: judged by the exact test of two counts (``counts``), not as a
+        ratio of small numbers."""
+        return self.yardstick_k is not None and self.op in (">", ">=") and self.path in COUNT_PATHS
+
+    def _count_violation(self, run_json: dict[str, Any], index: int | None, record: dict[str, Any],
+                         value: float) -> Violation | None:
+        yard = yardstick_record(run_json, index) or {}
+        y = metric_value(yard, self.path) or 0.0
+        n_t, n_y = record.get("positions_compared"), yard.get("positions_compared")
+        t = max(0.0, value - self.base)
+        k = max(self.yardstick_k or 0.0, 1e-9)
+        p = excess_p_value(t, y, k, n_t, n_y)
+        if p >= COUNT_ALPHA:
+            return None
+        critical = critical_count(y, k, n_t, n_y) + self.base
+        violation = self._violation(run_json, index, record, value, critical - 1, y)
+        violation.message = violation.message.replace(
+            f"(tolerance {self.text}, yardstick {_fmt(y)})",
+            f"(tolerance {self.text}: the target's rate is more than {_fmt(k)}x the yardstick's {_fmt(y)} over "
+            f"{_fmt(n_y)} positions, one-sided exact test p = {p:.2g} < {COUNT_ALPHA:g})")
+        return violation
 
     def _violation(self, run_json: dict[str, Any], index: int | None, record: dict[str, Any], value: float,
                    limit: float, spread: float | None) -> Violation:
@@ -163,6 +198,16 @@ class MetricGate(Gate):
             position=position, noise=spread if self.yardstick_k is None else None,
             yardstick=spread if self.yardstick_k is not None else None,
         )  # fmt: skip
+
+
+def not_measured(gate: Gate, path: str, op: str, threshold: float | None) -> Violation:
+    """The violation of a tolerance whose number the report does not hold (null, NaN or absent wherever it
+    is read): a saved report stripped of its metrics fails, instead of passing every tolerance it cannot
+    show. Scoped to the whole run, since no prompt holds the number either."""
+    where = "the run's summary" if getattr(gate, "scope", PROMPT) == OVERALL else "any prompt"
+    return Violation(gate=gate.text, source=gate.source, scope=OVERALL, metric=getattr(gate, "metric", "argmax"),
+                     path=path, value=None, op=op, threshold=threshold,
+                     message=f"{gate.text}: not measured ({path} has no value in {where}, so it cannot hold)")
 
 
 def parse_gate(expr: str, source: str = SOURCE_CLI) -> MetricGate:
@@ -202,12 +247,16 @@ class ArgmaxGate(Gate):
 
     def evaluate(self, run_json: dict[str, Any], noise: Any = None) -> GateOutcome:
         out = GateOutcome()
-        for i, comp in enumerate(run_json.get("comparisons") or []):
+        comparisons = run_json.get("comparisons") or []
+        for i, comp in enumerate(comparisons):
             violation, note = self._judge_prompt(comp, comp.get("index", i))
             if violation is not None:
                 out.violations.append(violation)
             if note:
                 out.notes.append(note)
+        # the rule reads each prompt's argmax counts: a report without any shows nothing about the argmax
+        if not any(metric_value(c, "distribution.top1_mismatches") is not None for c in comparisons):
+            out.violations.append(not_measured(self, "distribution.top1_mismatches", ">", 0.0))
         return out
 
     def _judge_prompt(self, comp: dict[str, Any], index: int) -> tuple[Violation | None, str | None]:

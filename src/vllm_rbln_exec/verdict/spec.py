@@ -149,6 +149,7 @@ def resolve_gates(
     tgt_device: str | None = None,
     yardstick: bool = False,
     ab: str | None = None,
+    quantization: str | None = None,
 ) -> list[Gate]:
     """The gates of one run with their source recorded, by the precedence in the module docstring; an
     ``--ab`` preset's tolerances (``presets``) sit right above the built-in defaults.
@@ -174,7 +175,7 @@ def resolve_gates(
 
     gates: list[Gate] = []
     if defaults_on:
-        gates = default_gates(ref, tgt, near_ties_fail=ties, yardstick=yardstick)
+        gates = default_gates(ref, tgt, near_ties_fail=ties, yardstick=yardstick, quantization=quantization)
         if ties_source:
             gates = [g.with_source(ties_source) if isinstance(g, ArgmaxGate) else g for g in gates]
     elif ties_source:
@@ -197,8 +198,11 @@ def gates_for_run(run_json: dict[str, Any], spec: ParitySpec | None = None, cli_
     ref, tgt = run_dtypes(run_json)
     options = run_json.get("options") if isinstance(run_json.get("options"), dict) else {}
     ab = options.get("ab") if isinstance(options.get("ab"), str) else None
+    settings = run_json.get("settings") if isinstance(run_json.get("settings"), dict) else {}
+    quantization = settings.get("target_quantization")
     return resolve_gates(spec, run_json.get("model"), ref, tgt, cli_exprs, use_defaults,
-                         near_ties_fail=near_ties_fail, yardstick=isinstance(run_json.get("yardstick"), dict), ab=ab)
+                         near_ties_fail=near_ties_fail, yardstick=isinstance(run_json.get("yardstick"), dict), ab=ab,
+                         quantization=quantization if isinstance(quantization, str) and quantization else None)
 
 
 # -- helpers ----------------------------------------------------------------------
