@@ -32,9 +32,9 @@ everywhere. The H column below is the same measure on the reference capture of e
 Every run below: vLLM CPU float32 reference, `--target cpu`, built-in defaults only, `--yardstick auto`,
 {prompts} prompts x {tokens} tokens, {cpu}. The planted faults run on transformers CPU as the target
 (one cheap engine start per fault; the reference and the yardstick are cached); `--localize` with
-sub-modules at float32. Verdict defaults: those of commit `{commit}` (branch `zoo`, main merged in;
-the recalibration of branch `verdict` not yet in it); a verdict rejudged with other defaults:
-`vllm-rbln-exec compare runs/zoo/MODEL/CASE`.
+sub-modules at float32. Verdicts: the built-in defaults of commit `{commit}` (branch `zoo` with main
+merged in, the recalibrated defaults of branch `verdict` included), applied to the saved runs by
+`python scripts/zoo_table.py --rejudge` (no model runs).
 
 Columns: **fp32 floor** = KL mean of transformers fp32 against the vLLM fp32 reference (and its
 verdict); **bf16 vLLM / bf16 HF** = KL mean of vLLM / transformers CPU bfloat16, its ratio to the

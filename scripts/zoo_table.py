@@ -19,6 +19,7 @@ interrupted run resumes where it stopped and ``--only-doc`` rewrites the page wi
     python scripts/zoo_table.py                                  # every model (long: run it through heavy)
     python scripts/zoo_table.py --models zoo-qwen3 zoo-gemma3    # some
     python scripts/zoo_table.py --only-doc                       # the page again from saved results
+    python scripts/zoo_table.py --rejudge                        # today's verdict defaults on the saved runs
 
 The main process never imports torch or vLLM (the engines run in workers).
 """
@@ -40,12 +41,12 @@ from zoo_doc import write_doc  # noqa: E402
 
 from vllm_rbln_exec.compare.catalogue import metric_value  # noqa: E402
 from vllm_rbln_exec.core.errors import HarnessError  # noqa: E402
-from vllm_rbln_exec.pipeline.check import check_parity  # noqa: E402
+from vllm_rbln_exec.pipeline.check import check_parity, rejudge  # noqa: E402
 from vllm_rbln_exec.pipeline.context import RunContext  # noqa: E402
 from vllm_rbln_exec.pipeline.models import prepare_model  # noqa: E402
 from vllm_rbln_exec.setup.faults import faults_for, parse_fault, plant, planted  # noqa: E402
 from vllm_rbln_exec.setup.models import MODEL_ALIASES, read_config, text_config  # noqa: E402
-from vllm_rbln_exec.setup.options import build_options  # noqa: E402
+from vllm_rbln_exec.setup.options import GateOptions, build_options  # noqa: E402
 from vllm_rbln_exec.setup.zoo_families import FAMILIES  # noqa: E402
 
 REAL = ("smollm2-135m", "gemma3-270m")
@@ -135,6 +136,8 @@ def main() -> int:
     p.add_argument("--out", default="runs/zoo")
     p.add_argument("--doc", default="docs/zoo.md")
     p.add_argument("--only-doc", action="store_true", help="write the page from the saved results only")
+    p.add_argument("--rejudge", action="store_true", help="judge the saved run folders again with today's "
+                   "defaults (no model runs), then write the page")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -143,7 +146,16 @@ def main() -> int:
     models = args.models or [*FAMILIES, *(m for m in REAL if m in MODEL_ALIASES)]
     args.layers = {m: args.real_layers for m in REAL}
     args.blind = {}
-    if not args.only_doc:
+    if args.rejudge:
+        for model, entry in saved["models"].items():
+            for key, case in entry["cases"].items():
+                folder = out / model / key.replace(":", "_").replace("@", "-")
+                if not case.get("error") and (folder / "parity.json").is_file():
+                    verdict = rejudge(folder, GateOptions()).verdict.to_json()
+                    case["passed"] = verdict["passed"]
+                    case["failed_by"] = sorted({v["gate"] for v in verdict["violations"]})
+        results_path.write_text(json.dumps(saved, indent=1))
+    elif not args.only_doc:
         for model in models:
             entry = saved["models"].setdefault(model, {"cases": {}})
             for key, target, expect in model_cases(args, model):
