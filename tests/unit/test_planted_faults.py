@@ -112,23 +112,19 @@ def test_safetensors_round_trip_keeps_every_dtype_and_rounds_bf16_to_nearest(tmp
 @pytest.fixture
 def moe_folder(tmp_path):
     """A two-layer Mixtral-style checkpoint (per-expert w1/w2/w3 and a router), sliding window, rope per type."""
-    path = tmp_path / "moe"
-    path.mkdir()
     rng = np.random.default_rng(1)
-    tensors = {"model.norm.weight": np.ones(HIDDEN, np.float32)}
-    for layer in range(2):
-        p = f"model.layers.{layer}."
-        tensors[p + "self_attn.o_proj.weight"] = rng.standard_normal((HIDDEN, HIDDEN)).astype(np.float32)
-        tensors[p + "post_attention_layernorm.weight"] = rng.standard_normal(HIDDEN).astype(np.float32)
-        tensors[p + "block_sparse_moe.gate.weight"] = rng.standard_normal((4, HIDDEN)).astype(np.float32)
-        for e in range(4):
-            for w in ("w1", "w2", "w3"):
-                tensors[p + f"block_sparse_moe.experts.{e}.{w}.weight"] = rng.standard_normal(
-                    (HIDDEN, HIDDEN)).astype(np.float32)
-    save_file(tensors, str(path / "model.safetensors"))
+    shapes = {"self_attn.o_proj": (HIDDEN, HIDDEN), "post_attention_layernorm": (HIDDEN,),
+              "block_sparse_moe.gate": (4, HIDDEN),
+              **{f"block_sparse_moe.experts.{e}.{w}": (HIDDEN, HIDDEN) for e in range(4) for w in ("w1", "w2", "w3")}}
+    tensors = {"model.norm.weight": np.ones(HIDDEN, np.float32)} | {
+        f"model.layers.{layer}.{name}.weight": rng.standard_normal(shape).astype(np.float32)
+        for layer in range(2) for name, shape in shapes.items()}
     config = {"model_type": "mixtral", "num_hidden_layers": 2, "hidden_size": HIDDEN, "num_attention_heads": HEADS,
               "head_dim": HEAD_DIM, "num_local_experts": 4, "sliding_window": 16, "rms_norm_eps": 1e-5,
               "rope_parameters": {"sliding_attention": {"rope_theta": 1e4}, "full_attention": {"rope_theta": 1e6}}}
+    path = tmp_path / "moe"
+    path.mkdir()
+    save_file(tensors, str(path / "model.safetensors"))
     (path / "config.json").write_text(json.dumps(config))
     return path
 

@@ -108,12 +108,20 @@ def _read(output: Any, how: str) -> Any:
     return output
 
 
-def _token_rows(tensor: Any, engine: str) -> Any:
+def _token_rows(tensor: Any, engine: str, tokens: int | None = None) -> Any:
     """[tokens, features]: vLLM's tensors lead with the flattened tokens; transformers' with batch (1) and
-    tokens when 3-D or more (per-head tensors of a QK-norm: [1, T, heads, head_dim]), tokens when 2-D
-    (router logits and expert outputs of an MoE block, computed on the flattened tokens)."""
+    tokens when 3-D or more, or (a QK-norm applied after the heads were moved forward, as Gemma-3's:
+    [1, heads, T, head_dim]) batch, heads and tokens: the token axis is the one of the forward's length
+    ``tokens``, or when heads and tokens are equally many the one of the larger stride (a transposed view
+    keeps the token axis's stride); tokens when 2-D (an MoE block's router logits and expert outputs)."""
     if engine == "vllm" or tensor.dim() <= 2:
         return tensor.reshape(tensor.shape[0], -1)
+    if tensor.dim() >= 4:
+        axis = 1
+        if tokens is not None and tensor.shape[2] == tokens and (tensor.shape[1] != tokens
+                                                                  or tensor.stride(2) > tensor.stride(1)):
+            axis = 2
+        tensor = tensor.movedim(axis, 1)
     return tensor.reshape(tensor.shape[0] * tensor.shape[1], -1)
 
 
@@ -144,6 +152,8 @@ class Recorder:
 
     def _step(self, module: Any, args: Any) -> None:
         self.step += 1
+        ids = args[0] if args else None
+        self.tokens = int(ids.shape[-1]) if getattr(ids, "dim", None) is not None and ids.dim() >= 1 else None
 
     def _row_index(self, how: str, n_rows: int) -> int:
         if how == "logits" or self.engine != "vllm" or self.step >= len(self.counts):
@@ -165,7 +175,7 @@ class Recorder:
                 return
             if name == "embed" and self.embed_scale is not None:
                 tensor = tensor * self.embed_scale
-            flat = _token_rows(tensor, self.engine)
+            flat = _token_rows(tensor, self.engine, getattr(self, "tokens", None))
             row = flat[self._row_index(how, flat.shape[0])]
             self.rows[name][self.step] = row.detach().to(torch.float32).cpu().clone()
 

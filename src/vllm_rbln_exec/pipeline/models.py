@@ -93,7 +93,7 @@ def verified(ctx: RunContext, resolved: ResolvedModel, name: str) -> ResolvedMod
     again = resolve_model(name, ctx.models_dir)
     if not (again.tiny or again.zoo or again.needs_conversion):
         raise HarnessError(f"the model folder {path} failed verification ({problem}) and cannot be made again "
-                           "here: its source is gone. Reinstall it (`{alias.install_command}`) and run "
+                           f"here: its source is gone. Reinstall it (`{alias.install_command}`) and run "
                            "again.")
     _rebuilt(ctx, f"{path} failed verification ({problem}); made again from its source")
     return again

@@ -188,5 +188,23 @@ def make_zoo_model(dest: Path, family: str, source: Path, seed: int = 0) -> Path
     if family not in FAMILIES:
         raise ValueError(f"no zoo family {family!r}; known: {', '.join(FAMILIES)}")
     params = zoo_params(family, Path(source), seed)
-    return build_folder(Path(dest).absolute(), params, lambda tmp, p: write_zoo_folder(tmp, p, Path(source)),
+    dest = Path(dest).absolute()
+    _discard_stale(dest, params)
+    return build_folder(dest, params, lambda tmp, p: write_zoo_folder(tmp, p, Path(source)),
                         marker="zoo.json")
+
+
+def _discard_stale(dest: Path, params: dict[str, Any]) -> None:
+    """A zoo folder made by another version of this builder (or from another source) is made again: it is the
+    harness's own, and the alias names whatever this version builds."""
+    from .models import discard_folder, folder_lock
+
+    marker = dest / "zoo.json"
+    try:
+        found = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return
+    if found.get("generator") == params["generator"] and found != params:
+        with folder_lock(dest):
+            if dest.exists():
+                discard_folder(dest)

@@ -38,7 +38,8 @@ MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": INTE
 FAMILIES: dict[str, Family] = {f.alias: f for f in [
     Family("zoo-llama3", "LlamaForCausalLM", "llama", "llama",
            {"rope_parameters": _rope(500000.0, rope_type="llama3", factor=32.0, low_freq_factor=1.0,
-                                     high_freq_factor=4.0, original_max_position_embeddings=8192)},
+                                     high_freq_factor=4.0, original_max_position_embeddings=8192),
+            "max_position_embeddings": 131072},
            note="Llama-3.2 layout: llama3 rope scaling, tied embeddings"),
     Family("zoo-qwen2.5", "Qwen2ForCausalLM", "qwen2", "llama",
            {"rope_parameters": _rope(1000000.0), "use_sliding_window": False, "sliding_window": None,
