@@ -1,7 +1,7 @@
 """Hostile inputs made by hand: signed capture metadata with any content, tar files with any member,
 an old-format (diskcache) cache database with any row, and pickles that leave a marker file when loaded.
 
-Shared by tests/unit/test_hostile_files.py and tests/plumbing/test_hostile_files.py. Standard library
+Shared by tests/unit/test_hostile_files.py and tests/plumbing/test_hostile_files_cli.py. Standard library
 and numpy only; nothing here imports diskcache (the old database is written with sqlite3, as diskcache
 lays it out), so the tests do not depend on it.
 """

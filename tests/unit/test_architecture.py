@@ -140,3 +140,17 @@ def test_the_main_process_never_imports_torch_or_vllm(module):
              and any((getattr(n, "module", None) or a.name).split(".")[0] in ("torch", "vllm", "transformers")
                      for a in n.names)]
     assert not heavy, f"{module} imports torch/vLLM/transformers at lines {heavy}"
+
+
+def test_test_modules_have_distinct_names_across_tiers():
+    """`make test` collects tests/unit and tests/plumbing in one pytest process, and the test folders are no
+    packages: two modules of one name (tests/unit/test_x.py, tests/plumbing/test_x.py) stop the whole light
+    tier at collection ("import file mismatch"), which running each tier alone never shows."""
+    tests = Path(__file__).resolve().parents[1]
+    seen: dict[str, Path] = {}
+    clashes = []
+    for path in sorted(tests.glob("*/test_*.py")):
+        if path.name in seen:
+            clashes.append(f"{seen[path.name].relative_to(tests)} and {path.relative_to(tests)}")
+        seen.setdefault(path.name, path)
+    assert not clashes, "test modules of one name in two tiers: " + "; ".join(clashes)

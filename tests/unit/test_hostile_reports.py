@@ -1,7 +1,7 @@
 """Hostile saved reports and outputs (issue 26, items 4, 5 and 9): validators and writers, without a process.
 
 Each case: the right error (one sentence), nothing replaced, nothing left behind. The same cases through the
-command line are in tests/plumbing/test_hostile_reports.py.
+command line are in tests/plumbing/test_hostile_reports_cli.py.
 """
 
 from __future__ import annotations
