@@ -32,8 +32,7 @@ everywhere. The H column below is the same measure on the reference capture of e
 Every run below: vLLM CPU float32 reference, `--target cpu`, built-in defaults only, `--yardstick auto`,
 {prompts} prompts x {tokens} tokens, {cpu}. The planted faults run on transformers CPU as the target
 (one cheap engine start per fault; the reference and the yardstick are cached); `--localize` with
-sub-modules at float32. Verdicts: the built-in defaults of commit `{commit}` (branch `zoo` with main
-merged in, the recalibrated defaults of branch `verdict` included), applied to the saved runs by
+sub-modules at float32. Verdicts: the built-in defaults of commit `{commit}`, applied to the saved runs by
 `python scripts/zoo_table.py --rejudge` (no model runs).
 
 Columns: **fp32 floor** = KL mean of transformers fp32 against the vLLM fp32 reference (and its

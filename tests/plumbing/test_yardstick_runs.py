@@ -86,7 +86,7 @@ def test_verdict_and_findings_follow_the_yardstick(fake_cli, tmp_path):
     verdict = json.loads((honest.run_dir / "parity.json").read_text())["verdict"]
     text = " ".join(verdict["findings"])
     assert "within what honest rounding" in text and "nothing to place" in text and "look at" not in text
-    assert {"kl_mean>1e-1", "mismatches>2*yardstick"} <= {c["gate"] for c in verdict["checked"]}
+    assert {"kl_mean>5e-1", "mismatches>2*yardstick"} <= {c["gate"] for c in verdict["checked"]}
 
     without = fake_cli(*BF16, "--yardstick", "none", switches=shift)
     assert without.returncode == 1 and "kl_mean>1e-2" in flat(without.stdout)

@@ -21,6 +21,8 @@ from .catalogue import floor, metric_value, prompt_counterpart
 # The metrics whose ratio reports show and built-in tolerances gate.
 RATIO_METRICS = ("distribution.kl_mean", "distribution.kl_p99", "distribution.dp_rms",
                  "distribution.top1_mismatches")
+# Argmax flips where the reference's top-2 margin was at least the tie margin (derived from the stored counts).
+CONFIDENT_PATH = "confident_mismatches"
 
 
 def yardstick_record(run_json: dict[str, Any], index: int | None = None) -> dict[str, Any] | None:
@@ -39,6 +41,19 @@ def yardstick_value(run_json: dict[str, Any], path: str, index: int | None = Non
     record = yardstick_record(run_json, index)
     value = None if record is None else metric_value(record, path)
     return None if value is None else max(value, floor(path))
+
+
+def confident_flips(run_json: dict[str, Any]) -> dict[str, Any] | None:
+    """The run's confident argmax flips, the target's and the yardstick's, with the positions each compared; None
+    without a yardstick, or where a count is not in the report (saved without the near-tie count)."""
+    yard = yardstick_record(run_json)
+    summary = run_json.get("summary") or {}
+    t = metric_value(summary, CONFIDENT_PATH)
+    y = None if yard is None else metric_value(yard, CONFIDENT_PATH)
+    if t is None or y is None:
+        return None
+    return {"target": t, "yardstick": y, "target_positions": summary.get("positions_compared"),
+            "yardstick_positions": yard.get("positions_compared")}
 
 
 def ratio(target: float | None, yardstick: float | None, path: str) -> float | None:

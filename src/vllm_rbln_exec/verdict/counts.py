@@ -69,3 +69,17 @@ def critical_count(y: float, k: float = 1.0, n_t: float | None = None, n_y: floa
     while t < limit and excess_p_value(t, y, k, n_t, n_y) >= alpha:
         t += 1
     return t
+
+
+def confident_flip_test(t: float, y: float, n_t: float | None = None, n_y: float | None = None) -> tuple[bool, str]:
+    """Confident argmax flips of a target against those of a yardstick that has some: whether the target has
+    significantly more (equal rates, ``k`` = 1, at ``COUNT_ALPHA``), and the sentence saying so. Where honest
+    rounding at the target's precision flips confident argmaxes itself (an MoE router's top-k at a near-tie:
+    zoo-mixtral's vLLM bf16 yardstick flips 1 of 64, docs/gating.md), one flip of the target is not a fault."""
+    p = excess_p_value(t, y, 1.0, n_t, n_y)
+    over = f" over {int(n_y)} positions" if n_y else ""
+    head = f"{int(round(t))} confident flips against the yardstick's {int(round(y))}{over}"
+    if p < COUNT_ALPHA:
+        return True, (f"{head}: more than honest rounding gives (one-sided exact test p = {p:.2g} < "
+                      f"{COUNT_ALPHA:g}; {critical_count(y, 1.0, n_t, n_y)} or more fail)")
+    return False, f"{head}: as honest rounding gives (one-sided exact test p = {p:.2g} >= {COUNT_ALPHA:g})"

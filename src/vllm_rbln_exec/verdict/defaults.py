@@ -102,11 +102,18 @@ YARDSTICK_TOLERANCES = [
 # about 5x margin; the gross planted faults (a zeroed head, a wrong rope theta) are the ratios' to catch. No top-1
 # rate: where distributions are flat (a small or random-weight model) honest rounding flips many near-ties, as
 # many for the yardstick as for the target; flips are judged against the yardstick's by the count test, and a
-# confident flip by the argmax rule.
+# confident flip by the argmax rule (against the yardstick's confident flips where it has some).
+# The worst honest cases are the zoo's MoE families (python scripts/zoo_table.py, docs/zoo.md; 4 x 16, Intel Xeon):
+# bf16 rounding flips the router's top-k at near-ties, so vLLM CPU bf16 (the yardstick itself, ratio 1.00) on
+# zoo-mixtral sits at KL mean 0.092, p99 2.10, one prompt 0.197, and the honest transformers bf16 targets at up to
+# 0.149 (zoo-qwen3-moe), p99 2.48 and one prompt 0.402 (zoo-mixtral); Gemma-3-270M: 2.1e-2, 0.47, 8.0e-2.
 BACKSTOP_TOLERANCES = [
-    ("kl_mean>1e-1", "4.7x the worst honest half-precision KL mean measured (Gemma-3-270M bf16, 2.1e-2)"),
-    ("kl_p99>2.5", "5.3x the worst honest p99 (Gemma-3-270M bf16, 0.47)"),
-    ("prompt:kl_mean>5e-1", "6.3x the worst honest prompt (Gemma-3-270M bf16, 8.0e-2)"),
+    ("kl_mean>5e-1", "5.4x the worst honest same-engine KL mean (vLLM CPU bf16 on zoo-mixtral, 0.092) and 3.4x "
+     "the worst honest one of any engine (transformers bf16 on zoo-qwen3-moe, 0.149)"),
+    ("kl_p99>12", "5.7x the worst honest same-engine p99 (zoo-mixtral vLLM bf16, 2.10), 4.8x any engine's "
+     "(zoo-mixtral transformers bf16, 2.48)"),
+    ("prompt:kl_mean>2", "10x the worst honest same-engine prompt (zoo-mixtral vLLM bf16, 0.197), 5.0x any "
+     "engine's (zoo-mixtral transformers bf16, 0.402)"),
 ]
 # A target declared to quantise weights or activations (--target-quantization): neither the dtype's limits nor
 # the dtype's yardstick (honest rounding, no quantisation) describe it, and a quantised model flips confident

@@ -17,9 +17,10 @@ from __future__ import annotations
 from typing import Any
 
 from ..compare.catalogue import floor, metric_value
-from ..compare.yardstick import ratio, yardstick_record
+from ..compare.yardstick import confident_flips, ratio, yardstick_record
 from ..core.dtypes import canonical_dtype
 from ..core.errors import UsageError
+from .counts import confident_flip_test
 
 # Below this share of the decode KL, position 0 is taken as clean. Measured on SmolLM2 (4 x 32): position 0
 # is the more sensitive one, honest bf16 puts 3.6-3.8x the decode KL there and honest fp32 6.7x; weight
@@ -34,7 +35,8 @@ KL_PATH = "distribution.kl_mean"
 
 
 def findings(run_json: dict[str, Any]) -> list[str]:
-    out = [phase_sentence(run_json), yardstick_sentence(run_json), precision_sentence(run_json)]
+    out = [phase_sentence(run_json), yardstick_sentence(run_json), flips_sentence(run_json),
+           precision_sentence(run_json)]
     return [s for s in out if s]
 
 
@@ -133,6 +135,17 @@ def _no_yardstick_sentence(run_json: dict[str, Any]) -> str | None:
             "and tiny-llama3; honest rounding on a model more sensitive to it goes beyond them (Gemma-3-270M in "
             "bfloat16: KL mean 2.1e-2 > 1e-2), so a failure here may be rounding: a yardstick tells the two apart "
             "(--yardstick auto, docs/yardstick.md).")
+
+
+def flips_sentence(run_json: dict[str, Any]) -> str | None:
+    """Confident argmax flips read against the yardstick's, where the yardstick has some (else any one fails)."""
+    flips = confident_flips(run_json)
+    if flips is None or flips["yardstick"] <= 0:
+        return None
+    _, sentence = confident_flip_test(flips["target"], flips["yardstick"], flips["target_positions"],
+                                      flips["yardstick_positions"])
+    return (f"Confident argmax flips: the yardstick flips confident argmaxes too, so the target's are judged "
+            f"against its: {sentence}.")
 
 
 def precision_sentence(run_json: dict[str, Any]) -> str | None:

@@ -24,8 +24,8 @@ from ..compare.catalogue import (
     null_means_never,
     prompt_counterpart,
 )
-from ..compare.yardstick import yardstick_record, yardstick_value
-from .counts import COUNT_ALPHA, COUNT_PATHS, critical_count, excess_p_value
+from ..compare.yardstick import confident_flips, yardstick_record, yardstick_value
+from .counts import COUNT_ALPHA, COUNT_PATHS, confident_flip_test, critical_count, excess_p_value
 from .expressions import parse_tolerance
 from .judge import GateOutcome, Violation
 
@@ -229,6 +229,13 @@ class ArgmaxGate(Gate):
     the mismatch counts of the distribution summary, so a confident mismatch after a
     near-tie one is caught too. In free-running mode a token divergence without a
     logprob row to classify it is a note, or a violation with ``near_ties_fail``.
+
+    Where the run's yardstick flips confident argmaxes itself (honest rounding at the
+    target's precision does, in an MoE router's top-k at a near-tie), the target's
+    confident flips over the run are judged against the yardstick's by the exact test
+    of two counts (``counts.confident_flip_test``): one violation when the target has
+    significantly more, else a note. A yardstick without confident flips, or a report
+    without the counts, leaves the rule as above: any confident flip fails.
     """
 
     near_ties_fail: bool = False
@@ -248,12 +255,25 @@ class ArgmaxGate(Gate):
     def evaluate(self, run_json: dict[str, Any], noise: Any = None) -> GateOutcome:
         out = GateOutcome()
         comparisons = run_json.get("comparisons") or []
+        flips = None if self.near_ties_fail else confident_flips(run_json)
+        against = flips is not None and flips["yardstick"] > 0
+        held: list[Violation] = []  # the prompts' confident flips, judged together against the yardstick's
         for i, comp in enumerate(comparisons):
             violation, note = self._judge_prompt(comp, comp.get("index", i))
             if violation is not None:
-                out.violations.append(violation)
+                (held if against else out.violations).append(violation)
             if note:
                 out.notes.append(note)
+        if against and held:
+            failed, sentence = confident_flip_test(max(flips["target"], float(len(held))), flips["yardstick"],
+                                                   flips["target_positions"], flips["yardstick_positions"])
+            if failed:
+                first = held[0]
+                first.message = f"{sentence} (rule {self.text}); first: {first.message}"
+                first.value, first.yardstick = flips["target"], flips["yardstick"]
+                out.violations.append(first)
+            else:
+                out.notes.append(f"{sentence}: allowed (rule {self.text})")
         # the rule reads each prompt's argmax counts: a report without any shows nothing about the argmax
         if not any(metric_value(c, "distribution.top1_mismatches") is not None for c in comparisons):
             out.violations.append(not_measured(self, "distribution.top1_mismatches", ">", 0.0))
